@@ -1,0 +1,1 @@
+"""kiln: pre-train and fine-tune language models in JAX/Flax."""
