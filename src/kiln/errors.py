@@ -2,4 +2,4 @@
 
 
 class KilnError(Exception):
-  """A problem with the user's input (config, data, workdir) and how to fix it."""
+    """A problem with the user's input (config, data, workdir) and how to fix it."""
