@@ -1,0 +1,78 @@
+"""The one place kiln talks to orbax: save and restore train state plus data-iterator state.
+
+A checkpoint at `<workdir>/checkpoints/<step>/` holds two items: `state` (params, optimizer
+state, step, rng as global jax.Arrays) and `data_iter` (the grain iterator's position, one file
+per process). Saves are asynchronous and committed atomically, so a crash mid-save leaves the
+previous checkpoint as the latest good one.
+"""
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from kiln.errors import KilnError
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints plus every `keep_every`-th step (0 = none extra)."""
+
+    def __init__(
+        self, directory: str | os.PathLike, *, keep: int = 3, keep_every: int = 0,
+        async_save: bool = True,
+    ) -> None:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            keep_period=keep_every or None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data_iter")
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iter: Any | None = None) -> None:
+        """Starts saving `state` (and the iterator position) at `step`; returns before it ends."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+        """Restores onto the shardings in `abstract_state` (any mesh); rewinds `data_iter`."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise KilnError(
+                f"Could not restore checkpoint step {step} from {self.directory}: {e}. The"
+                " checkpoint does not match this run's model/optimizer config; start in a new"
+                " workdir or restore the config the checkpoint was written with."
+            ) from e
+        return restored["state"]
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs with target shardings: what `restore` needs to place arrays anywhere."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )

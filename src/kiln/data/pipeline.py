@@ -1,0 +1,146 @@
+"""Grain input pipelines: tokenize, pack into fixed-length rows, batch, apply an objective."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import grain
+import numpy as np
+
+from kiln.data.objectives import causal_lm
+from kiln.data.tokenizer import Tokenizer
+from kiln.errors import KilnError
+
+Batch = dict[str, np.ndarray]
+Objective = Callable[[Batch], Batch]
+
+
+def _encode(text: str, *, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+    ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+    return {"tokens": np.asarray(ids, dtype=np.int32)}
+
+
+def _rows(batch: Batch, *, start: int, stop: int) -> Batch:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+class _PackedIterator(grain.DatasetIterator):
+    """Renames the packer's outputs; makes its state restorable after a JSON round trip."""
+
+    def __next__(self) -> Batch:
+        packed = next(self._parent)
+        return {
+            "tokens": packed["tokens"],
+            "segment_ids": packed["tokens_segment_ids"],
+            "positions": packed["tokens_positions"],
+        }
+
+    def get_state(self) -> dict:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict) -> None:
+        # grain 0.2.18 tests `slice != (-1, -1)`; JSON (grain.checkpoint) turns tuples into lists,
+        # which would make an empty remainder look like a real one and skip a document.
+        slices = {k: tuple(v) for k, v in state["remainder_slices"].items()}
+        self._parent.set_state({**state, "remainder_slices": slices})
+
+
+class _PackedIterDataset(grain.IterDataset):
+    """Concat-then-split packing of ``{"tokens": ids}`` into rows of ``seq_len`` tokens."""
+
+    def __init__(self, parent: grain.IterDataset, seq_len: int):
+        super().__init__(
+            grain.experimental.ConcatThenSplitIterDataset(parent, length_struct={"tokens": seq_len})
+        )
+
+    def __iter__(self) -> _PackedIterator:
+        return _PackedIterator(self._parent.__iter__())
+
+
+def _packed(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int) -> grain.IterDataset:
+    """Tokenized ``[bos] + ids + [eos]`` documents, concatenated and split into rows."""
+    if seq_len < 2:
+        raise KilnError(f"data.seq_len={seq_len} is too small: use at least 2 (e.g. 512).")
+    ds = documents.map(functools.partial(_encode, tokenizer=tokenizer)).to_iter_dataset()
+    return _PackedIterDataset(ds, seq_len)
+
+
+def make_train_dataset(
+    documents: Sequence[str],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    objective: Objective = causal_lm,
+) -> grain.IterDataset:
+    """An endless, shuffled, packed training stream: this process's rows of each global batch.
+
+    Documents are shuffled with ``seed`` (reshuffled every epoch), encoded as ``[bos] + ids +
+    [eos]``, concatenated and split into rows of ``seq_len`` tokens (a document that does not fit
+    continues in the next row; ``segment_ids`` start at 1 in each row, ``positions`` restart at
+    each segment), batched into global batches and passed through ``objective``. Each process
+    keeps rows ``[i * B / P, (i + 1) * B / P)`` of every global batch.
+
+    Every process tokenizes and packs the whole global batch, so the data order is independent
+    of the number of processes (a run can resume on a different topology) at the cost of
+    ``process_count`` times redundant CPU work, which is small next to a train step.
+
+    ``iter(dataset)`` supports ``get_state()``/``set_state()``; checkpoint it with
+    ``grain.checkpoint.CheckpointSave``.
+
+    Raises:
+        KilnError: On no documents, a bad sequence length or a batch size that the processes
+            cannot split evenly.
+    """
+    if not documents:
+        raise KilnError("No training documents: check the data source of this run.")
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise KilnError(
+            f"data.global_batch_size={global_batch_size} must be a positive multiple of the "
+            f"number of processes ({process_count}): change data.global_batch_size."
+        )
+    if not 0 <= process_index < process_count:
+        raise KilnError(f"process_index={process_index} is not in [0, {process_count}).")
+    ds = grain.MapDataset.source(documents).shuffle(seed=seed).repeat()
+    ds = _packed(ds, tokenizer, seq_len).batch(global_batch_size, drop_remainder=True)
+    per_process = global_batch_size // process_count
+    start = process_index * per_process
+    return ds.map(objective).map(functools.partial(_rows, start=start, stop=start + per_process))
+
+
+def make_eval_batches(
+    documents: Sequence[str],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    objective: Objective = causal_lm,
+) -> list[Batch]:
+    """The first ``max_batches`` packed batches of ``documents``, in order, deterministic.
+
+    Packed like :func:`make_train_dataset` but without shuffling. The final batch is padded to
+    ``batch_size`` rows (the last packed row may also end in padding): padding has token 0,
+    segment 0 and weight 0, so every batch has the same shape and no tokens are dropped. Returns
+    an empty list only if there are no documents.
+    """
+    if batch_size < 1 or max_batches < 1:
+        raise KilnError(
+            f"Eval batch_size={batch_size} and max_batches={max_batches} must both be >= 1."
+        )
+    if not documents:
+        return []
+    ds = _packed(grain.MapDataset.source(documents), tokenizer, seq_len)
+    batches = []
+    for batch in ds.batch(batch_size, drop_remainder=False):
+        missing = batch_size - len(batch["tokens"])
+        if missing:
+            batch = {k: np.pad(v, [(0, missing), (0, 0)]) for k, v in batch.items()}
+        batches.append(objective(batch))
+        if len(batches) == max_batches:
+            break
+    return batches

@@ -1,0 +1,112 @@
+"""GPT: a decoder-only transformer with pre-LN blocks over packed documents.
+
+GPT-2 style: learned positions, layernorm, gelu, biases, tied embeddings. Modern style: rope,
+rmsnorm, swiglu, no biases, GQA, optionally an untied head.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kiln.models import layers
+from kiln.models.layers import TransformerConfig
+
+ACT_NAMES = ("act_batch", "act_length", "act_embed")
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BLD: jax.Array,
+        bias_B1LL: jax.Array,
+        positions_BL: jax.Array | None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        cfg = self.config
+        x_BLD = nn.with_logical_constraint(x_BLD, ACT_NAMES)
+        h_BLD = layers.make_norm(cfg, "pre_attn_norm")(x_BLD)
+        h_BLD = layers.Attention(cfg, name="attn")(
+            h_BLD, h_BLD, bias_B1LL, positions_BL, positions_BL, deterministic=deterministic
+        )
+        x_BLD = x_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
+        h_BLD = layers.make_norm(cfg, "pre_mlp_norm")(x_BLD)
+        h_BLD = layers.Mlp(cfg, name="mlp")(h_BLD, deterministic=deterministic)
+        x_BLD = x_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
+        return nn.with_logical_constraint(x_BLD, ACT_NAMES)
+
+
+class GPT(nn.Module):
+    """Causal language model; attention never crosses document (segment) boundaries."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        segment_ids_BL: jax.Array | None = None,
+        positions_BL: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Returns float32 next-token logits [B, L, V].
+
+        Args:
+          tokens_BL: token ids.
+          segment_ids_BL: document ids, 0 for padding; None means one document per row.
+          positions_BL: position of each token in its document; None means arange(L).
+          deterministic: disables dropout; otherwise the "dropout" rng collection is used.
+        """
+        cfg = self.config
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones_like(tokens_BL)
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        bias_B1LL = layers.mask_to_bias(layers.causal_mask(segment_ids_BL))
+
+        kw = dict(features=cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        embed = layers.Embed(cfg.vocab_size, names=("vocab", "embed"), name="token_embed", **kw)
+        x_BLD = embed(tokens_BL)
+        if cfg.position == "learned":
+            pos_embed = layers.Embed(
+                cfg.max_len, names=("max_len", "embed"), name="position_embed", **kw
+            )
+            x_BLD = x_BLD + pos_embed(positions_BL)
+        x_BLD = nn.Dropout(cfg.dropout)(x_BLD, deterministic=deterministic)
+
+        rope_positions_BL = positions_BL if cfg.position == "rope" else None
+        for i in range(cfg.n_layers):
+            x_BLD = DecoderBlock(cfg, name=f"block_{i}")(
+                x_BLD, bias_B1LL, rope_positions_BL, deterministic=deterministic
+            )
+        x_BLD = layers.make_norm(cfg, "final_norm")(x_BLD)
+        x_BLD = nn.with_logical_constraint(x_BLD, ACT_NAMES)
+
+        if cfg.tie_embeddings:
+            logits_BLV = embed.attend(x_BLD)
+        else:
+            logits_BLV = nn.DenseGeneral(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(0.02), ("embed", "vocab")
+                ),
+                name="lm_head",
+            )(x_BLD)
+        logits_BLV = logits_BLV.astype(jnp.float32)
+        return nn.with_logical_constraint(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+
+
+def count_params(params) -> int:
+    """Number of parameters in a tree of arrays, shape structs or `nn.Partitioned` boxes."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(params)))

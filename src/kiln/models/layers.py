@@ -1,0 +1,256 @@
+"""Transformer layers shared by the GPT, BERT and T5 families.
+
+Shape suffixes: B batch, L length (queries), S length (keys/values), D d_model, H heads,
+K kv heads, G query groups (H // K), E head_dim, F d_ff, V vocab.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kiln.errors import KilnError
+
+# Additive bias for masked attention logits. Finite, so fully masked rows give a uniform
+# softmax instead of NaN, and large enough that exp(NEG_INF - max) is exactly 0 in float32.
+NEG_INF = -1e9
+
+Dtype = jnp.dtype | str
+
+_POSITIONS = ("learned", "rope", "none")
+_NORMS = ("layernorm", "rmsnorm")
+_MLPS = ("gelu", "relu", "swiglu", "geglu")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture of a transformer; shared by all model families."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # n_heads: MHA, 1: MQA, in between: GQA.
+    d_ff: int
+    max_len: int  # Rows of the learned position table / longest sequence.
+    position: str = "learned"  # "learned" | "rope" | "none"
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"  # "gelu" | "relu" | "swiglu" | "geglu"
+    use_bias: bool = True  # Biases of dense layers and of layernorm.
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    dtype: str = "float32"  # Compute dtype.
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        def check(key: str, ok: bool, want: str):
+            if not ok:
+                raise KilnError(f"model.{key}={getattr(self, key)!r} is invalid: use {want}.")
+
+        check("position", self.position in _POSITIONS, f"one of {_POSITIONS}")
+        check("norm", self.norm in _NORMS, f"one of {_NORMS}")
+        check("mlp", self.mlp in _MLPS, f"one of {_MLPS}")
+        heads_ok = self.n_heads > 0 and self.d_model % self.n_heads == 0
+        check("n_heads", heads_ok, f"a divisor of d_model={self.d_model}")
+        kv_ok = self.n_kv_heads > 0 and heads_ok and self.n_heads % self.n_kv_heads == 0
+        check("n_kv_heads", kv_ok, f"a divisor of n_heads={self.n_heads}")
+        check("dropout", 0.0 <= self.dropout < 1.0, "a rate in [0, 1)")
+        if self.position == "rope":
+            check("n_heads", self.head_dim % 2 == 0, "one that makes head_dim even for rope")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def _init(std: float, names: tuple[str, ...]) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _dense(
+    cfg: TransformerConfig,
+    features: int | tuple[int, ...],
+    axis: int | tuple[int, ...],
+    names: tuple[str, ...],
+    std: float,
+    name: str,
+) -> nn.DenseGeneral:
+    """A DenseGeneral whose kernel and bias carry logical axis names."""
+    n_out = 1 if isinstance(features, int) else len(features)
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=cfg.use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=_init(std, names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-n_out:]),
+        name=name,
+    )
+
+
+def make_norm(cfg: TransformerConfig, name: str) -> nn.Module:
+    """LayerNorm or RMSNorm over the last axis, as configured; statistics in float32."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(
+            epsilon=cfg.norm_eps,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            scale_init=scale_init,
+            name=name,
+        )
+    return nn.LayerNorm(
+        epsilon=cfg.norm_eps,
+        use_bias=cfg.use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        scale_init=scale_init,
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
+
+
+class Embed(nn.Module):
+    """Embedding table `embedding` [num_embeddings, D]; `attend` gives tied output logits."""
+
+    num_embeddings: int
+    features: int
+    names: tuple[str, str] = ("vocab", "embed")
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            _init(0.02, self.names),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids_BL: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids_BL, axis=0).astype(self.dtype)
+
+    def attend(self, x_BLD: jax.Array) -> jax.Array:
+        """Float32 logits x @ embedding.T."""
+        table_VD = self.embedding.astype(self.dtype)
+        return jnp.einsum(
+            "bld,vd->blv", x_BLD.astype(self.dtype), table_VD, preferred_element_type=jnp.float32
+        )
+
+
+def apply_rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split: (x[i], x[i + E/2]) rotates by pos * theta^(-2i/E)."""
+    half = x_BLHE.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BLE = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+    sin_BL1E, cos_BL1E = jnp.sin(angle_BLE)[:, :, None], jnp.cos(angle_BLE)[:, :, None]
+    x1, x2 = jnp.split(x_BLHE.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos_BL1E - x2 * sin_BL1E, x2 * cos_BL1E + x1 * sin_BL1E], -1)
+    return out.astype(x_BLHE.dtype)
+
+
+def causal_mask(segment_ids_BL: jax.Array) -> jax.Array:
+    """Boolean [B, 1, L, L]: t attends to s iff s <= t and both lie in the same segment.
+
+    Padding (segment 0) attends to earlier padding only, so no row is fully masked.
+    """
+    length = segment_ids_BL.shape[-1]
+    causal_LL = jnp.tril(jnp.ones((length, length), dtype=bool))
+    return padding_mask(segment_ids_BL, segment_ids_BL) & causal_LL
+
+
+def padding_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array) -> jax.Array:
+    """Boolean [B, 1, L, S]: a query attends to the keys of its own segment (0 is padding)."""
+    return q_segment_ids_BL[:, None, :, None] == kv_segment_ids_BS[:, None, None, :]
+
+
+def mask_to_bias(mask: jax.Array) -> jax.Array:
+    """Boolean mask -> additive float32 bias: 0 where allowed, NEG_INF where masked."""
+    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
+
+
+class Mlp(nn.Module):
+    """Feed-forward block: GELU/ReLU, or gated SwiGLU/GeGLU (gate `wi_0`, linear `wi_1`)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        std_out = 0.02 / math.sqrt(2 * cfg.n_layers)
+        act = {"gelu": nn.gelu, "geglu": nn.gelu, "relu": nn.relu, "swiglu": nn.silu}[cfg.mlp]
+        if cfg.mlp in ("swiglu", "geglu"):
+            gate_BLF = _dense(cfg, cfg.d_ff, -1, ("embed", "mlp"), 0.02, "wi_0")(x_BLD)
+            up_BLF = _dense(cfg, cfg.d_ff, -1, ("embed", "mlp"), 0.02, "wi_1")(x_BLD)
+            h_BLF = act(gate_BLF) * up_BLF
+        else:
+            h_BLF = act(_dense(cfg, cfg.d_ff, -1, ("embed", "mlp"), 0.02, "wi")(x_BLD))
+        h_BLF = nn.Dropout(cfg.dropout)(h_BLF, deterministic=deterministic)
+        return _dense(cfg, cfg.d_model, -1, ("mlp", "embed"), std_out, "wo")(h_BLF)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped kv heads (MHA, GQA, MQA); self or cross."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        xq_BLD: jax.Array,
+        xkv_BSD: jax.Array,
+        bias: jax.Array | None = None,
+        q_positions_BL: jax.Array | None = None,
+        kv_positions_BS: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Attends queries from xq to keys/values from xkv.
+
+        Args:
+          xq_BLD: query inputs.
+          xkv_BSD: key/value inputs (the same array for self-attention).
+          bias: additive float32 bias broadcastable to [B, H, L, S]: a mask from `mask_to_bias`,
+            optionally plus a relative position bias.
+          q_positions_BL: if given, rope is applied to q and k.
+          kv_positions_BS: positions of the keys for rope; defaults to q_positions_BL.
+          deterministic: disables dropout on the attention probabilities.
+
+        Returns:
+          Output [B, L, D] in the compute dtype.
+        """
+        cfg = self.config
+        h, k, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        std_out = 0.02 / math.sqrt(2 * cfg.n_layers)
+        q_BLHE = _dense(cfg, (h, e), -1, ("embed", "heads", "head_dim"), 0.02, "query")(xq_BLD)
+        k_BSKE = _dense(cfg, (k, e), -1, ("embed", "kv_heads", "head_dim"), 0.02, "key")(xkv_BSD)
+        v_BSKE = _dense(cfg, (k, e), -1, ("embed", "kv_heads", "head_dim"), 0.02, "value")(xkv_BSD)
+        if q_positions_BL is not None:
+            q_BLHE = apply_rope(q_BLHE, q_positions_BL, cfg.rope_theta)
+            kv_pos_BS = q_positions_BL if kv_positions_BS is None else kv_positions_BS
+            k_BSKE = apply_rope(k_BSKE, kv_pos_BS, cfg.rope_theta)
+
+        # Query head n uses kv head n // G.
+        b, length = q_BLHE.shape[:2]
+        q_BLKGE = q_BLHE.reshape(b, length, k, h // k, e)
+        # Logits and softmax in float32: in bf16 the exp overflows sooner and the row sums lose
+        # precision (8 mantissa bits), which biases the attention weights.
+        logits_BKGLS = jnp.einsum(
+            "blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32
+        )
+        logits_BHLS = logits_BKGLS.reshape(b, h, length, -1) / math.sqrt(e)
+        if bias is not None:
+            logits_BHLS = logits_BHLS + bias.astype(jnp.float32)
+        probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1)
+        probs_BHLS = nn.Dropout(cfg.dropout)(probs_BHLS, deterministic=deterministic)
+        probs_BKGLS = probs_BHLS.reshape(logits_BKGLS.shape).astype(cfg.dtype)
+        out_BLKGE = jnp.einsum("bkgls,bske->blkge", probs_BKGLS, v_BSKE.astype(cfg.dtype))
+        out_BLHE = out_BLKGE.reshape(b, length, h, e)
+        return _dense(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), std_out, "out")(
+            out_BLHE
+        )

@@ -1,0 +1,153 @@
+"""Optimizers and learning-rate schedules built from the ``optim`` config section."""
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.core import meta
+
+from kiln.errors import KilnError
+
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+
+
+def _get(cfg: Any, key: str) -> Any:
+    try:
+        return cfg[key]
+    except (KeyError, AttributeError):
+        raise KilnError(
+            f"optim.{key} is missing; add it to the optim section of the config."
+        ) from None
+
+
+def _choice(cfg: Any, key: str, valid: tuple[str, ...]) -> str:
+    value = _get(cfg, key)
+    if value not in valid:
+        raise KilnError(f"optim.{key}={value!r} is not supported; use one of {', '.join(valid)}.")
+    return value
+
+
+def _num(cfg: Any, key: str, ok: Callable[[Any], bool], want: str, integer: bool = False) -> Any:
+    value = _get(cfg, key)
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise KilnError(f"optim.{key}={value!r} is invalid; set it to {want}.")
+    if not ok(value):
+        raise KilnError(f"optim.{key}={value!r} is out of range; set it to {want}.")
+    return value
+
+
+def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
+    """Returns the learning rate as a (jittable) function of the step.
+
+    Warmup ramps linearly from 0 at step 0 to ``lr`` at ``warmup_steps``. After it, with
+    ``t = clip((step - warmup) / (total_steps - warmup), 0, 1)`` and ``f = end_lr_fraction``:
+    cosine ``lr * (f + (1 - f) * (1 + cos(pi * t)) / 2)``, linear ``lr * (1 - (1 - f) * t)``,
+    rsqrt ``lr * sqrt(max(warmup, 1) / max(step, warmup, 1))``, constant ``lr``. Steps past
+    ``total_steps`` keep the final value. ``warmup_steps >= total_steps`` is allowed: the run
+    then ends inside the warmup ramp (lr reaches ``lr * total_steps / warmup_steps`` at most).
+
+    Raises:
+        KilnError: on an unknown schedule or out-of-range ``lr``, ``warmup_steps``,
+            ``end_lr_fraction`` or ``total_steps``.
+    """
+    name = _choice(optim_cfg, "schedule", SCHEDULES)
+    lr = float(_num(optim_cfg, "lr", lambda v: v >= 0, "a number >= 0, e.g. 3e-4"))
+    warmup = int(_num(optim_cfg, "warmup_steps", lambda v: v >= 0, "an integer >= 0", True))
+    frac = float(_num(optim_cfg, "end_lr_fraction", lambda v: 0 <= v <= 1, "a number in [0, 1]"))
+    if (
+        isinstance(total_steps, bool)
+        or not isinstance(total_steps, numbers.Integral)
+        or total_steps < 1
+    ):
+        raise KilnError(f"total_steps={total_steps!r} is invalid; set it to an integer >= 1.")
+    decay_steps = max(int(total_steps) - warmup, 1)
+    floor = max(warmup, 1)
+
+    def schedule(step: jax.typing.ArrayLike) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        t = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+        if name == "cosine":
+            after = lr * (frac + (1.0 - frac) * 0.5 * (1.0 + jnp.cos(jnp.pi * t)))
+        elif name == "linear":
+            after = lr * (1.0 - (1.0 - frac) * t)
+        elif name == "rsqrt":
+            after = lr * jnp.sqrt(floor / jnp.maximum(step, floor))
+        else:
+            after = jnp.full_like(step, lr)
+        return jnp.where(step < warmup, lr * step / floor, after)
+
+    return schedule
+
+
+def learning_rate_at(optim_cfg: Any, total_steps: int, step: int) -> float:
+    """Returns the scheduled learning rate at ``step`` as a Python float (for logging)."""
+    return float(make_schedule(optim_cfg, total_steps)(step))
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, meta.AxisMetadata)
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """Returns a tree like ``params`` that is True exactly at leaves named ``kernel``.
+
+    Biases, norm scales and embeddings are never decayed. Flax metadata boxes (e.g.
+    ``nn.Partitioned``) are kept, holding a bool, so the mask matches the params structure.
+    """
+
+    def decide(path: tuple[Any, ...], leaf: Any) -> Any:
+        last = path[-1] if path else None
+        flag = getattr(last, "key", getattr(last, "name", None)) == "kernel"
+        return leaf.replace_boxed(flag) if _is_box(leaf) else flag
+
+    return jax.tree_util.tree_map_with_path(decide, params, is_leaf=_is_box)
+
+
+def make_optimizer(optim_cfg: Any, total_steps: int) -> optax.GradientTransformation:
+    """Builds global-norm clipping (if ``clip_norm > 0``) followed by the optimizer.
+
+    All optimizers use ``make_schedule`` and decoupled weight decay (``lr * weight_decay *
+    param``, only where ``weight_decay_mask`` is True). ``sgd`` applies ``momentum`` and
+    ``nesterov`` to the gradients only. ``adafactor`` is factored RMS scaling with update
+    clipping at RMS 1 and an absolute ``lr`` (no parameter-scale multiplication); it ignores
+    ``b1``, ``b2`` and ``eps``. ``grad_accum_steps`` is the trainer's business and is ignored.
+
+    Raises:
+        KilnError: on an unknown ``optim.name`` or out-of-range values.
+    """
+    name = _choice(optim_cfg, "name", OPTIMIZERS)
+    schedule = make_schedule(optim_cfg, total_steps)
+    wd = float(_num(optim_cfg, "weight_decay", lambda v: v >= 0, "a number >= 0 (0 = off)"))
+    clip = float(_num(optim_cfg, "clip_norm", lambda v: v >= 0, "a number >= 0 (0 = off)"))
+    decay = optax.add_decayed_weights(wd, mask=weight_decay_mask)
+    if name == "adamw":
+        beta = "a number in [0, 1), e.g. 0.9"
+        tx = optax.adamw(
+            schedule,
+            b1=float(_num(optim_cfg, "b1", lambda v: 0 <= v < 1, beta)),
+            b2=float(_num(optim_cfg, "b2", lambda v: 0 <= v < 1, beta)),
+            eps=float(_num(optim_cfg, "eps", lambda v: v > 0, "a number > 0, e.g. 1e-8")),
+            weight_decay=wd,
+            mask=weight_decay_mask,
+        )
+    elif name == "sgd":
+        momentum = _num(optim_cfg, "momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        nesterov = _get(optim_cfg, "nesterov")
+        if not isinstance(nesterov, bool):
+            raise KilnError(f"optim.nesterov={nesterov!r} is invalid; set it to true or false.")
+        trace = optax.trace(decay=float(momentum), nesterov=nesterov)
+        tx = optax.chain(trace, decay, optax.scale_by_learning_rate(schedule))
+    else:
+        rms = optax.scale_by_factored_rms()
+        tx = optax.chain(
+            rms, optax.clip_by_block_rms(1.0), optax.scale_by_learning_rate(schedule), optax.add_decayed_weights(wd, mask=weight_decay_mask)
+        )
+    if clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    return tx

@@ -1,0 +1,341 @@
+"""One training run end to end: tokenizer -> data -> model -> restore -> loop -> summary."""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from kiln import checkpoint, config_lib, flops, metrics, models, optim, sharding, train
+from kiln.data import corpus, pipeline, tokenizer as tokenizer_lib
+from kiln.errors import KilnError
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+@dataclasses.dataclass
+class Data:
+    """Everything the loop reads: the tokenizer, the train iterator and fixed eval batches."""
+
+    tokenizer: tokenizer_lib.Tokenizer
+    train_iter: Any
+    validation: list[dict[str, np.ndarray]]
+    test: list[dict[str, np.ndarray]]
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Creates the workdir and writes config.json; a resumed run must keep its model section."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        old = config_lib.load_json(path)
+        changed = config_lib.diff(old.model.to_dict(), config.model.to_dict(), "model.")
+        if changed:
+            raise KilnError(
+                f"{workdir} holds a run with a different model; differing keys: {changed}. Use a"
+                " new --workdir, or restore those values to resume the existing run."
+            )
+    if jax.process_index() == 0:
+        config_lib.save_json(config, path)
+
+
+def prepare_tokenizer(
+    config: ml_collections.ConfigDict, workdir: str, train_documents: list[str]
+) -> tokenizer_lib.Tokenizer:
+    """Loads the workdir's tokenizer, else copies `tokenizer.path`, else trains one."""
+    dest = os.path.join(workdir, TOKENIZER_FILE)
+    if not os.path.exists(dest) and jax.process_index() == 0:
+        source = config.tokenizer.path
+        if source:
+            if os.path.isdir(source):
+                source = os.path.join(source, TOKENIZER_FILE)
+            if not os.path.exists(source):
+                raise KilnError(
+                    f"tokenizer.path={config.tokenizer.path!r}: no {TOKENIZER_FILE} there. Point it"
+                    " at a tokenizer.model file or a finished run's workdir, or set it to \"\""
+                    " to train a new tokenizer."
+                )
+            shutil.copyfile(source, dest)
+        else:
+            metrics.log(f"Training a {config.tokenizer.model_type} tokenizer ...")
+            tokenizer_lib.train_tokenizer(
+                train_documents[: config.tokenizer.max_sentences],
+                dest,
+                vocab_size=config.model.vocab_size,
+                model_type=config.tokenizer.model_type,
+                seed=config.seed,
+            )
+    _sync("tokenizer")
+    tok = tokenizer_lib.load_tokenizer(dest)
+    if tok.vocab_size != config.model.vocab_size:
+        raise KilnError(
+            f"model.vocab_size={config.model.vocab_size} but {dest} has {tok.vocab_size} pieces."
+            f" Set --config.model.vocab_size={tok.vocab_size}."
+        )
+    return tok
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
+    d = config.data
+    data_dir = d.data_dir or None
+    train_docs = corpus.read_documents(d.corpus, "train", data_dir)
+    tok = prepare_tokenizer(config, workdir, train_docs)
+    dataset = pipeline.make_train_dataset(
+        train_docs,
+        tok,
+        seq_len=d.seq_len,
+        global_batch_size=d.global_batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    def eval_batches(split: str) -> list[dict[str, np.ndarray]]:
+        docs = corpus.read_documents(d.corpus, split, data_dir)
+        batches = pipeline.make_eval_batches(
+            docs, tok, seq_len=d.seq_len, batch_size=d.global_batch_size,
+            max_batches=config.eval.batches,
+        )
+        return [pipeline.process_slice(b, jax.process_index(), jax.process_count()) for b in batches]
+
+    return Data(tok, iter(dataset), eval_batches("validation"), eval_batches("test"))
+
+
+def to_global(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rows: int) -> train.Batch:
+    """Assembles each process's rows into global arrays sharded over the batch axes."""
+    target = sharding.batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(target, v, (rows, *v.shape[1:]))
+        for k, v in local.items()
+    }
+
+
+def evaluate(eval_step: Any, params: Any, batches: list, mesh: Any, rows: int) -> dict[str, float]:
+    """Perplexity and token accuracy over fixed batches (sums first, then one division)."""
+    totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+    for batch in batches:
+        sums = jax.device_get(eval_step(params, to_global(batch, mesh, rows)))
+        totals = {k: totals[k] + float(sums[k]) for k in totals}
+    tokens = max(totals["weight_sum"], 1.0)
+    loss = totals["loss_sum"] / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
+            "accuracy": totals["correct_sum"] / tokens, "tokens": totals["weight_sum"]}
+
+
+def greedy_sample(model: Any, params: Any, tok: Any, prompt: str, new_tokens: int, max_len: int):
+    """A short greedy continuation by full re-computation (no cache; for a glance only)."""
+    ids = [tok.bos_id, *tok.encode(prompt)][: max_len - 1]
+    count = min(new_tokens, max_len - len(ids))
+    tokens = np.zeros((1, max_len), np.int32)
+    tokens[0, : len(ids)] = ids
+    forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
+    for i in range(len(ids), len(ids) + count):
+        tokens[0, i] = int(jnp.argmax(forward(params, jnp.asarray(tokens))[0, i - 1]))
+        if tokens[0, i] == tok.eos_id:
+            break
+    return tok.decode(tokens[0, len(ids) : i + 1].tolist()) if count else ""
+
+
+class _StepMetrics:
+    """Pulls a step's metrics one step late, checks them, and logs at `log_every`."""
+
+    def __init__(self, config: Any, writer: metrics.MetricsWriter, start_step: int) -> None:
+        self.config, self.writer = config, writer
+        self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
+        self.flops_per_token = flops.train_flops_per_token(
+            config.model.to_dict(), config.data.seq_len
+        )
+        self.peak = flops.peak_flops_per_device(config.model.dtype) * jax.device_count()
+        self.pending: tuple[int, dict] | None = None
+        self.mark = (start_step, None)  # (step, time) of the last throughput measurement
+        self.start = (start_step, None)
+        self.last_good_checkpoint: int | None = None
+
+    def push(self, step: int, device_metrics: dict) -> None:
+        self.flush()
+        self.pending = (step, device_metrics)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, device_metrics = self.pending
+        self.pending = None
+        values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            where = (
+                f"step {self.last_good_checkpoint} in checkpoints/"
+                if self.last_good_checkpoint is not None else "none saved yet"
+            )
+            raise KilnError(
+                f"Non-finite loss ({values['loss']}) or gradient norm ({values['grad_norm']}) at"
+                f" step {step}; the run stopped. Last good checkpoint: {where}. Lower optim.lr,"
+                " set optim.clip_norm, or use float32 compute, then re-run to resume."
+            )
+        now = time.perf_counter()
+        if self.mark[1] is None:  # The first step includes compilation: time from its end.
+            self.mark = self.start = (step, now)
+            return
+        if step % self.config.train.log_every and step != self.config.train.steps:
+            return
+        seconds = now - self.mark[1]
+        tokens_per_sec = (step - self.mark[0]) * self.tokens_per_step / max(seconds, 1e-9)
+        values["tokens_per_sec"] = tokens_per_sec
+        values["mfu"] = tokens_per_sec * self.flops_per_token / self.peak
+        self.mark = (step, now)
+        per_step = (now - self.start[1]) / max(step - self.start[0], 1)
+        eta = per_step * (self.config.train.steps - step)
+        metrics.log(metrics.progress_line(step, self.config.train.steps, values, eta))
+        self.writer.write(step, {f"train/{k}": v for k, v in values.items()})
+
+
+def _log_eval(writer: metrics.MetricsWriter, step: int, split: str, result: dict) -> None:
+    writer.write(step, {f"{split}/{k}": v for k, v in result.items()})
+    metrics.log(
+        f"step {step} | {split} loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}"
+        f" | accuracy {result['accuracy']:.3f}"
+    )
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the loop needs, built once by `train_and_evaluate`."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    data: Data
+    model: Any
+    optimizer: Any
+    mesh: jax.sharding.Mesh
+    abstract: train.TrainState
+    shardings: train.TrainState
+    train_step: Any
+    eval_step: Any
+    ckpt: checkpoint.Checkpointer
+    writer: metrics.MetricsWriter
+
+    def evaluate(self, params: Any, split: str) -> dict[str, float]:
+        batches = self.data.validation if split == "validation" else self.data.test
+        return evaluate(self.eval_step, params, batches, self.mesh, self.config.data.global_batch_size)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) the run described by `config` in `workdir`; returns the summary."""
+    mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
+    prepare_workdir(config, workdir)
+    data = prepare_data(config, workdir)
+    model = models.build_model(config.model)
+    schedule = optim.make_schedule(config.optim, config.train.steps)
+    optimizer = optim.make_optimizer(config.optim, config.train.steps)
+    mesh = sharding.make_mesh(config.mesh)
+    metrics.log(f"Mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} devices")
+    abstract, shardings = train.state_shardings(model, optimizer, mesh, config.data.seq_len)
+    train_step, eval_step = train.jit_steps(
+        model, optimizer, schedule, config.optim.grad_accum_steps, shardings, mesh
+    )
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.checkpoint.keep,
+        keep_every=config.checkpoint.keep_every,
+    )
+    writer = metrics.MetricsWriter(workdir)
+    run = _Run(config, workdir, data, model, optimizer, mesh, abstract, shardings, train_step,
+               eval_step, ckpt, writer)
+    try:
+        return _loop(run)
+    finally:
+        ckpt.close()  # Waits for an in-flight save: a crash never loses a committed checkpoint.
+        writer.close()
+
+
+def _initial_state(run: _Run) -> train.TrainState:
+    """Restore order: this workdir's latest checkpoint, else scratch (logged)."""
+    latest = run.ckpt.latest_step()
+    if latest is not None:
+        metrics.log(f"Restore: resuming from this workdir's checkpoint at step {latest}")
+        target = checkpoint.abstract_like(run.abstract, run.shardings)
+        return run.ckpt.restore(latest, target, data_iter=run.data.train_iter)
+    metrics.log("Restore: no checkpoint in this workdir; initialising from scratch")
+    init = jax.jit(
+        lambda: train.init_state(run.model, run.optimizer, run.config.seed,
+                                 run.config.data.seq_len),
+        out_shardings=run.shardings,
+    )
+    with sharding.activation_rules(run.mesh):
+        return init()
+
+
+def _loop(run: _Run) -> dict[str, Any]:
+    config = run.config
+    state = _initial_state(run)
+    param_count = sum(x.size for x in jax.tree.leaves(state.params))
+    metrics.log(f"Model: {config.model.family}, {param_count:,} parameters")
+    start = int(state.step)
+    if start == 0:
+        _log_eval(run.writer, 0, "validation", run.evaluate(state.params, "validation"))
+    tracker = _StepMetrics(config, run.writer, start)
+    tracker.last_good_checkpoint = run.ckpt.latest_step()
+    started = time.perf_counter()
+    for step in range(start + 1, config.train.steps + 1):
+        batch = to_global(next(run.data.train_iter), run.mesh, config.data.global_batch_size)
+        state, step_metrics = run.train_step(state, batch)
+        tracker.push(step, step_metrics)
+        if step % config.eval.every == 0 or step == config.train.steps:
+            tracker.flush()
+            _log_eval(run.writer, step, "validation", run.evaluate(state.params, "validation"))
+        if step % config.checkpoint.every == 0 or step == config.train.steps:
+            tracker.flush()  # Never save a state whose loss was not checked.
+            run.ckpt.save(step, state, run.data.train_iter)
+            tracker.last_good_checkpoint = step
+    tracker.flush()
+    return _finish(run, state, param_count, time.perf_counter() - started)
+
+
+def _finish(run: _Run, state: train.TrainState, param_count: int, seconds: float) -> dict:
+    """Final validation and test metrics, an optional greedy sample, summary.json."""
+    config = run.config
+    summary: dict[str, Any] = {
+        "step": int(state.step),
+        "parameters": int(param_count),
+        "train_seconds_this_session": seconds,
+    }
+    for split in ("validation", "test"):
+        result = run.evaluate(state.params, split)
+        summary.update({f"{split}/{k}": v for k, v in result.items()})
+    first = _first_eval(run.workdir)
+    if first is not None:
+        summary["validation/perplexity_at_start"] = first
+    if config.eval.sample_prompt:
+        summary["sample"] = config.eval.sample_prompt + greedy_sample(
+            run.model, state.params, run.data.tokenizer, config.eval.sample_prompt,
+            config.eval.sample_tokens, config.model.max_len,
+        )
+    if jax.process_index() == 0:
+        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _first_eval(workdir: str) -> float | None:
+    """Validation perplexity at step 0 from metrics.jsonl (kept across resumes)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row["step"] == 0 and "validation/perplexity" in row:
+                return row["validation/perplexity"]
+    return None

@@ -1,0 +1,198 @@
+"""Train state and the pure, jitted train and eval steps shared by every model family."""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from kiln import losses, sharding
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base key; step and microbatch are folded in, so resumes replay exactly
+
+
+def apply_model(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:
+    """Logits for a batch; dropout is on when an rng is given."""
+    return model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["segment_ids"],
+        batch["positions"],
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+    )
+
+
+def _example_inputs(seq_len: int) -> tuple[jax.Array, ...]:
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return tokens, jnp.ones_like(tokens), jnp.zeros_like(tokens)
+
+
+def init_state(
+    model: nn.Module, optimizer: optax.GradientTransformation, seed: int, seq_len: int
+) -> TrainState:
+    """A fresh state; call under `jax.jit` with the state shardings as `out_shardings`."""
+    params_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    params = nn.unbox(model.init(params_rng, *_example_inputs(seq_len))["params"])
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=state_rng,
+    )
+
+
+def state_shardings(
+    model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh, seq_len: int
+) -> tuple[TrainState, TrainState]:
+    """(abstract state, its shardings): params by their logical names, optimizer alike."""
+    abstract_boxed = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), *_example_inputs(seq_len))["params"]
+    )
+    param_shardings = sharding.tree_shardings(abstract_boxed, mesh)
+    abstract = jax.eval_shape(lambda: init_state(model, optimizer, 0, seq_len))
+    replicated = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        abstract.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
+    shardings = TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated
+    )
+    return abstract, shardings
+
+
+def _microbatches(batch: Batch, count: int) -> Batch:
+    """[B, ...] -> [count, B / count, ...]; microbatch i takes rows i, i + count, ...
+
+    Interleaving keeps every microbatch spread over all data-parallel devices.
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // count, count, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_grads(
+    model: nn.Module, params: Any, batch: Batch, rng: jax.Array, count: int
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Summed gradients and loss sums over `count` microbatches (one pass when count == 1)."""
+
+    def grads_of(micro: Batch, micro_rng: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+        def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            logits = apply_model(model, p, micro, micro_rng)
+            sums = losses.cross_entropy_sums(logits, micro["targets"], micro["weights"])
+            return sums["loss_sum"], sums
+
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    if count == 1:
+        return grads_of(batch, rng)
+
+    def body(carry: tuple[Any, Any], xs: tuple[Batch, jax.Array]) -> tuple[Any, None]:
+        grads, sums = grads_of(*xs)
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct_sum", "weight_sum")}
+    rngs = jax.random.split(rng, count)
+    (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (_microbatches(batch, count), rngs))
+    return grads, sums
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    grad_accum_steps: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the mean token loss over the whole global batch."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, sums = accumulate_grads(model, state.params, batch, rng, grad_accum_steps)
+    # Dividing the summed gradient by all tokens of the global batch makes k microbatches
+    # exactly equivalent to one big batch, whatever the padding in each microbatch.
+    denominator = jnp.maximum(sums["weight_sum"], 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": sums["loss_sum"] / denominator,
+        "accuracy": sums["correct_sum"] / denominator,
+        "tokens": sums["weight_sum"],
+        "lr": schedule(state.step),
+        "grad_norm": optax.global_norm(grads),
+        "update_norm": optax.global_norm(updates),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+    """Loss, correct-prediction and token sums for one batch (add them up over batches)."""
+    logits = apply_model(model, params, batch, None)
+    return losses.cross_entropy_sums(logits, batch["targets"], batch["weights"])
+
+
+def jit_steps(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    grad_accum_steps: int,
+    shardings: TrainState,
+    mesh: Mesh,
+) -> tuple[Callable, Callable]:
+    """The train step (state donated) and eval step, jitted with explicit shardings."""
+    batch = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            optimizer=optimizer,
+            schedule=schedule,
+            grad_accum_steps=grad_accum_steps,
+        ),
+        in_shardings=(shardings, batch),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(shardings.params, batch),
+        out_shardings=replicated,
+    )
+    return _bound(step, mesh), _bound(evaluate, mesh)
+
+
+def _bound(fn: Callable, mesh: Mesh) -> Callable:
+    """Runs `fn` with the mesh and logical rules active, so activation constraints apply."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        with sharding.activation_rules(mesh):
+            return fn(*args)
+
+    return wrapper
+

@@ -1,0 +1,68 @@
+import ml_collections
+import pytest
+
+from kiln import config_lib
+from kiln.errors import KilnError
+
+
+def gpt_config(**overrides):
+    config = config_lib.load_config("experiments/gpt/pretrain.py:size=tiny")
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    return config
+
+
+def test_parse_arg_defaults_and_overrides():
+    assert config_lib.parse_arg("size=small", size="tiny", style="gpt2") == {
+        "size": "small", "style": "gpt2"}
+    assert config_lib.parse_arg(None, size="tiny") == {"size": "tiny"}
+    with pytest.raises(KilnError, match="sizee"):
+        config_lib.parse_arg("sizee=small", size="tiny")
+    with pytest.raises(KilnError, match="key=value"):
+        config_lib.parse_arg("small", size="tiny")
+
+
+def test_pick_lists_choices():
+    with pytest.raises(KilnError, match="huge"):
+        config_lib.pick("size", "huge", {"tiny": 1})
+
+
+def test_tiny_config_validates():
+    assert config_lib.validate(gpt_config(), 8) == (8, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"model__d_model": 66}, "model.d_model"),
+        ({"model__n_kv_heads": 3}, "model.n_kv_heads"),
+        ({"data__seq_len": 4096}, "data.seq_len"),
+        ({"data__global_batch_size": 12}, "data.global_batch_size"),
+        ({"optim__grad_accum_steps": 3}, "data.global_batch_size"),
+        ({"model__norm": "batchnorm"}, "model.norm"),
+        ({"model__dropout": 1.5}, "model.dropout"),
+        ({"train__steps": 0}, "train.steps"),
+        ({"mesh__data": 16}, "mesh"),
+    ],
+)
+def test_validation_errors_name_the_key(overrides, key):
+    with pytest.raises(KilnError) as error:
+        config_lib.validate(gpt_config(**overrides), 8)
+    assert key in str(error.value)
+
+
+def test_batch_not_divisible_by_processes():
+    with pytest.raises(KilnError, match="process"):
+        config_lib.validate(gpt_config(data__global_batch_size=8, mesh__data=1), 1, process_count=3)
+
+
+def test_diff_and_json_round_trip(tmp_path):
+    config = gpt_config()
+    config_lib.save_json(config, tmp_path / "config.json")
+    loaded = config_lib.load_json(tmp_path / "config.json")
+    assert config_lib.diff(config_lib.to_dict(config), loaded.to_dict()) == []
+    changed = ml_collections.ConfigDict(loaded.to_dict())
+    changed.model.d_model = 128
+    assert config_lib.diff(loaded.model.to_dict(), changed.model.to_dict(), "model.") == [
+        "model.d_model: 64 != 128"]

@@ -1,0 +1,106 @@
+"""Train step: sharded equals single-device, microbatches equal one batch, it learns."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from kiln import models, optim, sharding, train
+from kiln.data import objectives
+
+MODEL = {
+    "family": "gpt", "vocab_size": 128, "d_model": 32, "n_layers": 2, "n_heads": 4,
+    "n_kv_heads": 2, "d_ff": 64, "max_len": 16, "position": "rope", "norm": "rmsnorm",
+    "mlp": "swiglu", "use_bias": False, "tie_embeddings": False, "dropout": 0.0,
+}
+OPTIM = {
+    "name": "adamw", "lr": 1e-2, "schedule": "cosine", "warmup_steps": 1, "end_lr_fraction": 0.1,
+    "weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "momentum": 0.9, "nesterov": False,
+    "clip_norm": 1.0, "grad_accum_steps": 1,
+}
+
+
+def synthetic_batch(seed: int, rows: int = 8, length: int = 16) -> dict[str, np.ndarray]:
+    """Random tokens packed as two or three documents per row."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, 128, size=(rows, length)).astype(np.int32)
+    segment_ids = np.ones_like(tokens)
+    positions = np.tile(np.arange(length, dtype=np.int32), (rows, 1))
+    for r in range(rows):
+        for cut in sorted(rng.choice(np.arange(2, length - 2), size=2, replace=False)):
+            segment_ids[r, cut:] += 1
+            positions[r, cut:] = np.arange(length - cut)
+    segment_ids[0, -3:] = 0  # some padding
+    return objectives.causal_lm({"tokens": tokens, "segment_ids": segment_ids, "positions": positions})
+
+
+def run_steps(mesh_shape, steps=3, accum=1, dropout=0.0, batches=None):
+    config = ml_collections.ConfigDict({"model": {**MODEL, "dropout": dropout}, "optim": OPTIM})
+    model = models.build_model(config.model)
+    schedule = optim.make_schedule(config.optim, 10)
+    optimizer = optim.make_optimizer(config.optim, 10)
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
+    _, shardings = train.state_shardings(model, optimizer, mesh, 16)
+    step_fn, _ = train.jit_steps(model, optimizer, schedule, accum, shardings, mesh)
+    init = jax.jit(lambda: train.init_state(model, optimizer, 0, 16), out_shardings=shardings)
+    with sharding.activation_rules(mesh):
+        state = init()
+    losses = []
+    for i in range(steps):
+        batch = batches[i] if batches else synthetic_batch(i)
+        batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+        state, metrics = step_fn(state, batch)
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state.params), losses, state
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    """Reference: the same three steps on one device, outside any mesh context."""
+    config = ml_collections.ConfigDict({"model": MODEL, "optim": OPTIM})
+    model = models.build_model(config.model)
+    schedule = optim.make_schedule(config.optim, 10)
+    optimizer = optim.make_optimizer(config.optim, 10)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    _, shardings = train.state_shardings(model, optimizer, mesh, 16)
+    step_fn, _ = train.jit_steps(model, optimizer, schedule, 1, shardings, mesh)
+    state = jax.jit(lambda: train.init_state(model, optimizer, 0, 16), out_shardings=shardings)()
+    losses = []
+    for i in range(3):
+        state, metrics = step_fn(state, synthetic_batch(i))
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state.params), losses
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_sharded_step_equals_single_device(single_device, mesh_shape):
+    params, losses, state = run_steps(mesh_shape)
+    ref_params, ref_losses = single_device
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params)
+    # The parameters really are distributed over the mesh (not silently replicated).
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
+    for axis, size in zip(sharding.MESH_AXES[1:], mesh_shape[1:]):
+        assert (size > 1) == any(axis in s for s in specs), (axis, specs)
+
+
+def test_microbatches_equal_one_big_batch():
+    batch = synthetic_batch(0)
+    params_1, losses_1, _ = run_steps((8, 1, 1), steps=1, accum=1, batches=[batch])
+    params_4, losses_4, _ = run_steps((2, 1, 1), steps=1, accum=4, batches=[batch])
+    np.testing.assert_allclose(losses_4, losses_1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params_4, params_1)
+
+
+def test_overfits_one_batch():
+    batch = synthetic_batch(0)
+    _, losses, _ = run_steps((8, 1, 1), steps=40, batches=[batch] * 40)
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_dropout_is_deterministic_in_seed_and_step():
+    a, losses_a, _ = run_steps((8, 1, 1), steps=2, dropout=0.2)
+    b, losses_b, _ = run_steps((2, 2, 2), steps=2, dropout=0.2)
+    c, losses_c, _ = run_steps((8, 1, 1), steps=2, dropout=0.0)
+    assert losses_a == losses_b or np.allclose(losses_a, losses_b, rtol=1e-5)
+    assert not np.allclose(losses_a, losses_c)
