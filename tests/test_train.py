@@ -37,9 +37,10 @@ def synthetic_batch(seed: int, rows: int = 8, length: int = 16) -> dict[str, np.
 def run_steps(mesh_shape, steps=3, accum=1, dropout=0.0, batches=None):
     config = ml_collections.ConfigDict({"model": {**MODEL, "dropout": dropout}, "optim": OPTIM})
     model = models.build_model(config.model)
-    schedule = optim.make_schedule(config.optim, 10)
-    optimizer = optim.make_optimizer(config.optim, 10)
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
+    schedule = optim.make_schedule(config.optim, max(steps, 10))
+    optimizer = optim.make_optimizer(config.optim, max(steps, 10))
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
     _, shardings = train.state_shardings(model, optimizer, mesh, 16)
     step_fn, _ = train.jit_steps(model, optimizer, schedule, accum, shardings, mesh)
     init = jax.jit(lambda: train.init_state(model, optimizer, 0, 16), out_shardings=shardings)

@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = steps
     c.train.log_every = 20  # steps between metrics lines
+    c.train.stop_after = 0  # end this session at this step (with a checkpoint); 0 = at train.steps
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 100  # steps between validation evaluations (also at the start and the end)

@@ -62,6 +62,11 @@ class Checkpointer:
             ) from e
         return restored["state"]
 
+    def restore_raw(self, step: int) -> Any:
+        """The saved state tree as stored (dicts of arrays), for inspection and tests."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return restored["state"]
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""
         self._manager.wait_until_finished()

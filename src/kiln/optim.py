@@ -146,7 +146,7 @@ def make_optimizer(optim_cfg: Any, total_steps: int) -> optax.GradientTransforma
     else:
         rms = optax.scale_by_factored_rms()
         tx = optax.chain(
-            rms, optax.clip_by_block_rms(1.0), optax.scale_by_learning_rate(schedule), optax.add_decayed_weights(wd, mask=weight_decay_mask)
+            rms, optax.clip_by_block_rms(1.0), decay, optax.scale_by_learning_rate(schedule)
         )
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)

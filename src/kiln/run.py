@@ -288,18 +288,23 @@ def _loop(run: _Run) -> dict[str, Any]:
     tracker = _StepMetrics(config, run.writer, start)
     tracker.last_good_checkpoint = run.ckpt.latest_step()
     started = time.perf_counter()
-    for step in range(start + 1, config.train.steps + 1):
+    end = config.train.steps if config.train.stop_after <= 0 else min(
+        config.train.stop_after, config.train.steps)
+    for step in range(start + 1, end + 1):
         batch = to_global(next(run.data.train_iter), run.mesh, config.data.global_batch_size)
         state, step_metrics = run.train_step(state, batch)
         tracker.push(step, step_metrics)
         if step % config.eval.every == 0 or step == config.train.steps:
             tracker.flush()
             _log_eval(run.writer, step, "validation", run.evaluate(state.params, "validation"))
-        if step % config.checkpoint.every == 0 or step == config.train.steps:
+        if step % config.checkpoint.every == 0 or step in (end, config.train.steps):
             tracker.flush()  # Never save a state whose loss was not checked.
             run.ckpt.save(step, state, run.data.train_iter)
             tracker.last_good_checkpoint = step
     tracker.flush()
+    if end < config.train.steps:
+        metrics.log(f"Stopped at step {end} (train.stop_after); re-run the command to continue.")
+        return {"step": end}
     return _finish(run, state, param_count, time.perf_counter() - started)
 
 

@@ -65,11 +65,14 @@ def state_shardings(
     param_shardings = sharding.tree_shardings(abstract_boxed, mesh)
     abstract = jax.eval_shape(lambda: init_state(model, optimizer, 0, seq_len))
     replicated = sharding.replicated(mesh)
+    # Optimizer leaves shaped like their parameter share its sharding; others (step counts,
+    # Adafactor's factored row/column statistics) are replicated.
     opt_shardings = optax.tree_map_params(
         optimizer,
-        lambda _, s: s,
+        lambda leaf, s, param: s if leaf.shape == param.shape else replicated,
         abstract.opt_state,
         param_shardings,
+        abstract.params,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
@@ -142,8 +145,8 @@ def train_step(
         "accuracy": sums["correct_sum"] / denominator,
         "tokens": sums["weight_sum"],
         "lr": schedule(state.step),
-        "grad_norm": optax.global_norm(grads),
-        "update_norm": optax.global_norm(updates),
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kiln.data.objectives import causal_lm
-from kiln.data.pipeline import make_eval_batches, make_train_dataset
+from kiln.data.pipeline import make_eval_batches, make_train_dataset, process_slice
 from kiln.data.tokenizer import Tokenizer, train_tokenizer
 from kiln.errors import KilnError
 
@@ -33,7 +33,7 @@ def make_documents(num: int, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def docs() -> list[str]:
-    return make_documents(40)
+    return make_documents(100)
 
 
 @pytest.fixture(scope="module")
@@ -70,36 +70,35 @@ def check_row_structure(seg: np.ndarray, pos: np.ndarray) -> None:
 
 
 def test_packing_reproduces_shuffled_documents(tok, docs):
-    seed = 3
-    batches = take(
-        make_train_dataset(docs, tok, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=seed), 30
-    )
+    ds = make_train_dataset(docs, tok, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=3)
+    batches = take(ds, 100)
     rows = np.concatenate([b["inputs"] for b in batches])
     segs = np.concatenate([b["segment_ids"] for b in batches])
     poss = np.concatenate([b["positions"] for b in batches])
-    assert rows.shape == (30 * BATCH, SEQ_LEN) and rows.dtype == np.int32
+    assert rows.shape == (100 * BATCH, SEQ_LEN) and rows.dtype == np.int32
     for seg, pos in zip(segs, poss, strict=True):
         assert np.all(seg != 0), "the endless training stream has no padding"
         check_row_structure(seg, pos)
 
-    # The documents in grain's shuffled order, reshuffled each epoch.
-    order = grain.MapDataset.source(range(len(docs))).shuffle(seed=seed).repeat()
-    epochs = [[order[e * len(docs) + i] for i in range(len(docs))] for e in range(4)]
-    assert all(sorted(e) == list(range(len(docs))) for e in epochs)
-    assert epochs[0] != epochs[1]
-    stream, starts = [], []
-    for i in itertools.chain.from_iterable(epochs):
-        starts.append(len(stream))
-        stream += encoded(tok, docs[i])
-    total = rows.size
-    assert len(stream) > total, "test must stay within the 4 epochs computed"
-    np.testing.assert_array_equal(rows.reshape(-1), stream[:total])
+    # The rows, concatenated, are whole [bos] + doc + [eos] sequences one after the other (bos
+    # only appears at document starts), each epoch a new permutation of the documents.
+    stream = rows.reshape(-1)
+    starts = np.flatnonzero(stream == tok.bos_id)
+    assert starts[0] == 0
+    index = {tuple(encoded(tok, d)): i for i, d in enumerate(docs)}
+    assert len(index) == len(docs)
+    order = [index[tuple(stream[a:b])] for a, b in itertools.pairwise(starts)]
+    n = len(docs)
+    assert len(order) > 2 * n
+    epochs = [order[:n], order[n : 2 * n]]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(n))
+    assert epochs[0] != epochs[1] and epochs[0] != list(range(n))
 
     # Segments start exactly at row starts and document starts; documents continue across rows.
+    total = stream.size
     flat_seg = segs.reshape(-1)
     seg_starts = {t for t in range(total) if t % SEQ_LEN == 0 or flat_seg[t] != flat_seg[t - 1]}
-    doc_starts = {s for s in starts if s < total}
-    assert seg_starts == doc_starts | set(range(0, total, SEQ_LEN))
+    assert seg_starts == set(starts) | set(range(0, total, SEQ_LEN))
 
 
 def test_objective_is_applied(tok, docs):
@@ -147,11 +146,12 @@ def test_resume_from_state(tok, docs, via_json):
 
 @pytest.mark.parametrize("via_json", [False, True])
 def test_resume_when_rows_end_on_document_boundaries(tok, via_json):
-    # Every document is [bos, letter, eos]; rows of 6 tokens hold exactly two documents, so the
+    # Every document is [bos, piece, eos]; rows of 6 tokens hold exactly two documents, so the
     # packer's state never has a partial document (the case grain's JSON state gets wrong).
-    letters = list("abcdefghijklmnopqrstuvwxyz")
-    assert all(len(tok.encode(c)) == 1 for c in letters)
-    ds = make_train_dataset(letters, tok, seq_len=6, global_batch_size=2, seed=0)
+    pieces = [tok.id_to_piece(i).replace("\u2581", " ") for i in range(400, tok.vocab_size)]
+    one_token = [p for p in pieces if len(tok.encode(p)) == 1]
+    assert len(one_token) > 100
+    ds = make_train_dataset(one_token, tok, seq_len=6, global_batch_size=2, seed=0)
     reference = take(ds, 20)
     for k in (1, 2, 5, 13):
         state = _resume_matches(ds, k, reference, via_json)
@@ -200,8 +200,18 @@ def test_process_slices_make_up_the_global_batch(tok, docs, process_count):
             np.testing.assert_array_equal(joined, v, err_msg=k)
 
 
+def test_process_slice():
+    batch = {"a": np.arange(12).reshape(6, 2), "b": np.arange(6)}
+    np.testing.assert_array_equal(process_slice(batch, 1, 3)["a"], [[4, 5], [6, 7]])
+    np.testing.assert_array_equal(process_slice(batch, 2, 3)["b"], [4, 5])
+    with pytest.raises(KilnError, match="6 rows .* 4 processes"):
+        process_slice(batch, 0, 4)
+    with pytest.raises(KilnError, match="process 3"):
+        process_slice(batch, 3, 3)
+
+
 def test_train_dataset_errors(tok, docs):
-    with pytest.raises(KilnError, match=r"global_batch_size=6 .* processes \(4\)"):
+    with pytest.raises(KilnError, match=r"6 rows .* 4 processes .* data\.global_batch_size"):
         make_train_dataset(docs, tok, seq_len=SEQ_LEN, global_batch_size=6, seed=0, process_count=4)
     with pytest.raises(KilnError, match="No training documents"):
         make_train_dataset([], tok, seq_len=SEQ_LEN, global_batch_size=4, seed=0)

@@ -35,7 +35,12 @@ TOKENS = np.random.default_rng(0).integers(1, 64, size=(2, 16))
 
 @functools.cache
 def _init(cfg: TransformerConfig):
-    return GPT(cfg).init(jax.random.key(0), jnp.asarray(TOKENS))
+    return jax.jit(GPT(cfg).init)(jax.random.key(0), jnp.asarray(TOKENS))
+
+
+@functools.cache
+def _apply(cfg: TransformerConfig):
+    return jax.jit(GPT(cfg).apply, static_argnames="deterministic")
 
 
 def _params(cfg):
@@ -75,12 +80,12 @@ def test_causal_and_no_attention_across_documents(cfg):
 
 @STYLES
 def test_pad_tokens_do_not_change_outputs(cfg):
-    seg = np.array([[1] * 10 + [0] * 6, [0] * 4 + [1] * 12, [0] * 16])  # Right, left, all pad.
+    seg = np.array([[0] * 3 + [1] * 9 + [0] * 4, [0] * 16])  # Left and right pads; all pads.
     tokens = np.random.default_rng(1).integers(1, 64, size=seg.shape)
     other = np.where(seg == 0, np.random.default_rng(2).integers(1, 64, size=seg.shape), tokens)
-    model, params = GPT(cfg), _params(cfg)
-    logits = np.asarray(model.apply(params, tokens, seg))
-    logits_other = np.asarray(model.apply(params, other, seg))
+    apply, params = _apply(cfg), _params(cfg)
+    logits = np.asarray(apply(params, tokens, seg, POS))
+    logits_other = np.asarray(apply(params, other, seg, POS))
     assert np.isfinite(logits).all() and np.isfinite(logits_other).all()
     assert not np.allclose(logits[seg == 0], logits_other[seg == 0])  # The pad ids did change.
     np.testing.assert_allclose(logits[seg != 0], logits_other[seg != 0], rtol=0, atol=1e-6)
@@ -88,12 +93,27 @@ def test_pad_tokens_do_not_change_outputs(cfg):
 
 @STYLES
 def test_packed_documents_match_documents_alone(cfg):
-    model, params = GPT(cfg), _params(cfg)
-    packed = np.asarray(model.apply(params, TOKENS[:1], SEG[:1], POS[:1]))
-    alone_a = np.asarray(model.apply(params, TOKENS[:1, :5]))
-    alone_b = np.asarray(model.apply(params, TOKENS[:1, 5:12]))
-    np.testing.assert_allclose(packed[:, :5], alone_a, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(packed[:, 5:12], alone_b, atol=1e-5, rtol=1e-5)
+    apply, params = _apply(cfg), _params(cfg)
+    packed = np.asarray(apply(params, TOKENS, SEG, POS))
+    # Each document alone at the start of its own row; what follows it cannot be seen (causal).
+    alone_tokens = np.zeros_like(TOKENS)
+    alone_tokens[0, :5], alone_tokens[1, :7] = TOKENS[0, :5], TOKENS[0, 5:12]
+    alone = np.asarray(apply(params, alone_tokens, np.ones_like(SEG), POS[1:].repeat(2, 0)))
+    np.testing.assert_allclose(packed[0, :5], alone[0, :5], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(packed[0, 5:12], alone[1, :7], atol=1e-5, rtol=1e-5)
+
+
+@STYLES
+def test_position_shift(cfg):
+    apply, params = _apply(cfg), _params(cfg)
+    logits = np.asarray(apply(params, TOKENS, SEG, POS))
+    shifted = np.asarray(apply(params, TOKENS, SEG, POS + 3))
+    stretched = np.asarray(apply(params, TOKENS, SEG, POS * 2))
+    assert not np.allclose(logits, stretched, atol=1e-4)  # Positions are used.
+    if cfg.position == "rope":  # Only relative positions matter.
+        np.testing.assert_allclose(shifted, logits, atol=1e-5, rtol=1e-5)
+    else:
+        assert not np.allclose(shifted, logits, atol=1e-4)
 
 
 @STYLES
@@ -127,7 +147,9 @@ def test_parameter_tree_names_and_logical_axes(cfg):
 
 def test_untying_adds_only_the_head():
     tied = jax.tree.map(np.shape, _params(GPT2))["params"]
-    untied = jax.tree.map(np.shape, _params(dataclasses.replace(GPT2, tie_embeddings=False)))
+    untied_cfg = dataclasses.replace(GPT2, tie_embeddings=False)
+    untied = jax.eval_shape(GPT(untied_cfg).init, jax.random.key(0), jnp.asarray(TOKENS))
+    untied = jax.tree.map(np.shape, nn.meta.unbox(untied))
     untied = dict(untied["params"])
     assert untied.pop("lm_head") == {"kernel": (GPT2.d_model, GPT2.vocab_size)}
     assert untied == tied
@@ -145,8 +167,7 @@ def test_count_params_matches_formula():
 
 
 def test_initialisation_scales():
-    cfg = dataclasses.replace(GPT2, d_model=64, d_ff=256, n_layers=8, max_len=64)
-    p = nn.meta.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    cfg, p = GPT2, _params(GPT2)["params"]  # About 1000 samples per kernel: std within 10%.
     np.testing.assert_allclose(np.std(p["token_embed"]["embedding"]), 0.02, rtol=0.1)
     np.testing.assert_allclose(np.std(p["block_0"]["attn"]["query"]["kernel"]), 0.02, rtol=0.1)
     np.testing.assert_allclose(np.std(p["block_0"]["mlp"]["wi"]["kernel"]), 0.02, rtol=0.1)
@@ -157,11 +178,11 @@ def test_initialisation_scales():
     np.testing.assert_array_equal(p["final_norm"]["scale"], 1.0)
 
 
-@STYLES
+@pytest.mark.parametrize("cfg", [MODERN], ids=["modern"])  # Eager runs are slow; one style.
 def test_jit_matches_no_jit(cfg):
-    model, params = GPT(cfg), _params(cfg)
-    eager = model.apply(params, TOKENS, SEG, POS)
-    jitted = jax.jit(model.apply)(params, TOKENS, SEG, POS)
+    params = _params(cfg)
+    eager = GPT(cfg).apply(params, TOKENS, SEG, POS)
+    jitted = _apply(cfg)(params, TOKENS, SEG, POS)
     assert eager.shape == (2, 16, cfg.vocab_size) and eager.dtype == jnp.float32
     np.testing.assert_allclose(eager, jitted, atol=1e-5, rtol=1e-5)
 
@@ -171,10 +192,10 @@ def test_bfloat16_compute(cfg):
     bf16 = dataclasses.replace(cfg, dtype="bfloat16")
     params = _params(cfg)
     apply = jax.jit(GPT(bf16).apply)
-    logits = apply(params, TOKENS, SEG)
+    logits = apply(params, TOKENS, SEG, POS)
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
-    assert "bf16[2,16,4,8]" in str(jax.make_jaxpr(apply)(params, TOKENS, SEG))  # bf16 queries.
-    np.testing.assert_allclose(logits, GPT(cfg).apply(params, TOKENS, SEG), atol=0.05)
+    assert "bf16[2,16,4,8]" in str(jax.make_jaxpr(apply)(params, TOKENS, SEG, POS))  # Queries.
+    np.testing.assert_allclose(logits, _apply(cfg)(params, TOKENS, SEG, POS), atol=0.05)
 
 
 def test_param_dtype():
@@ -183,17 +204,15 @@ def test_param_dtype():
     assert {x.dtype for x in jax.tree.leaves(nn.meta.unbox(shapes))} == {jnp.dtype(jnp.bfloat16)}
 
 
-@STYLES
-def test_dropout_only_when_not_deterministic(cfg):
-    model = GPT(dataclasses.replace(cfg, dropout=0.2))
+def test_dropout_only_when_not_deterministic(cfg=GPT2):
     params = _params(cfg)
-    apply = jax.jit(model.apply, static_argnames="deterministic")
+    apply = _apply(dataclasses.replace(cfg, dropout=0.2))
 
     def run(seed=None):
         rngs = None if seed is None else {"dropout": jax.random.key(seed)}
-        return np.asarray(apply(params, TOKENS, rngs=rngs, deterministic=seed is None))
+        return np.asarray(apply(params, TOKENS, SEG, POS, rngs=rngs, deterministic=seed is None))
 
-    np.testing.assert_allclose(run(), GPT(cfg).apply(params, TOKENS), atol=1e-6)
+    np.testing.assert_allclose(run(), _apply(cfg)(params, TOKENS, SEG, POS), atol=1e-6)
     np.testing.assert_array_equal(run(1), run(1))
     assert not np.allclose(run(1), run(2))
     assert not np.allclose(run(1), run())

@@ -60,10 +60,10 @@ def test_self_attention_matches_numpy(n_kv_heads):
     mask = np.asarray(layers.causal_mask(jnp.asarray(seg)))
     bias = layers.mask_to_bias(mask)
     attn = layers.Attention(cfg)
-    variables = attn.init(jax.random.key(0), x, x, bias)
+    variables = jax.jit(attn.init)(jax.random.key(0), x, x, bias)
     # Non-zero biases, so a mistake in their shapes or use shows up.
     variables = jax.tree.map(lambda a: a + 0.1 * jnp.ones_like(a), variables)
-    out = attn.apply(variables, x, x, bias)
+    out = jax.jit(attn.apply)(variables, x, x, bias)
     want = _np_attention(_np_params(variables), x, x, mask, cfg.n_heads, n_kv_heads)
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
 
@@ -78,8 +78,8 @@ def test_cross_attention_with_float_bias_matches_numpy():
     mask[1, :, :, 4:] = False
     attn = layers.Attention(cfg)
     bias = rel_bias + layers.mask_to_bias(jnp.asarray(mask))
-    variables = attn.init(jax.random.key(0), xq, xkv, bias)
-    out = attn.apply(variables, xq, xkv, bias)
+    variables = jax.jit(attn.init)(jax.random.key(0), xq, xkv, bias)
+    out = jax.jit(attn.apply)(variables, xq, xkv, bias)
     p = _np_params(variables)
     q = np.einsum("bld,dhe->blhe", xq, p["query"]["kernel"])
     k = np.repeat(np.einsum("bsd,dke->bske", xkv, p["key"]["kernel"]), 2, axis=2)
@@ -94,7 +94,7 @@ def test_fully_masked_query_gives_finite_output():
     x = jnp.ones((1, 4, CFG.d_model))
     bias = layers.mask_to_bias(jnp.zeros((1, 1, 4, 4), bool))
     attn = layers.Attention(CFG)
-    out = attn.apply(attn.init(jax.random.key(0), x, x, bias), x, x, bias)
+    out = jax.jit(attn.apply)(jax.jit(attn.init)(jax.random.key(0), x, x, bias), x, x, bias)
     assert np.isfinite(np.asarray(out)).all()
 
 
@@ -141,7 +141,7 @@ def test_mlp_matches_numpy(mlp):
     cfg = dataclasses.replace(CFG, mlp=mlp, use_bias=mlp in ("gelu", "relu"))
     x = np.random.default_rng(4).normal(size=(2, 3, cfg.d_model)).astype(np.float32)
     module = layers.Mlp(cfg)
-    variables = module.init(jax.random.key(0), x)
+    variables = jax.jit(module.init)(jax.random.key(0), x)
     variables = jax.tree.map(lambda a: a + 0.1 * jnp.ones_like(a), variables)
     p = _np_params(variables)
 
@@ -156,7 +156,7 @@ def test_mlp_matches_numpy(mlp):
     else:
         assert set(p) == {"wi", "wo"}
         hidden = act[mlp](dense("wi", x))
-    np.testing.assert_allclose(module.apply(variables, x), dense("wo", hidden), atol=1e-5)
+    np.testing.assert_allclose(jax.jit(module.apply)(variables, x), dense("wo", hidden), atol=1e-5)
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
@@ -164,7 +164,7 @@ def test_norm_matches_numpy(norm):
     cfg = dataclasses.replace(CFG, norm=norm)
     x = np.random.default_rng(5).normal(2.0, 3.0, size=(2, 3, cfg.d_model)).astype(np.float32)
     module = layers.make_norm(cfg, "norm")
-    variables = module.init(jax.random.key(0), x)
+    variables = jax.jit(module.init)(jax.random.key(0), x)
     p = _np_params(variables)
     np.testing.assert_array_equal(p["scale"], 1.0)
     if norm == "layernorm":
@@ -173,12 +173,12 @@ def test_norm_matches_numpy(norm):
     else:
         assert set(p) == {"scale"}
         want = x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.norm_eps)
-    np.testing.assert_allclose(module.apply(variables, x), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(module.apply)(variables, x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_embed_lookup_and_attend():
     embed = layers.Embed(10, 8, dtype=jnp.bfloat16)
-    variables = embed.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    variables = jax.jit(embed.init)(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
     table = np.asarray(nn.meta.unbox(variables)["params"]["embedding"])
     ids = jnp.asarray([[3, 7]])
     np.testing.assert_allclose(

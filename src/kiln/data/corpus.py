@@ -101,9 +101,10 @@ def _source_documents(name: str, split: str, root: pathlib.Path, origin: str) ->
             "or a folder of .txt files (one document each)."
         )
     if not rows:
+        what = "has no non-empty .txt files" if path.is_dir() else "is empty or whitespace only"
         raise KilnError(
-            f"Data source {path} contains no documents (it is empty or whitespace only); "
-            "remove it from the data spec or fill it."
+            f"Data source {path} contains no documents (it {what}); remove it from the data "
+            "spec or add text to it."
         )
     return [row[1] for row in rows if row[0] == split]
 

@@ -71,6 +71,45 @@ def _init(std: float, names: tuple[str, ...]) -> nn.initializers.Initializer:
     return nn.with_logical_partitioning(nn.initializers.normal(std), names)
 
 
+class Dense(nn.Module):
+    """y = x . kernel (+ bias), contracting the last `n_in` axes of x; kernel = in + out dims.
+
+    The kernel is created with its full multi-dimensional shape, so its logical axis names
+    (`names`, one per kernel dimension) hold from initialisation on.
+    """
+
+    features: tuple[int, ...]
+    names: tuple[str, ...]
+    n_in: int = 1
+    std: float = 0.02
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.n_in :]
+        kernel = self.param(
+            "kernel", _init(self.std, self.names), (*in_shape, *self.features), self.param_dtype
+        )
+        contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            ((contract_x, tuple(range(self.n_in))), ((), ())),
+        )
+        if self.use_bias:
+            bias_names = self.names[self.n_in :]
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_names),
+                self.features,
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 def _dense(
     cfg: TransformerConfig,
     features: int | tuple[int, ...],
@@ -78,17 +117,18 @@ def _dense(
     names: tuple[str, ...],
     std: float,
     name: str,
-) -> nn.DenseGeneral:
-    """A DenseGeneral whose kernel and bias carry logical axis names."""
-    n_out = 1 if isinstance(features, int) else len(features)
-    return nn.DenseGeneral(
+) -> Dense:
+    """A Dense over the trailing input axes (`axis` = -1 or (-2, -1)) with named kernel axes."""
+    features = (features,) if isinstance(features, int) else tuple(features)
+    n_in = 1 if isinstance(axis, int) else len(axis)
+    return Dense(
         features=features,
-        axis=axis,
+        names=names,
+        n_in=n_in,
+        std=std,
         use_bias=cfg.use_bias,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
-        kernel_init=_init(std, names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-n_out:]),
         name=name,
     )
 
