@@ -330,6 +330,14 @@ def _finish(run: _Run, state: train.TrainState, param_count: int, seconds: float
     if jax.process_index() == 0:
         with open(os.path.join(run.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+    start = f"{first:.2f} at step 0 -> " if first is not None else ""
+    metrics.log(
+        f"Done: validation perplexity {start}{summary['validation/perplexity']:.2f} at step"
+        f" {summary['step']}; test perplexity {summary['test/perplexity']:.2f}."
+        f" Summary: {os.path.join(run.workdir, 'summary.json')}"
+    )
+    if "sample" in summary:
+        metrics.log(f"Greedy sample: {summary['sample']!r}")
     return summary
 
 
