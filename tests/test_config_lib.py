@@ -15,7 +15,9 @@ def gpt_config(**overrides):
 
 def test_parse_arg_defaults_and_overrides():
     assert config_lib.parse_arg("size=small", size="tiny", style="gpt2") == {
-        "size": "small", "style": "gpt2"}
+        "size": "small",
+        "style": "gpt2",
+    }
     assert config_lib.parse_arg(None, size="tiny") == {"size": "tiny"}
     with pytest.raises(KilnError, match="sizee"):
         config_lib.parse_arg("sizee=small", size="tiny")
@@ -65,4 +67,5 @@ def test_diff_and_json_round_trip(tmp_path):
     changed = ml_collections.ConfigDict(loaded.to_dict())
     changed.model.d_model = 128
     assert config_lib.diff(loaded.model.to_dict(), changed.model.to_dict(), "model.") == [
-        "model.d_model: 64 != 128"]
+        "model.d_model: 64 != 128"
+    ]

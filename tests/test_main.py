@@ -43,7 +43,9 @@ def test_two_step_run_writes_the_workdir(tmp_path):
     for name in ("config.json", "tokenizer.model", "metrics.jsonl", "summary.json"):
         assert (workdir / name).is_file(), name
     assert (workdir / "checkpoints" / "2").is_dir()
-    assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
+    assert any(
+        p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir()
+    )
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["step"] == 2
     assert np.isfinite(summary["validation/perplexity"]) and summary["test/tokens"] > 0
@@ -54,8 +56,13 @@ def test_two_step_run_writes_the_workdir(tmp_path):
 
 
 def test_resume_is_bit_identical(tmp_path):
-    flags = [*SMALL_RUN, "--config.train.steps=6", "--config.train.log_every=1",
-             "--config.checkpoint.every=2", "--config.model.dropout=0.1"]
+    flags = [
+        *SMALL_RUN,
+        "--config.train.steps=6",
+        "--config.train.log_every=1",
+        "--config.checkpoint.every=2",
+        "--config.model.dropout=0.1",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert kiln_main(straight, *flags).returncode == 0
     first = kiln_main(resumed, *flags, "--config.train.stop_after=3")
@@ -72,8 +79,10 @@ def test_resume_is_bit_identical(tmp_path):
     assert set(b) >= {2, 3, 5, 6}
     for step, loss in b.items():  # same batches and same dropout masks, bit for bit
         assert loss == a[step], step
-    assert json.loads((straight / "summary.json").read_text())["validation/loss"] == json.loads(
-        (resumed / "summary.json").read_text())["validation/loss"]
+    assert (
+        json.loads((straight / "summary.json").read_text())["validation/loss"]
+        == json.loads((resumed / "summary.json").read_text())["validation/loss"]
+    )
     from kiln import checkpoint
 
     def params(workdir):

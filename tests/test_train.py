@@ -9,14 +9,35 @@ from kiln import models, optim, sharding, train
 from kiln.data import objectives
 
 MODEL = {
-    "family": "gpt", "vocab_size": 128, "d_model": 32, "n_layers": 2, "n_heads": 4,
-    "n_kv_heads": 2, "d_ff": 64, "max_len": 16, "position": "rope", "norm": "rmsnorm",
-    "mlp": "swiglu", "use_bias": False, "tie_embeddings": False, "dropout": 0.0,
+    "family": "gpt",
+    "vocab_size": 128,
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "d_ff": 64,
+    "max_len": 16,
+    "position": "rope",
+    "norm": "rmsnorm",
+    "mlp": "swiglu",
+    "use_bias": False,
+    "tie_embeddings": False,
+    "dropout": 0.0,
 }
 OPTIM = {
-    "name": "adamw", "lr": 1e-2, "schedule": "cosine", "warmup_steps": 1, "end_lr_fraction": 0.1,
-    "weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "momentum": 0.9, "nesterov": False,
-    "clip_norm": 1.0, "grad_accum_steps": 1,
+    "name": "adamw",
+    "lr": 1e-2,
+    "schedule": "cosine",
+    "warmup_steps": 1,
+    "end_lr_fraction": 0.1,
+    "weight_decay": 0.1,
+    "b1": 0.9,
+    "b2": 0.95,
+    "eps": 1e-8,
+    "momentum": 0.9,
+    "nesterov": False,
+    "clip_norm": 1.0,
+    "grad_accum_steps": 1,
 }
 
 
@@ -31,7 +52,9 @@ def synthetic_batch(seed: int, rows: int = 8, length: int = 16) -> dict[str, np.
             segment_ids[r, cut:] += 1
             positions[r, cut:] = np.arange(length - cut)
     segment_ids[0, -3:] = 0  # some padding
-    return objectives.causal_lm({"tokens": tokens, "segment_ids": segment_ids, "positions": positions})
+    return objectives.causal_lm(
+        {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+    )
 
 
 def run_steps(mesh_shape, steps=3, accum=1, dropout=0.0, batches=None):

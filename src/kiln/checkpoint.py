@@ -20,7 +20,11 @@ class Checkpointer:
     """Keeps the last `keep` checkpoints plus every `keep_every`-th step (0 = none extra)."""
 
     def __init__(
-        self, directory: str | os.PathLike, *, keep: int = 3, keep_every: int = 0,
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep: int = 3,
+        keep_every: int = 0,
         async_save: bool = True,
     ) -> None:
         options = ocp.CheckpointManagerOptions(
@@ -64,7 +68,9 @@ class Checkpointer:
 
     def restore_raw(self, step: int) -> Any:
         """The saved state tree as stored (dicts of arrays), for inspection and tests."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
         return restored["state"]
 
     def wait(self) -> None:

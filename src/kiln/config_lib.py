@@ -37,7 +37,9 @@ def parse_arg(arg: str | None, **defaults: str) -> dict[str, str]:
 def pick(name: str, value: str, options: dict[str, Any]) -> Any:
     """Looks up a named variant (e.g. a size) with an error that lists the choices."""
     if value not in options:
-        raise KilnError(f"config argument {name}={value!r} is unknown; choose one of {list(options)}.")
+        raise KilnError(
+            f"config argument {name}={value!r} is unknown; choose one of {list(options)}."
+        )
     return options[value]
 
 
@@ -70,42 +72,77 @@ def validate(
     _check_choices(config)
     _check_positive(
         config,
-        ["model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
-         "model.n_kv_heads", "model.d_ff", "model.max_len", "data.seq_len",
-         "data.global_batch_size", "train.steps", "optim.grad_accum_steps"],
+        [
+            "model.vocab_size",
+            "model.d_model",
+            "model.n_layers",
+            "model.n_heads",
+            "model.n_kv_heads",
+            "model.d_ff",
+            "model.max_len",
+            "data.seq_len",
+            "data.global_batch_size",
+            "train.steps",
+            "optim.grad_accum_steps",
+        ],
     )
     if m.d_model % m.n_heads:
-        _fail("model.d_model", m.d_model, f"is not divisible by model.n_heads={m.n_heads}",
-              "Pick d_model = n_heads * head_dim.")
+        _fail(
+            "model.d_model",
+            m.d_model,
+            f"is not divisible by model.n_heads={m.n_heads}",
+            "Pick d_model = n_heads * head_dim.",
+        )
     if m.n_heads % m.n_kv_heads:
-        _fail("model.n_kv_heads", m.n_kv_heads, f"does not divide model.n_heads={m.n_heads}",
-              "Grouped-query attention needs n_heads to be a multiple of n_kv_heads.")
+        _fail(
+            "model.n_kv_heads",
+            m.n_kv_heads,
+            f"does not divide model.n_heads={m.n_heads}",
+            "Grouped-query attention needs n_heads to be a multiple of n_kv_heads.",
+        )
     if m.position == "rope" and (m.d_model // m.n_heads) % 2:
-        _fail("model.n_heads", m.n_heads, "gives an odd head_dim, which RoPE cannot rotate",
-              "Choose n_heads so that d_model / n_heads is even.")
+        _fail(
+            "model.n_heads",
+            m.n_heads,
+            "gives an odd head_dim, which RoPE cannot rotate",
+            "Choose n_heads so that d_model / n_heads is even.",
+        )
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", m.dropout, "must be in [0, 1)", "Use e.g. 0.1, or 0.0 for none.")
     if d.seq_len > m.max_len:
-        _fail("data.seq_len", d.seq_len, f"exceeds model.max_len={m.max_len}",
-              f"Lower data.seq_len or raise model.max_len to at least {d.seq_len}.")
+        _fail(
+            "data.seq_len",
+            d.seq_len,
+            f"exceeds model.max_len={m.max_len}",
+            f"Lower data.seq_len or raise model.max_len to at least {d.seq_len}.",
+        )
     shape = sharding.mesh_shape(config.mesh, num_devices)
     batch_devices = shape[0] * shape[1]
     accum = config.optim.grad_accum_steps
     if d.global_batch_size % process_count:
-        _fail("data.global_batch_size", d.global_batch_size,
-              f"is not divisible by the {process_count} processes",
-              "Use a multiple of the process count.")
+        _fail(
+            "data.global_batch_size",
+            d.global_batch_size,
+            f"is not divisible by the {process_count} processes",
+            "Use a multiple of the process count.",
+        )
     if d.global_batch_size % accum:
-        _fail("data.global_batch_size", d.global_batch_size,
-              f"is not divisible by optim.grad_accum_steps={accum}",
-              "Use a batch that splits into equal microbatches.")
+        _fail(
+            "data.global_batch_size",
+            d.global_batch_size,
+            f"is not divisible by optim.grad_accum_steps={accum}",
+            "Use a batch that splits into equal microbatches.",
+        )
     micro = d.global_batch_size // accum
     if micro % batch_devices:
         multiple = batch_devices * accum
-        _fail("data.global_batch_size", d.global_batch_size,
-              f"gives microbatches of {micro} rows, not divisible by the {batch_devices}"
-              f" data-parallel devices (mesh.data*mesh.fsdp = {shape[0]}*{shape[1]})",
-              f"Use a global batch that is a multiple of {multiple}, or shrink mesh.data/fsdp.")
+        _fail(
+            "data.global_batch_size",
+            d.global_batch_size,
+            f"gives microbatches of {micro} rows, not divisible by the {batch_devices}"
+            f" data-parallel devices (mesh.data*mesh.fsdp = {shape[0]}*{shape[1]})",
+            f"Use a global batch that is a multiple of {multiple}, or shrink mesh.data/fsdp.",
+        )
     return shape
 
 

@@ -15,10 +15,16 @@ import jax.numpy as jnp
 
 # Dense peak FLOP/s per chip for the compute dtype, from vendor data sheets.
 _PEAKS = {
-    ("H200", "bfloat16"): 989e12, ("H100", "bfloat16"): 989e12, ("A100", "bfloat16"): 312e12,
-    ("H200", "float32"): 67e12, ("H100", "float32"): 67e12, ("A100", "float32"): 19.5e12,
-    ("TPU v4", "bfloat16"): 275e12, ("TPU v5 lite", "bfloat16"): 197e12,
-    ("TPU v5", "bfloat16"): 459e12, ("TPU v6 lite", "bfloat16"): 918e12,
+    ("H200", "bfloat16"): 989e12,
+    ("H100", "bfloat16"): 989e12,
+    ("A100", "bfloat16"): 312e12,
+    ("H200", "float32"): 67e12,
+    ("H100", "float32"): 67e12,
+    ("A100", "float32"): 19.5e12,
+    ("TPU v4", "bfloat16"): 275e12,
+    ("TPU v5 lite", "bfloat16"): 197e12,
+    ("TPU v5", "bfloat16"): 459e12,
+    ("TPU v6 lite", "bfloat16"): 918e12,
 }
 
 

@@ -1,4 +1,4 @@
-"""Token-level losses. Each returns sums (not means) so that microbatches and hosts add up exactly."""
+"""Token-level losses, as sums (not means), so microbatches and hosts add up exactly."""
 
 import jax
 import jax.numpy as jnp

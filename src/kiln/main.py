@@ -12,7 +12,9 @@ from ml_collections import config_flags
 
 from kiln.errors import KilnError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summary.")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -15,7 +15,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from kiln import checkpoint, config_lib, flops, metrics, models, optim, sharding, train
-from kiln.data import corpus, pipeline, tokenizer as tokenizer_lib
+from kiln.data import corpus, pipeline
+from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -65,7 +66,7 @@ def prepare_tokenizer(
             if not os.path.exists(source):
                 raise KilnError(
                     f"tokenizer.path={config.tokenizer.path!r}: no {TOKENIZER_FILE} there. Point it"
-                    " at a tokenizer.model file or a finished run's workdir, or set it to \"\""
+                    ' at a tokenizer.model file or a finished run\'s workdir, or set it to ""'
                     " to train a new tokenizer."
                 )
             shutil.copyfile(source, dest)
@@ -106,10 +107,15 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     def eval_batches(split: str) -> list[dict[str, np.ndarray]]:
         docs = corpus.read_documents(d.corpus, split, data_dir)
         batches = pipeline.make_eval_batches(
-            docs, tok, seq_len=d.seq_len, batch_size=d.global_batch_size,
+            docs,
+            tok,
+            seq_len=d.seq_len,
+            batch_size=d.global_batch_size,
             max_batches=config.eval.batches,
         )
-        return [pipeline.process_slice(b, jax.process_index(), jax.process_count()) for b in batches]
+        return [
+            pipeline.process_slice(b, jax.process_index(), jax.process_count()) for b in batches
+        ]
 
     return Data(tok, iter(dataset), eval_batches("validation"), eval_batches("test"))
 
@@ -131,8 +137,12 @@ def evaluate(eval_step: Any, params: Any, batches: list, mesh: Any, rows: int) -
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     tokens = max(totals["weight_sum"], 1.0)
     loss = totals["loss_sum"] / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)),
-            "accuracy": totals["correct_sum"] / tokens, "tokens": totals["weight_sum"]}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 80.0)),
+        "accuracy": totals["correct_sum"] / tokens,
+        "tokens": totals["weight_sum"],
+    }
 
 
 def greedy_sample(model: Any, params: Any, tok: Any, prompt: str, new_tokens: int, max_len: int):
@@ -177,7 +187,8 @@ class _StepMetrics:
         if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
             where = (
                 f"step {self.last_good_checkpoint} in checkpoints/"
-                if self.last_good_checkpoint is not None else "none saved yet"
+                if self.last_good_checkpoint is not None
+                else "none saved yet"
             )
             raise KilnError(
                 f"Non-finite loss ({values['loss']}) or gradient norm ({values['grad_norm']}) at"
@@ -228,7 +239,9 @@ class _Run:
 
     def evaluate(self, params: Any, split: str) -> dict[str, float]:
         batches = self.data.validation if split == "validation" else self.data.test
-        return evaluate(self.eval_step, params, batches, self.mesh, self.config.data.global_batch_size)
+        return evaluate(
+            self.eval_step, params, batches, self.mesh, self.config.data.global_batch_size
+        )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -251,8 +264,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         keep_every=config.checkpoint.keep_every,
     )
     writer = metrics.MetricsWriter(workdir)
-    run = _Run(config, workdir, data, model, optimizer, mesh, abstract, shardings, train_step,
-               eval_step, ckpt, writer)
+    run = _Run(
+        config,
+        workdir,
+        data,
+        model,
+        optimizer,
+        mesh,
+        abstract,
+        shardings,
+        train_step,
+        eval_step,
+        ckpt,
+        writer,
+    )
     try:
         return _loop(run)
     finally:
@@ -269,8 +294,9 @@ def _initial_state(run: _Run) -> train.TrainState:
         return run.ckpt.restore(latest, target, data_iter=run.data.train_iter)
     metrics.log("Restore: no checkpoint in this workdir; initialising from scratch")
     init = jax.jit(
-        lambda: train.init_state(run.model, run.optimizer, run.config.seed,
-                                 run.config.data.seq_len),
+        lambda: train.init_state(
+            run.model, run.optimizer, run.config.seed, run.config.data.seq_len
+        ),
         out_shardings=run.shardings,
     )
     with sharding.activation_rules(run.mesh):
@@ -288,8 +314,11 @@ def _loop(run: _Run) -> dict[str, Any]:
     tracker = _StepMetrics(config, run.writer, start)
     tracker.last_good_checkpoint = run.ckpt.latest_step()
     started = time.perf_counter()
-    end = config.train.steps if config.train.stop_after <= 0 else min(
-        config.train.stop_after, config.train.steps)
+    end = (
+        config.train.steps
+        if config.train.stop_after <= 0
+        else min(config.train.stop_after, config.train.steps)
+    )
     for step in range(start + 1, end + 1):
         batch = to_global(next(run.data.train_iter), run.mesh, config.data.global_batch_size)
         state, step_metrics = run.train_step(state, batch)
@@ -324,8 +353,12 @@ def _finish(run: _Run, state: train.TrainState, param_count: int, seconds: float
         summary["validation/perplexity_at_start"] = first
     if config.eval.sample_prompt:
         summary["sample"] = config.eval.sample_prompt + greedy_sample(
-            run.model, state.params, run.data.tokenizer, config.eval.sample_prompt,
-            config.eval.sample_tokens, config.model.max_len,
+            run.model,
+            state.params,
+            run.data.tokenizer,
+            config.eval.sample_prompt,
+            config.eval.sample_tokens,
+            config.model.max_len,
         )
     if jax.process_index() == 0:
         with open(os.path.join(run.workdir, "summary.json"), "w") as f:

@@ -39,13 +39,14 @@ _RULES = dict(RULES)
 def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     """Resolves `mesh.{data,fsdp,tensor}` (one of them may be -1: the remaining devices)."""
     sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+    given = dict(zip(MESH_AXES, sizes))
     if sizes.count(-1) > 1:
         raise KilnError(
-            f"mesh: at most one of mesh.data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}."
+            f"mesh: at most one of mesh.data/fsdp/tensor may be -1, got {given}."
             " Set the others to explicit sizes."
         )
     if any(s == 0 or s < -1 for s in sizes):
-        raise KilnError(f"mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
+        raise KilnError(f"mesh: sizes must be positive or -1, got {given}.")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
@@ -86,7 +87,7 @@ def _mesh_axes_for(logical: str | None) -> tuple[str, ...]:
 def logical_to_mesh_spec(
     logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
 ) -> PartitionSpec:
-    """Maps logical names to a PartitionSpec; a dimension the mesh axes do not divide stays whole."""
+    """Logical names -> PartitionSpec; a dimension its mesh axes do not divide stays whole."""
     used: set[str] = set()
     spec = []
     for name, size in zip(logical_axes, shape, strict=True):

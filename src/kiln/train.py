@@ -198,4 +198,3 @@ def _bound(fn: Callable, mesh: Mesh) -> Callable:
             return fn(*args)
 
     return wrapper
-

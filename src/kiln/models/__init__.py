@@ -11,7 +11,9 @@ FAMILIES = {"gpt": gpt.GPT}
 
 def transformer_config(model_config: Any) -> layers.TransformerConfig:
     """The frozen layer config from the experiment's `model` section (minus `family`)."""
-    return layers.TransformerConfig(**{k: v for k, v in dict(model_config).items() if k != "family"})
+    return layers.TransformerConfig(
+        **{k: v for k, v in dict(model_config).items() if k != "family"}
+    )
 
 
 def build_model(model_config: Any) -> nn.Module:
