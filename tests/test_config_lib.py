@@ -1,3 +1,5 @@
+import pathlib
+
 import ml_collections
 import pytest
 
@@ -65,7 +67,15 @@ def test_diff_and_json_round_trip(tmp_path):
     loaded = config_lib.load_json(tmp_path / "config.json")
     assert config_lib.diff(config_lib.to_dict(config), loaded.to_dict()) == []
     changed = ml_collections.ConfigDict(loaded.to_dict())
-    changed.model.d_model = 128
+    changed.model.d_model = loaded.model.d_model * 2
     assert config_lib.diff(loaded.model.to_dict(), changed.model.to_dict(), "model.") == [
-        "model.d_model: 64 != 128"
+        f"model.d_model: {loaded.model.d_model} != {2 * loaded.model.d_model}"
     ]
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in pathlib.Path("experiments").rglob("*.py")))
+def test_every_experiment_config_validates_at_tiny_size(path):
+    config = config_lib.load_config(f"{path}:size=tiny")
+    assert config_lib.validate(config, 8)
+    with pytest.raises(AttributeError):  # locked: unknown keys fail
+        config.model.no_such_key = 1

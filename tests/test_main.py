@@ -132,3 +132,30 @@ def test_bad_input_gives_a_clear_error(tmp_path, flags, expected):
     assert result.returncode != 0
     assert expected in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    result = kiln_main(
+        workdir,
+        *SMALL_RUN,
+        "--config.train.steps=20",
+        "--config.checkpoint.every=1",
+        "--config.optim.lr=1e30",
+        "--config.optim.clip_norm=0.0",
+        "--config.optim.warmup_steps=0",
+        "--config.optim.schedule=constant",
+    )
+    assert result.returncode != 0
+    assert "Non-finite" in result.stderr and "Traceback" not in result.stderr
+    bad_step = int(result.stderr.split(" at step ")[1].split(";")[0])
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == bad_step - 1  # everything up to the bad step, nothing after
+    from kiln import checkpoint
+
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
+    params = ckpt.restore_raw(saved[-1])["params"]
+    ckpt.close()
+    import jax
+
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

@@ -122,9 +122,9 @@ def test_overfits_one_batch():
     assert losses[-1] < 0.3 * losses[0], losses
 
 
-def test_dropout_is_deterministic_in_seed_and_step():
-    a, losses_a, _ = run_steps((8, 1, 1), steps=2, dropout=0.2)
-    b, losses_b, _ = run_steps((2, 2, 2), steps=2, dropout=0.2)
-    c, losses_c, _ = run_steps((8, 1, 1), steps=2, dropout=0.0)
-    assert losses_a == losses_b or np.allclose(losses_a, losses_b, rtol=1e-5)
-    assert not np.allclose(losses_a, losses_c)
+def test_dropout_is_deterministic_in_seed_and_step(single_device):
+    _, losses_a, _ = run_steps((8, 1, 1), steps=2, dropout=0.2)
+    _, losses_b, _ = run_steps((2, 2, 2), steps=2, dropout=0.2)
+    np.testing.assert_allclose(losses_a, losses_b, rtol=1e-5)  # masks independent of the mesh
+    _, no_dropout = single_device
+    assert not np.allclose(losses_a, no_dropout[:2])  # and dropout is really on

@@ -106,6 +106,9 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
 
     def eval_batches(split: str) -> list[dict[str, np.ndarray]]:
         docs = corpus.read_documents(d.corpus, split, data_dir)
+        # A fixed sample of the split (seed 0 for every run, so runs compare on the same text);
+        # in corpus order the first batches would hold one source only.
+        docs = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))]
         batches = pipeline.make_eval_batches(
             docs,
             tok,

@@ -1,0 +1,132 @@
+"""Train-step throughput: tokens/s, step time and MFU for experiment configs.
+
+  .venv/bin/python benchmarks/train_throughput.py --configs gpt:tiny gpt:small gpt:small:modern
+
+Each config is `family:size[:style]` for experiments/<family>/pretrain.py. The step is the real
+jitted, sharded, donated `kiln.train.train_step` on synthetic packed batches (no input pipeline),
+over a mesh of every local device. Prints a markdown table and appends it, with the machine
+description, to benchmarks/RESULTS.md.
+"""
+
+import argparse
+import datetime
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from kiln import config_lib, flops, models, optim, sharding, train
+from kiln.data import objectives
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    device = jax.devices()[0]
+    return (
+        f"{jax.device_count()} x {device.device_kind} ({device.platform}); host {cpu},"
+        f" {os.cpu_count()} cores; jax {jax.__version__}, Python {platform.python_version()}"
+    )
+
+
+def synthetic_batch(rows: int, seq_len: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(107, vocab, size=(rows, seq_len), dtype=np.int32)
+    segment_ids = np.ones_like(tokens)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy()
+    return objectives.causal_lm(
+        {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+    )
+
+
+def measure(spec: str, steps: int, repeats: int) -> dict:
+    family, size, *style = spec.split(":")
+    arg = f"size={size}" + (f",style={style[0]}" if style else "")
+    config = config_lib.load_config(str(ROOT / f"experiments/{family}/pretrain.py") + ":" + arg)
+    mesh_shape = config_lib.validate(config, jax.device_count())
+    model = models.build_model(config.model)
+    schedule = optim.make_schedule(config.optim, config.train.steps)
+    optimizer = optim.make_optimizer(config.optim, config.train.steps)
+    mesh = sharding.make_mesh(config.mesh)
+    seq_len, rows = config.data.seq_len, config.data.global_batch_size
+    _, shardings = train.state_shardings(model, optimizer, mesh, seq_len)
+    step, _ = train.jit_steps(
+        model, optimizer, schedule, config.optim.grad_accum_steps, shardings, mesh
+    )
+    init = jax.jit(lambda: train.init_state(model, optimizer, 0, seq_len), out_shardings=shardings)
+    with sharding.activation_rules(mesh):
+        state = init()
+    batches = [
+        jax.device_put(
+            synthetic_batch(rows, seq_len, config.model.vocab_size, i),
+            sharding.batch_sharding(mesh),
+        )
+        for i in range(2)
+    ]
+    state, out = step(state, batches[0])  # compile
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(steps):
+            state, out = step(state, batches[i % 2])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / steps)
+    step_time = statistics.median(times)
+    tokens_per_sec = rows * seq_len / step_time
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    peak = flops.peak_flops_per_device(config.model.dtype) * jax.device_count()
+    mfu = tokens_per_sec * flops.train_flops_per_token(config.model.to_dict(), seq_len) / peak
+    return {
+        "config": spec, "params": params, "batch": f"{rows}x{seq_len}", "mesh": mesh_shape,
+        "dtype": config.model.dtype, "step_ms": 1000 * step_time,
+        "tokens_per_sec": tokens_per_sec, "mfu": mfu,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| config | parameters | batch | mesh (d,f,t) | dtype | step ms | tokens/s | MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['mesh']} |"
+            f" {r['dtype']} | {r['step_ms']:.1f} | {r['tokens_per_sec']:,.0f} |"
+            f" {100 * r['mfu']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["gpt:tiny", "gpt:small"])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="median over repeats")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks/RESULTS.md"))
+    args = parser.parse_args()
+    rows = [measure(spec, args.steps, args.repeats) for spec in args.configs]
+    peak = flops.peak_flops_per_device("float32")
+    text = (
+        f"\n## train_throughput, {datetime.date.today()}\n\nMachine: {machine()}. MFU peak:"
+        f" {peak / 1e9:,.0f} GFLOP/s per device (float32; data sheet on accelerators, a"
+        f" measured jitted matmul on CPUs). Median of {args.repeats} x {args.steps} steps.\n\n"
+        f"{table(rows)}\n"
+    )
+    print(text)
+    with open(args.results, "a") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

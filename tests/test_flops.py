@@ -1,0 +1,51 @@
+import jax
+import numpy as np
+
+from kiln import config_lib, flops, models
+
+
+def model_section(**overrides):
+    config = config_lib.load_config("experiments/gpt/pretrain.py:size=tiny")
+    model = config.model.to_dict()
+    model.update(overrides)
+    return model
+
+
+def kernel_sizes(model):
+    params = jax.eval_shape(
+        lambda: models.build_model(model).init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))
+    )["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum(
+        int(np.prod(leaf.value.shape if hasattr(leaf, "value") else leaf.shape))
+        for path, leaf in leaves
+        if "kernel" in jax.tree_util.keystr(path)
+    )
+
+
+def test_matmul_params_count_the_model_kernels_plus_the_output_projection():
+    for style in ({}, {"mlp": "swiglu", "n_kv_heads": 2, "tie_embeddings": False}):
+        model = model_section(**style)
+        head = 0 if not model["tie_embeddings"] else model["vocab_size"] * model["d_model"]
+        assert flops.matmul_params(model) == kernel_sizes(model) + head
+
+
+def test_train_flops_formula():
+    model = model_section()
+    seq_len = 128
+    expected = 6 * flops.matmul_params(model) + 12 * model["n_layers"] * seq_len * model["d_model"]
+    assert flops.train_flops_per_token(model, seq_len) == expected
+
+
+def test_forward_flops_agree_with_xla_cost_analysis():
+    model = model_section(dropout=0.0)
+    seq_len, rows = 64, 2
+    module = models.build_model(model)
+    tokens = np.zeros((rows, seq_len), np.int32)
+    params = module.init(jax.random.PRNGKey(0), tokens)["params"]
+    compiled = jax.jit(lambda p, t: module.apply({"params": p}, t)).lower(params, tokens).compile()
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+    ours = flops.train_flops_per_token(model, seq_len) / 3 * rows * seq_len
+    # XLA also counts softmax, norms and activations; matmuls dominate.
+    assert 0.9 < xla["flops"] / ours < 1.3, (xla["flops"], ours)
