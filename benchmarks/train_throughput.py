@@ -88,9 +88,14 @@ def measure(spec: str, steps: int, repeats: int) -> dict:
     peak = flops.peak_flops_per_device(config.model.dtype) * jax.device_count()
     mfu = tokens_per_sec * flops.train_flops_per_token(config.model.to_dict(), seq_len) / peak
     return {
-        "config": spec, "params": params, "batch": f"{rows}x{seq_len}", "mesh": mesh_shape,
-        "dtype": config.model.dtype, "step_ms": 1000 * step_time,
-        "tokens_per_sec": tokens_per_sec, "mfu": mfu,
+        "config": spec,
+        "params": params,
+        "batch": f"{rows}x{seq_len}",
+        "mesh": mesh_shape,
+        "dtype": config.model.dtype,
+        "step_ms": 1000 * step_time,
+        "tokens_per_sec": tokens_per_sec,
+        "mfu": mfu,
     }
 
 

@@ -24,21 +24,22 @@ class TrainState:
     rng: jax.Array  # base key; step and microbatch are folded in, so resumes replay exactly
 
 
+LABEL_KEYS = ("targets", "weights")
+
+
 def apply_model(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:
-    """Logits for a batch; dropout is on when an rng is given."""
+    """Logits for a batch; every key but targets/weights is a model argument. Dropout iff rng."""
     return model.apply(
         {"params": params},
-        batch["inputs"],
-        batch["segment_ids"],
-        batch["positions"],
+        **{k: v for k, v in batch.items() if k not in LABEL_KEYS},
         deterministic=rng is None,
         rngs=None if rng is None else {"dropout": rng},
     )
 
 
 def _example_inputs(seq_len: int) -> tuple[jax.Array, ...]:
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return tokens, jnp.ones_like(tokens), jnp.zeros_like(tokens)
+    # Parameter shapes never depend on the sequence length or on optional inputs.
+    return (jnp.zeros((1, seq_len), jnp.int32),)
 
 
 def init_state(

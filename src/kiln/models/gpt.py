@@ -51,21 +51,24 @@ class GPT(nn.Module):
     @nn.compact
     def __call__(
         self,
-        tokens_BL: jax.Array,
-        segment_ids_BL: jax.Array | None = None,
-        positions_BL: jax.Array | None = None,
+        inputs: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
         *,
         deterministic: bool = True,
     ) -> jax.Array:
         """Returns float32 next-token logits [B, L, V].
 
+        Argument names match the batch keys of the decoder objectives (`kiln.data.objectives`).
+
         Args:
-          tokens_BL: token ids.
-          segment_ids_BL: document ids, 0 for padding; None means one document per row.
-          positions_BL: position of each token in its document; None means arange(L).
+          inputs: token ids [B, L].
+          segment_ids: document ids [B, L], 0 for padding; None means one document per row.
+          positions: position of each token in its document [B, L]; None means arange(L).
           deterministic: disables dropout; otherwise the "dropout" rng collection is used.
         """
         cfg = self.config
+        tokens_BL, segment_ids_BL, positions_BL = inputs, segment_ids, positions
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones_like(tokens_BL)
         if positions_BL is None:
