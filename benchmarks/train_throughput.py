@@ -3,9 +3,10 @@
   .venv/bin/python benchmarks/train_throughput.py --configs gpt:tiny gpt:small gpt:small:modern
 
 Each config is `family:size[:style]` for experiments/<family>/pretrain.py. The step is the real
-jitted, sharded, donated `kiln.train.train_step` on synthetic packed batches (no input pipeline),
-over a mesh of every local device. Prints a markdown table and appends it, with the machine
-description, to benchmarks/RESULTS.md.
+jitted, sharded, donated `kiln.train.train_step` on random tokens passed through the config's
+objective (no tokenizer or input pipeline), over a mesh of every local device. Tokens count
+encoder plus decoder tokens for t5; FLOPs follow kiln/flops.py. Prints a markdown table and
+appends it, with the machine description, to benchmarks/RESULTS.md.
 """
 
 import argparse
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 
 from kiln import config_lib, flops, models, optim, sharding, train
-from kiln.data import objectives
+from kiln.data import objectives, tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,14 +40,25 @@ def machine() -> str:
     )
 
 
-def synthetic_batch(rows: int, seq_len: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
+def synthetic_batch(config, rows: int, seed: int) -> dict[str, np.ndarray]:
+    """Random ordinary tokens, one document per row, through the config's real objective."""
+    seq_len, vocab = config.data.seq_len, config.model.vocab_size
+    specials = tokenizer.NUM_SPECIAL_IDS
+    mask_id = tokenizer.EOS_ID + 1 + tokenizer.CONTROL_SYMBOLS.index("[MASK]")
+    name = config.objective.name
+    objective = {
+        "causal_lm": lambda: objectives.CausalLM(),
+        "mlm": lambda: objectives.MaskedLM(mask_id=mask_id, vocab_size=vocab),
+        "span_corruption": lambda: objectives.SpanCorruption(
+            seq_len, tuple(range(specials - 100, specials)), tokenizer.BOS_ID, tokenizer.EOS_ID
+        ),
+    }[name]()
+    length = objective.packed_length(seq_len)
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(107, vocab, size=(rows, seq_len), dtype=np.int32)
-    segment_ids = np.ones_like(tokens)
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape).copy()
-    return objectives.causal_lm(
-        {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
-    )
+    tokens = rng.integers(specials, vocab, size=(rows, length), dtype=np.int32)
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
+    packed = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "positions": positions}
+    return objective(packed, rng)
 
 
 def measure(spec: str, steps: int, repeats: int) -> dict:
@@ -67,10 +79,7 @@ def measure(spec: str, steps: int, repeats: int) -> dict:
     with sharding.activation_rules(mesh):
         state = init()
     batches = [
-        jax.device_put(
-            synthetic_batch(rows, seq_len, config.model.vocab_size, i),
-            sharding.batch_sharding(mesh),
-        )
+        jax.device_put(synthetic_batch(config, rows, i), sharding.batch_sharding(mesh))
         for i in range(2)
     ]
     state, out = step(state, batches[0])  # compile

@@ -57,8 +57,65 @@ def synthetic_batch(seed: int, rows: int = 8, length: int = 16) -> dict[str, np.
     )
 
 
-def run_steps(mesh_shape, steps=3, accum=1, dropout=0.0, batches=None):
-    config = ml_collections.ConfigDict({"model": {**MODEL, "dropout": dropout}, "optim": OPTIM})
+BERT = {
+    **MODEL,
+    "family": "bert",
+    "norm_position": "post",
+    "type_vocab_size": 2,
+    "position": "learned",
+    "norm": "layernorm",
+    "mlp": "gelu",
+    "use_bias": True,
+    "n_kv_heads": 4,
+    "tie_embeddings": True,
+}
+T5 = {
+    **MODEL,
+    "family": "t5",
+    "position": "none",
+    "mlp": "geglu",
+    "scale_attention": False,
+    "relative_buckets": 8,
+    "relative_max_distance": 16,
+    "n_decoder_layers": 1,
+}
+
+
+def encoder_batch(seed: int, rows: int = 8, length: int = 16) -> dict[str, np.ndarray]:
+    """Packed rows with masked-LM style labels on a random 30% of positions."""
+    batch = synthetic_batch(seed, rows, length)
+    rng = np.random.default_rng(seed + 100)
+    weights = (rng.random((rows, length)) < 0.3) & (batch["segment_ids"] > 0)
+    return {**batch, "targets": batch["inputs"], "weights": weights.astype(np.float32)}
+
+
+def encoder_decoder_batch(seed: int, rows: int = 8, length: int = 16) -> dict[str, np.ndarray]:
+    """Two packed examples per row on each side, some padding."""
+    enc, dec = synthetic_batch(seed, rows, length), synthetic_batch(seed + 1, rows, length // 2)
+    return {
+        "encoder_inputs": enc["inputs"],
+        "encoder_segment_ids": np.minimum(enc["segment_ids"], 2),
+        "encoder_positions": enc["positions"],
+        "decoder_inputs": dec["inputs"],
+        "decoder_segment_ids": np.minimum(dec["segment_ids"], 2),
+        "decoder_positions": dec["positions"],
+        "targets": dec["targets"],
+        "weights": dec["weights"] * (dec["segment_ids"] > 0),
+    }
+
+
+FAMILY_SETUPS = {
+    "gpt": (MODEL, synthetic_batch),
+    "bert": (BERT, encoder_batch),
+    "t5": (T5, encoder_decoder_batch),
+}
+
+
+def run_steps(mesh_shape, steps=3, accum=1, dropout=0.0, batches=None, family="gpt"):
+    model_fields, make_batch = FAMILY_SETUPS[family]
+    config = ml_collections.ConfigDict(
+        {"model": {**model_fields, "dropout": dropout}, "optim": OPTIM}
+    )
     model = models.build_model(config.model)
     schedule = optim.make_schedule(config.optim, max(steps, 10))
     optimizer = optim.make_optimizer(config.optim, max(steps, 10))
@@ -71,7 +128,7 @@ def run_steps(mesh_shape, steps=3, accum=1, dropout=0.0, batches=None):
         state = init()
     losses = []
     for i in range(steps):
-        batch = batches[i] if batches else synthetic_batch(i)
+        batch = batches[i] if batches else make_batch(i)
         batch = jax.device_put(batch, sharding.batch_sharding(mesh))
         state, metrics = step_fn(state, batch)
         losses.append(float(metrics["loss"]))
@@ -128,3 +185,15 @@ def test_dropout_is_deterministic_in_seed_and_step(single_device):
     np.testing.assert_allclose(losses_a, losses_b, rtol=1e-5)  # masks independent of the mesh
     _, no_dropout = single_device
     assert not np.allclose(losses_a, no_dropout[:2])  # and dropout is really on
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_encoder_families_sharded_equals_single_device(family):
+    params, losses, _ = run_steps((1, 1, 1), family=family)
+    for mesh_shape in [(2, 2, 2), (1, 2, 4)]:
+        sharded_params, sharded_losses, _ = run_steps(mesh_shape, family=family)
+        np.testing.assert_allclose(sharded_losses, losses, rtol=1e-5)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), sharded_params, params
+        )
+    assert losses[-1] < losses[0]

@@ -6,6 +6,7 @@ Arguments after the colon: `size` = tiny | small | base | medium | large | 1b, a
 gpt2 (learned positions, LayerNorm, GELU, tied embeddings) | modern (RoPE, RMSNorm, SwiGLU,
 grouped-query attention, no biases). Expected on a 2-core CPU: `size=tiny` runs 400 steps in
 about 2 minutes and brings validation perplexity from ~2000 to about 100.
+`--config.objective.name=prefix_lm` trains a prefix LM instead.
 """
 
 import ml_collections
@@ -29,79 +30,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "size", args["size"], SIZES
     )
     modern = config_lib.pick("style", args["style"], {"gpt2": False, "modern": True})
-    c = ml_collections.ConfigDict()
-    c.seed = 0  # one seed for init, dropout and data order
-
-    c.model = ml_collections.ConfigDict()
-    c.model.family = "gpt"
-    c.model.vocab_size = vocab  # must equal the tokenizer's vocabulary size
-    c.model.d_model = d_model
-    c.model.n_layers = n_layers
-    c.model.n_heads = n_heads
-    c.model.n_kv_heads = max(1, n_heads // 4) if modern else n_heads  # < n_heads: GQA
-    c.model.d_ff = d_ff if not modern else (d_ff * 2 // 3 // 8) * 8  # SwiGLU: same FLOPs
-    c.model.max_len = seq_len  # learned position table rows; >= data.seq_len
-    c.model.position = "rope" if modern else "learned"  # learned | rope | none
-    c.model.norm = "rmsnorm" if modern else "layernorm"  # layernorm | rmsnorm
-    c.model.mlp = "swiglu" if modern else "gelu"  # gelu | relu | swiglu | geglu
-    c.model.use_bias = not modern
-    c.model.tie_embeddings = True
-    c.model.dropout = 0.0  # probability, on attention weights and residual branches
-    c.model.norm_eps = 1e-5
-    c.model.rope_theta = 10_000.0
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-    c.model.param_dtype = "float32"
-
-    c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.path = ""  # "" trains one into the workdir; else a tokenizer.model or a workdir
-    c.tokenizer.model_type = "bpe"  # bpe | unigram
-    c.tokenizer.max_sentences = 300_000  # documents sampled for tokenizer training
-
-    c.data = ml_collections.ConfigDict()
-    c.data.corpus = "bible,wordnet"  # comma-separated names or .txt/.jsonl paths
-    c.data.data_dir = ""  # "" = the repo's data/ (or $KILN_DATA_DIR)
-    c.data.seq_len = seq_len  # tokens per packed row
-    c.data.global_batch_size = batch  # rows per step, over all processes
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"  # adamw | adafactor | sgd
-    c.optim.lr = 3e-3 if args["size"] == "tiny" else 6e-4
-    c.optim.schedule = "cosine"  # cosine | linear | rsqrt | constant
-    c.optim.warmup_steps = max(1, steps // 20)
-    c.optim.end_lr_fraction = 0.1
-    c.optim.weight_decay = 0.1
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.95
-    c.optim.eps = 1e-8
-    c.optim.momentum = 0.9  # sgd only
-    c.optim.nesterov = False  # sgd only
-    c.optim.clip_norm = 1.0  # global-norm clipping; 0 = off
-    c.optim.grad_accum_steps = 1  # microbatches per step
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = steps
-    c.train.log_every = 20  # steps between metrics lines
-    c.train.stop_after = 0  # end this session at this step (with a checkpoint); 0 = at train.steps
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.every = 100  # steps between validation evaluations (also at the start and the end)
-    c.eval.batches = 8  # validation/test batches per evaluation
-    c.eval.sample_prompt = "In the beginning"  # greedy sample printed at the end; "" = none
-    c.eval.sample_tokens = 32
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 100  # steps between checkpoints (and one at the end)
-    c.checkpoint.keep = 3  # most recent checkpoints kept
-    c.checkpoint.keep_every = 0  # also keep every K-th step forever; 0 = off
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1 = all remaining devices
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.initialize = False  # call jax.distributed.initialize (also if KILN_DISTRIBUTED=1)
-    c.distributed.coordinator_address = ""  # host:port; "" = auto-detect (TPU, SLURM, ...)
-    c.distributed.num_processes = 0  # 0 = auto-detect
-    c.distributed.process_id = -1  # -1 = auto-detect
+    c = config_lib.run_sections(
+        seq_len=seq_len,
+        batch=batch,
+        steps=steps,
+        lr=3e-3 if args["size"] == "tiny" else 6e-4,
+        objective="causal_lm",
+    )
+    c.model = config_lib.model_section(
+        "gpt",
+        vocab_size=vocab,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=max(1, n_heads // 4) if modern else n_heads,
+        d_ff=(d_ff * 2 // 3 // 8) * 8 if modern else d_ff,  # SwiGLU: same FLOPs as GELU
+        max_len=seq_len,
+        position="rope" if modern else "learned",
+        norm="rmsnorm" if modern else "layernorm",
+        mlp="swiglu" if modern else "gelu",
+        use_bias=not modern,
+    )
+    c.eval.sample_prompt = "In the beginning"
     return c

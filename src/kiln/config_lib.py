@@ -10,7 +10,8 @@ import ml_collections
 from kiln.errors import KilnError
 
 MODEL_CHOICES = {
-    "family": ("gpt",),
+    "family": ("gpt", "bert", "t5"),
+    "norm_position": ("pre", "post"),
     "position": ("learned", "rope", "none"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "relu", "swiglu", "geglu"),
@@ -186,3 +187,105 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     config = module.get_config(arg or None)
     config.lock()
     return config
+
+
+def model_section(family: str, **fields: Any) -> ml_collections.ConfigDict:
+    """The `model` section with every architecture field; `fields` override the defaults."""
+    m = ml_collections.ConfigDict()
+    m.family = family  # gpt | bert | t5
+    m.vocab_size = 2048  # must equal the tokenizer's vocabulary size
+    m.d_model = 128
+    m.n_layers = 2  # encoder layers for t5
+    m.n_decoder_layers = 0  # t5 only; 0 = n_layers
+    m.n_heads = 4
+    m.n_kv_heads = 4  # < n_heads: grouped-query attention; 1: multi-query
+    m.d_ff = 512
+    m.max_len = 128  # learned position table rows; >= data.seq_len
+    m.position = "learned"  # learned | rope | none (t5 uses its relative position bias)
+    m.norm = "layernorm"  # layernorm | rmsnorm
+    m.norm_position = "pre"  # pre | post (classic BERT)
+    m.mlp = "gelu"  # gelu | relu | swiglu | geglu
+    m.use_bias = True  # biases of dense layers and LayerNorm
+    m.tie_embeddings = True  # output projection = token embedding
+    m.type_vocab_size = 0  # token-type embeddings (BERT: 2); 0 = none
+    m.relative_buckets = 32  # t5 relative position bias buckets
+    m.relative_max_distance = 128  # t5: distances beyond share the last bucket
+    m.scale_attention = True  # divide logits by sqrt(head_dim); T5 folds it into the init
+    m.dropout = 0.0  # probability, on attention weights and residual branches
+    m.norm_eps = 1e-5
+    m.rope_theta = 10_000.0
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16
+    m.param_dtype = "float32"
+    for key, value in fields.items():
+        m[key] = value
+    return m
+
+
+def run_sections(
+    *, seq_len: int, batch: int, steps: int, lr: float, objective: str
+) -> ml_collections.ConfigDict:
+    """Every section of a pre-training run but `model`, with kiln's defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # one seed for init, dropout, masking and data order
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # "" trains one into the workdir; else a tokenizer.model or a workdir
+    c.tokenizer.model_type = "bpe"  # bpe | unigram
+    c.tokenizer.max_sentences = 300_000  # documents sampled for tokenizer training
+
+    c.data = ml_collections.ConfigDict()
+    c.data.corpus = "bible,wordnet"  # comma-separated names or .txt/.jsonl paths
+    c.data.data_dir = ""  # "" = the repo's data/ (or $KILN_DATA_DIR)
+    c.data.seq_len = seq_len  # tokens per packed row (encoder inputs for t5)
+    c.data.global_batch_size = batch  # rows per step, over all processes
+
+    c.objective = ml_collections.ConfigDict()
+    # gpt: causal_lm | prefix_lm; bert: mlm; t5: span_corruption | prefix_lm
+    c.objective.name = objective
+    c.objective.mask_rate = 0.15  # mlm: fraction of ordinary tokens selected
+    c.objective.whole_word = False  # mlm: select whole words
+    c.objective.noise_density = 0.15  # span_corruption: fraction of tokens dropped
+    c.objective.mean_noise_span_length = 3.0  # span_corruption
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # adamw | adafactor | sgd
+    c.optim.lr = lr  # peak learning rate
+    c.optim.schedule = "cosine"  # after warmup: cosine | linear | rsqrt | constant
+    c.optim.warmup_steps = max(1, steps // 20)  # linear from 0
+    c.optim.end_lr_fraction = 0.1  # final lr / peak lr (cosine, linear)
+    c.optim.weight_decay = 0.1  # decoupled, on matmul kernels only
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.momentum = 0.9  # sgd only
+    c.optim.nesterov = False  # sgd only
+    c.optim.clip_norm = 1.0  # global-norm clipping; 0 = off
+    c.optim.grad_accum_steps = 1  # microbatches per step
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = steps
+    c.train.log_every = 20  # steps between metrics lines
+    c.train.stop_after = 0  # end this session at this step (with a checkpoint); 0 = at train.steps
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 100  # steps between validation evaluations (also at the start and the end)
+    c.eval.batches = 8  # validation/test batches per evaluation
+    c.eval.sample_prompt = ""  # gpt: greedy sample printed at the end; "" = none
+    c.eval.sample_tokens = 32
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 100  # steps between checkpoints (and one at the end)
+    c.checkpoint.keep = 3  # most recent checkpoints kept
+    c.checkpoint.keep_every = 0  # also keep every K-th step forever; 0 = off
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = all remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = False  # call jax.distributed.initialize (also if KILN_DISTRIBUTED=1)
+    c.distributed.coordinator_address = ""  # host:port; "" = auto-detect (TPU, SLURM, ...)
+    c.distributed.num_processes = 0  # 0 = auto-detect
+    c.distributed.process_id = -1  # -1 = auto-detect
+    return c

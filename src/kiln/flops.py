@@ -1,10 +1,16 @@
-"""Model FLOPs per token and the device peak they are divided by for MFU.
+"""Model FLOPs of a train step and the device peak they are divided by for MFU.
 
-Training FLOPs per token = 3 x forward (backward costs twice the forward), where forward =
-2 x (matmul parameters, the output projection onto the vocabulary included)
-+ 4 x n_layers x seq_len x d_model for attention scores and the weighted sum of values.
-Causal attention is counted as the full L x L product (as PaLM's appendix B does), so the same
-formula serves every family and every peer.
+Training FLOPs = 3 x forward (the backward pass costs twice the forward). Forward FLOPs per
+token = 2 x (matmul parameters the token passes through, the output projection onto the
+vocabulary included) + 4 x d_model x (keys it attends to) per attention layer, for the scores
+and the weighted sum of values. Every attention is counted as the full product: causal
+attention is not halved (as in PaLM's appendix B), so the formula is the same for every family
+and every peer. Per family:
+- gpt, bert: every token passes through n_layers blocks and attends to seq_len keys (bert adds
+  the d_model x d_model transform of its MLM head).
+- t5: encoder tokens pass through the encoder blocks and attend to the encoder length; decoder
+  tokens pass through the decoder blocks (self-attention, cross-attention, MLP), attend to the
+  decoder length and the encoder length, and are projected onto the vocabulary.
 """
 
 import functools
@@ -28,18 +34,45 @@ _PEAKS = {
 }
 
 
+def _attention_params(model: dict) -> int:
+    d, h, k = model["d_model"], model["n_heads"], model["n_kv_heads"]
+    return d * (d // h) * (2 * h + 2 * k)
+
+
+def _mlp_params(model: dict) -> int:
+    return model["d_model"] * model["d_ff"] * (3 if model["mlp"] in ("swiglu", "geglu") else 2)
+
+
 def matmul_params(model: dict) -> int:
-    """Parameters that take part in a matmul per token (embedding lookups excluded)."""
-    d, f, h, k = model["d_model"], model["d_ff"], model["n_heads"], model["n_kv_heads"]
-    head_dim = d // h
-    attention = d * head_dim * (2 * h + 2 * k)
-    mlp = d * f * (3 if model["mlp"] in ("swiglu", "geglu") else 2)
-    return model["n_layers"] * (attention + mlp) + d * model["vocab_size"]
+    """Matmul parameters per decoder/encoder token (embedding lookups excluded).
+
+    For t5 this is the decoder side (self- and cross-attention, MLP, output projection).
+    """
+    d, vocab = model["d_model"], model["vocab_size"]
+    block = _attention_params(model) + _mlp_params(model)
+    if model["family"] == "t5":
+        layers = model.get("n_decoder_layers") or model["n_layers"]
+        return layers * (block + _attention_params(model)) + d * vocab
+    head = d * vocab + (d * d if model["family"] == "bert" else 0)
+    return model["n_layers"] * block + head
+
+
+def train_flops_per_step(model: dict, rows: int, length: int, decoder_length: int = 0) -> float:
+    """Model FLOPs of one train step over `rows` sequences (t5: also `decoder_length`)."""
+    d = model["d_model"]
+    if model["family"] != "t5":
+        forward = 2 * matmul_params(model) + 4 * model["n_layers"] * length * d
+        return 3.0 * rows * length * forward
+    encoder = 2 * model["n_layers"] * (_attention_params(model) + _mlp_params(model))
+    encoder += 4 * model["n_layers"] * length * d
+    decoder_layers = model.get("n_decoder_layers") or model["n_layers"]
+    decoder = 2 * matmul_params(model) + 4 * decoder_layers * (decoder_length + length) * d
+    return 3.0 * rows * (length * encoder + decoder_length * decoder)
 
 
 def train_flops_per_token(model: dict, seq_len: int) -> float:
-    forward = 2 * matmul_params(model) + 4 * model["n_layers"] * seq_len * model["d_model"]
-    return 3.0 * forward
+    """Per token of a decoder-only or encoder-only model (see the module docstring)."""
+    return train_flops_per_step(model, 1, seq_len) / seq_len
 
 
 @functools.cache
@@ -63,3 +96,13 @@ def measure_matmul_flops(dtype: str = "float32", n: int = 1024, repeats: int = 8
         matmul(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def step_cost(model: dict, shapes: dict[str, tuple[int, ...]], rows: int) -> tuple[int, float]:
+    """(tokens, model FLOPs) of one train step over a global batch of `rows` with these shapes."""
+    if "encoder_inputs" in shapes:
+        length, decoder_length = shapes["encoder_inputs"][1], shapes["decoder_inputs"][1]
+        tokens = rows * (length + decoder_length)
+        return tokens, train_flops_per_step(model, rows, length, decoder_length)
+    length = shapes["inputs"][1]
+    return rows * length, train_flops_per_step(model, rows, length)

@@ -60,8 +60,10 @@ def format_duration(seconds: float) -> str:
 
 
 def progress_line(step: int, total: int, metrics: dict[str, float], eta_seconds: float) -> str:
-    return (
-        f"step {step}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e}"
-        f" | {metrics['tokens_per_sec']:,.0f} tok/s | MFU {100 * metrics['mfu']:.1f}%"
-        f" | ETA {format_duration(eta_seconds)}"
-    )
+    """`step 20/400 | loss 5.12 | lr 3.0e-03 | 9,000 tok/s | MFU 30.0% | ETA 1m05s`."""
+    line = f"step {step}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e}"
+    if "tokens_per_sec" in metrics:
+        line += f" | {metrics['tokens_per_sec']:,.0f} tok/s | MFU {100 * metrics['mfu']:.1f}%"
+    else:
+        line += " | (includes compilation)"
+    return line + f" | ETA {format_duration(eta_seconds)}"

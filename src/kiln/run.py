@@ -15,11 +15,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from kiln import checkpoint, config_lib, flops, metrics, models, optim, sharding, train
-from kiln.data import corpus, pipeline
+from kiln.data import corpus, objectives, pipeline
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
 
 TOKENIZER_FILE = "tokenizer.model"
+# Sections that define what a run computes: a resumed run may change anything else (steps,
+# learning rate, evaluation, checkpointing, mesh) but not these.
+RUN_IDENTITY = ("seed", "model", "tokenizer", "data", "objective")
 
 
 @dataclasses.dataclass
@@ -42,12 +45,14 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
-        old = config_lib.load_json(path)
-        changed = config_lib.diff(old.model.to_dict(), config.model.to_dict(), "model.")
+        old, new = config_lib.load_json(path).to_dict(), config_lib.to_dict(config)
+        changed = config_lib.diff(
+            {k: old.get(k) for k in RUN_IDENTITY}, {k: new.get(k) for k in RUN_IDENTITY}
+        )
         if changed:
             raise KilnError(
-                f"{workdir} holds a run with a different model; differing keys: {changed}. Use a"
-                " new --workdir, or restore those values to resume the existing run."
+                f"{workdir} holds a different run; differing keys: {changed}. Use a new"
+                " --workdir, or restore those values to resume the existing run."
             )
     if jax.process_index() == 0:
         config_lib.save_json(config, path)
@@ -94,6 +99,17 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     data_dir = d.data_dir or None
     train_docs = corpus.read_documents(d.corpus, "train", data_dir)
     tok = prepare_tokenizer(config, workdir, train_docs)
+    o = config.objective
+    objective = objectives.make_objective(
+        o.name,
+        config.model.family,
+        tok,
+        d.seq_len,
+        mask_rate=o.mask_rate,
+        whole_word=o.whole_word,
+        noise_density=o.noise_density,
+        mean_noise_span_length=o.mean_noise_span_length,
+    )
     dataset = pipeline.make_train_dataset(
         train_docs,
         tok,
@@ -102,6 +118,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        objective=objective,
     )
 
     def eval_batches(split: str) -> list[dict[str, np.ndarray]]:
@@ -115,6 +132,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
             seq_len=d.seq_len,
             batch_size=d.global_batch_size,
             max_batches=config.eval.batches,
+            objective=objective,
         )
         return [
             pipeline.process_slice(b, jax.process_index(), jax.process_count()) for b in batches
@@ -165,11 +183,12 @@ def greedy_sample(model: Any, params: Any, tok: Any, prompt: str, new_tokens: in
 class _StepMetrics:
     """Pulls a step's metrics one step late, checks them, and logs at `log_every`."""
 
-    def __init__(self, config: Any, writer: metrics.MetricsWriter, start_step: int) -> None:
+    def __init__(
+        self, config: Any, writer: metrics.MetricsWriter, start_step: int, shapes: dict
+    ) -> None:
         self.config, self.writer = config, writer
-        self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
-        self.flops_per_token = flops.train_flops_per_token(
-            config.model.to_dict(), config.data.seq_len
+        self.tokens_per_step, self.flops_per_step = flops.step_cost(
+            config.model.to_dict(), shapes, config.data.global_batch_size
         )
         self.peak = flops.peak_flops_per_device(config.model.dtype) * jax.device_count()
         self.pending: tuple[int, dict] | None = None
@@ -199,20 +218,21 @@ class _StepMetrics:
                 " set optim.clip_norm, or use float32 compute, then re-run to resume."
             )
         now = time.perf_counter()
+        log_now = step % self.config.train.log_every == 0 or step == self.config.train.steps
+        eta = float("nan")
         if self.mark[1] is None:  # The first step includes compilation: time from its end.
             self.mark = self.start = (step, now)
-            return
-        if step % self.config.train.log_every and step != self.config.train.steps:
-            return
-        seconds = now - self.mark[1]
-        tokens_per_sec = (step - self.mark[0]) * self.tokens_per_step / max(seconds, 1e-9)
-        values["tokens_per_sec"] = tokens_per_sec
-        values["mfu"] = tokens_per_sec * self.flops_per_token / self.peak
-        self.mark = (step, now)
-        per_step = (now - self.start[1]) / max(step - self.start[0], 1)
-        eta = per_step * (self.config.train.steps - step)
-        metrics.log(metrics.progress_line(step, self.config.train.steps, values, eta))
-        self.writer.write(step, {f"train/{k}": v for k, v in values.items()})
+        elif log_now:
+            seconds = now - self.mark[1]
+            tokens_per_sec = (step - self.mark[0]) * self.tokens_per_step / max(seconds, 1e-9)
+            values["tokens_per_sec"] = tokens_per_sec
+            values["mfu"] = tokens_per_sec / self.tokens_per_step * self.flops_per_step / self.peak
+            self.mark = (step, now)
+            per_step = (now - self.start[1]) / max(step - self.start[0], 1)
+            eta = per_step * (self.config.train.steps - step)
+        if log_now:
+            metrics.log(metrics.progress_line(step, self.config.train.steps, values, eta))
+            self.writer.write(step, {f"train/{k}": v for k, v in values.items()})
 
 
 def _log_eval(writer: metrics.MetricsWriter, step: int, split: str, result: dict) -> None:
@@ -314,7 +334,8 @@ def _loop(run: _Run) -> dict[str, Any]:
     start = int(state.step)
     if start == 0:
         _log_eval(run.writer, 0, "validation", run.evaluate(state.params, "validation"))
-    tracker = _StepMetrics(config, run.writer, start)
+    shapes = {k: v.shape for k, v in run.data.validation[0].items()}
+    tracker = _StepMetrics(config, run.writer, start, shapes)
     tracker.last_good_checkpoint = run.ckpt.latest_step()
     started = time.perf_counter()
     end = (
@@ -354,7 +375,7 @@ def _finish(run: _Run, state: train.TrainState, param_count: int, seconds: float
     first = _first_eval(run.workdir)
     if first is not None:
         summary["validation/perplexity_at_start"] = first
-    if config.eval.sample_prompt:
+    if config.eval.sample_prompt and config.model.family == "gpt":
         summary["sample"] = config.eval.sample_prompt + greedy_sample(
             run.model,
             state.params,

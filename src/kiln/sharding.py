@@ -32,6 +32,8 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("max_len", None),
+    ("type_vocab", None),
+    ("relpos_buckets", None),
 )
 _RULES = dict(RULES)
 

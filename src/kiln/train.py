@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from kiln import losses, sharding
+from kiln import losses, models, sharding
 
 Batch = dict[str, jax.Array]
 
@@ -37,9 +37,6 @@ def apply_model(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | No
     )
 
 
-def _example_inputs(seq_len: int) -> tuple[jax.Array, ...]:
-    # Parameter shapes never depend on the sequence length or on optional inputs.
-    return (jnp.zeros((1, seq_len), jnp.int32),)
 
 
 def init_state(
@@ -47,7 +44,7 @@ def init_state(
 ) -> TrainState:
     """A fresh state; call under `jax.jit` with the state shardings as `out_shardings`."""
     params_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    params = nn.unbox(model.init(params_rng, *_example_inputs(seq_len))["params"])
+    params = nn.unbox(model.init(params_rng, **models.example_inputs(model, seq_len))["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -61,7 +58,7 @@ def state_shardings(
 ) -> tuple[TrainState, TrainState]:
     """(abstract state, its shardings): params by their logical names, optimizer alike."""
     abstract_boxed = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), *_example_inputs(seq_len))["params"]
+        lambda: model.init(jax.random.PRNGKey(0), **models.example_inputs(model, seq_len))["params"]
     )
     param_shardings = sharding.tree_shardings(abstract_boxed, mesh)
     abstract = jax.eval_shape(lambda: init_state(model, optimizer, 0, seq_len))

@@ -8,7 +8,7 @@ import grain
 import numpy as np
 import pytest
 
-from kiln.data.objectives import causal_lm
+from kiln.data.objectives import CausalLM, causal_lm, make_objective
 from kiln.data.pipeline import make_eval_batches, make_train_dataset, process_slice
 from kiln.data.tokenizer import Tokenizer, train_tokenizer
 from kiln.errors import KilnError
@@ -246,3 +246,153 @@ def test_eval_batches_small_and_empty(tok):
     assert batch["inputs"].shape == (BATCH, SEQ_LEN)
     assert batch["weights"].sum() == len(encoded(tok, "hi")) - 1
     assert make_eval_batches([], tok, seq_len=SEQ_LEN, batch_size=BATCH, max_batches=3) == []
+
+
+# --- objectives -------------------------------------------------------------------------------
+
+RANDOM_OBJECTIVES = [
+    ("gpt", "prefix_lm", {}),
+    ("bert", "mlm", {}),
+    ("bert", "mlm", {"whole_word": True}),
+    ("t5", "span_corruption", {}),
+    ("t5", "prefix_lm", {}),
+]
+DECODER_KEYS = {"inputs", "segment_ids", "positions", "targets", "weights"}
+ENCODER_DECODER_KEYS = {
+    "encoder_inputs",
+    "encoder_segment_ids",
+    "encoder_positions",
+    "decoder_inputs",
+    "decoder_segment_ids",
+    "decoder_positions",
+    "targets",
+    "weights",
+}
+
+
+@pytest.fixture(params=RANDOM_OBJECTIVES, ids=lambda p: "-".join([p[0], p[1], *p[2]]))
+def objective(request, tok):
+    family, name, kwargs = request.param
+    return make_objective(name, family, tok, SEQ_LEN, **kwargs)
+
+
+def check_shapes(batch: dict, objective) -> None:
+    if objective.family == "encoder_decoder":
+        assert set(batch) == ENCODER_DECODER_KEYS
+        decoder_length = objective.targets_length
+        for k, v in batch.items():
+            assert v.shape == (BATCH, SEQ_LEN if k.startswith("encoder") else decoder_length), k
+    else:
+        extra = {"prefix_mask"} if objective.name == "prefix_lm" else set()
+        assert set(batch) == DECODER_KEYS | extra
+        assert all(v.shape == (BATCH, SEQ_LEN) for v in batch.values())
+    for k, v in batch.items():
+        assert v.dtype == (np.float32 if k == "weights" else np.int32), k
+
+
+def raw_rows(batch: dict, objective, tok: Tokenizer) -> list[np.ndarray]:
+    """The packed rows of raw tokens that the objective transformed (padding dropped)."""
+    if objective.family != "encoder_decoder":
+        key = "targets" if objective.name == "mlm" else "inputs"
+        return [row[seg != 0] for row, seg in zip(batch[key], batch["segment_ids"])]
+    rows = []
+    for b in range(len(batch["targets"])):
+        inputs = batch["encoder_inputs"][b][batch["encoder_segment_ids"][b] != 0]
+        targets = batch["targets"][b][batch["decoder_segment_ids"][b] != 0]
+        if objective.name == "prefix_lm":
+            rows.append(np.concatenate([inputs, targets]))
+            continue
+        spans = {}  # sentinel -> the span after it in the targets
+        for t in targets[:-1]:
+            if t in tok.sentinel_ids:
+                current = spans.setdefault(int(t), [])
+            else:
+                current.append(t)
+        rows.append(np.array([x for t in inputs[:-1] for x in spans.get(int(t), [t])], np.int32))
+    return rows
+
+
+def test_objective_train_stream(tok, docs, objective):
+    make = lambda seed: make_train_dataset(
+        docs, tok, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=seed, objective=objective
+    )
+    batches = take(make(7), 3)
+    for batch in batches:
+        check_shapes(batch, objective)
+        assert batch["weights"].sum() > 0
+        for row in raw_rows(batch, objective, tok):
+            assert len(row) == objective.packed_length(SEQ_LEN), "no padding in training rows"
+    assert_batches_equal(take(make(7), 3), batches)
+    other = take(make(8), 3)
+    assert not np.array_equal(other[0]["targets"], batches[0]["targets"])
+
+    # The same packed rows, with or without the objective.
+    plain = take(
+        make_train_dataset(
+            docs, tok, seq_len=objective.packed_length(SEQ_LEN), global_batch_size=BATCH, seed=7
+        ),
+        3,
+    )
+    for batch, reference in zip(batches, plain, strict=True):
+        rows = raw_rows(batch, objective, tok)
+        np.testing.assert_array_equal(np.stack(rows), reference["inputs"])
+
+
+def test_objective_masks_resume_through_json_state(tok, docs, objective):
+    ds = make_train_dataset(
+        docs, tok, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0, objective=objective
+    )
+    reference = take(ds, 12)
+    for k in (1, 6):
+        state = _resume_matches(ds, k, reference, via_json=True)
+    assert _find(state, "index_for_rng") == 6
+
+
+def test_causal_lm_state_is_unchanged(tok, docs):
+    kwargs = dict(seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0)
+    default = make_train_dataset(docs, tok, **kwargs)
+    explicit = make_train_dataset(docs, tok, objective=CausalLM(), **kwargs)
+    assert_batches_equal(take(explicit, 3), take(default, 3))
+    it = iter(default)
+    next(it)
+    assert _find(it.get_state(), "index_for_rng") is None
+
+
+def test_objective_process_slices(tok, docs):
+    objective = make_objective("mlm", "bert", tok, SEQ_LEN)
+    kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5, objective=objective)
+    full = take(make_train_dataset(docs, tok, **kwargs), 2)
+    slices = [
+        take(make_train_dataset(docs, tok, process_index=i, process_count=2, **kwargs), 2)
+        for i in range(2)
+    ]
+    for step, batch in enumerate(full):
+        for k, v in batch.items():
+            joined = np.concatenate([s[step][k] for s in slices])
+            np.testing.assert_array_equal(joined, v, err_msg=k)
+
+
+def test_objective_eval_batches(tok, docs, objective):
+    make = lambda n: make_eval_batches(
+        docs, tok, seq_len=SEQ_LEN, batch_size=BATCH, max_batches=n, objective=objective
+    )
+    batches = make(1000)
+    assert_batches_equal(make(1000), batches)
+    assert_batches_equal(make(2), batches[:2])
+    for batch in batches:
+        check_shapes(batch, objective)
+    # All documents, in order, then padding rows (all zero, no weight).
+    rows = [row for batch in batches for row in raw_rows(batch, objective, tok)]
+    stream = list(itertools.chain.from_iterable(encoded(tok, d) for d in docs))
+    np.testing.assert_array_equal(np.concatenate(rows), stream)
+    assert len(rows[-1]) == 0, "the test should cover padding rows"
+    last = {k: v[-1] for k, v in batches[-1].items()}
+    assert all(not v.any() for v in last.values())
+
+
+def test_objective_built_for_another_seq_len(tok, docs):
+    objective = make_objective("span_corruption", "t5", tok, 2 * SEQ_LEN)
+    with pytest.raises(ValueError, match=f"seq_len={2 * SEQ_LEN}, not {SEQ_LEN}"):
+        make_train_dataset(
+            docs, tok, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0, objective=objective
+        )

@@ -47,7 +47,7 @@ def _params(cfg):
     return nn.meta.unbox(_init(cfg))
 
 
-def _input_dependence(cfg, tokens, seg, pos):
+def _input_dependence(cfg, tokens, seg, pos, prefix=None):
     """|d out[b, t] / d x[b', s]|, summed over D, where x is the token-embedding output."""
     model, params = GPT(cfg), _params(cfg)
     proj_V = jax.random.normal(jax.random.key(1), (cfg.vocab_size,))
@@ -59,7 +59,7 @@ def _input_dependence(cfg, tokens, seg, pos):
             return out + delta_BLD if is_lookup else out
 
         with nn.intercept_methods(add_delta):
-            return model.apply(params, tokens, seg, pos) @ proj_V
+            return model.apply(params, tokens, seg, pos, prefix) @ proj_V
 
     jac = jax.jit(jax.jacrev(out_BL))(jnp.zeros(tokens.shape + (cfg.d_model,)))
     return np.abs(np.asarray(jac)).sum(-1)  # [B, L, B, L]
@@ -76,6 +76,42 @@ def test_causal_and_no_attention_across_documents(cfg):
     np.testing.assert_array_equal(dep[~allowed], 0.0)  # Future, other documents, other rows.
     assert (dep[allowed] > 0).all()  # Every earlier token of the same document matters.
     assert allowed[0, 11, 0, 5] and not allowed[0, 11, 0, 4]  # Doc 2 starts at position 5.
+
+
+@pytest.mark.parametrize("cfg", [MODERN], ids=["modern"])  # The mask is style-independent.
+def test_prefix_lm_is_bidirectional_in_the_prefix_only(cfg):
+    prefix = np.zeros_like(SEG)
+    prefix[0, :3], prefix[0, 5:7], prefix[1, :6] = 1, 1, 1  # Each document's first tokens.
+    dep = _input_dependence(cfg, TOKENS, SEG, POS, prefix)
+    b, length = TOKENS.shape
+    allowed = np.zeros((b, length, b, length), bool)
+    for i in range(b):
+        for t in range(length):
+            for s in range(length):
+                allowed[i, t, i, s] = SEG[i, s] == SEG[i, t] and (s <= t or prefix[i, s] == 1)
+    np.testing.assert_array_equal(dep[~allowed], 0.0)
+    assert (dep[allowed] > 0).all()
+    assert dep[0, 0, 0, 2] > 0 and dep[1, 1, 1, 5] > 0  # Prefix reads later prefix tokens...
+    assert dep[1, 1, 1, 6] == 0 and dep[1, 7, 1, 8] == 0  # ...not the continuation, causal.
+    assert dep[0, 5, 0, 6] > 0 and dep[0, 5, 0, 2] == 0  # Doc 2's prefix; not doc 1's.
+
+
+def test_without_prefix_mask_the_model_is_causal(cfg=GPT2):
+    apply, params = _apply(cfg), _params(cfg)
+    causal = np.asarray(apply(params, TOKENS, SEG, POS))
+    no_prefix = apply(params, TOKENS, SEG, POS, np.zeros_like(SEG))
+    np.testing.assert_allclose(no_prefix, causal, rtol=0, atol=1e-6)
+    all_prefix = np.asarray(apply(params, TOKENS, SEG, POS, np.ones_like(SEG)))
+    assert not np.allclose(all_prefix[:, :-1], causal[:, :-1], atol=1e-4)  # The mask is used.
+
+
+def test_post_ln_gpt_has_no_final_norm():
+    cfg = dataclasses.replace(GPT2, norm_position="post")
+    shapes = jax.eval_shape(GPT(cfg).init, jax.random.key(0), jnp.asarray(TOKENS))["params"]
+    assert "final_norm" not in shapes
+    assert set(shapes["block_0"]) == {"post_attn_norm", "attn", "post_mlp_norm", "mlp"}
+    logits = jax.eval_shape(GPT(cfg).apply, {"params": shapes}, TOKENS, SEG, POS)
+    assert logits.shape == (2, 16, cfg.vocab_size) and logits.dtype == jnp.float32
 
 
 @STYLES

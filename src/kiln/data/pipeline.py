@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np
 
-from kiln.data.objectives import causal_lm
+from kiln.data.objectives import CausalLM, Objective
 from kiln.data.tokenizer import Tokenizer
 from kiln.errors import KilnError
 
 Batch = dict[str, np.ndarray]
-Objective = Callable[[Batch], Batch]
 # Tokenize ahead in two threads: grain's default (16 threads, 500 elements) is slow to start.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=256)
+EVAL_SEED = 0  # Eval batches are masked the same way in every run.
 
 
 def _encode(text: str, *, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
@@ -77,6 +77,14 @@ def _packed(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int) -> 
     return _PackedIterDataset(ds, seq_len)
 
 
+def _objective_for(objective: Objective | None, seq_len: int) -> Objective:
+    """``objective``, or causal LM for None; checks it was built for ``seq_len``."""
+    built_for = getattr(objective, "seq_len", seq_len)
+    if built_for != seq_len:
+        raise ValueError(f"The objective was built for seq_len={built_for}, not {seq_len}.")
+    return objective or CausalLM()
+
+
 def make_train_dataset(
     documents: Sequence[str],
     tokenizer: Tokenizer,
@@ -86,15 +94,20 @@ def make_train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
-    objective: Objective = causal_lm,
+    objective: Objective | None = None,
 ) -> grain.IterDataset:
     """An endless, shuffled, packed training stream: this process's rows of each global batch.
 
     Documents are shuffled with ``seed`` (reshuffled every epoch), encoded as ``[bos] + ids +
     [eos]``, concatenated and split into rows of ``seq_len`` tokens (a document that does not fit
     continues in the next row; ``segment_ids`` start at 1 in each row, ``positions`` restart at
-    each segment), batched into global batches and passed through ``objective``. Each process
-    keeps its :func:`process_slice` of every global batch.
+    each segment), batched into global batches and passed through ``objective`` (default
+    :class:`~kiln.data.objectives.CausalLM`; rows hold ``objective.packed_length(seq_len)`` raw
+    tokens). Each process keeps its :func:`process_slice` of every global batch.
+
+    A random objective gets a generator that grain derives from ``seed`` and the batch's index
+    in the stream, which is part of the iterator state: masks are the same on every process and
+    after a restore.
 
     Every process tokenizes and packs the whole global batch, so the data order is independent
     of the number of processes (a run can resume on a different topology) at the cost of
@@ -112,9 +125,16 @@ def make_train_dataset(
     # grain shuffles epoch e with seed + e: mix the seed so that nearby seeds share no epochs.
     shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
     ds = grain.MapDataset.source(documents).shuffle(seed=shuffle_seed).repeat()
-    ds = _packed(ds, tokenizer, seq_len).batch(global_batch_size, drop_remainder=True)
+    objective = _objective_for(objective, seq_len)
+    ds = _packed(ds, tokenizer, objective.packed_length(seq_len))
+    ds = ds.batch(global_batch_size, drop_remainder=True)
+    if objective.uses_rng:
+        objective_seed = int(np.random.SeedSequence(seed).generate_state(2)[1])
+        ds = ds.random_map(objective, seed=objective_seed)
+    else:  # No rng, and the iterator state keeps the layout it had before objectives.
+        ds = ds.map(functools.partial(objective, rng=None))
     keep = functools.partial(process_slice, index=process_index, count=process_count)
-    return ds.map(objective).map(keep)
+    return ds.map(keep)
 
 
 def make_eval_batches(
@@ -124,26 +144,28 @@ def make_eval_batches(
     seq_len: int,
     batch_size: int,
     max_batches: int,
-    objective: Objective = causal_lm,
+    objective: Objective | None = None,
 ) -> list[Batch]:
     """The first ``max_batches`` packed batches of ``documents``, in order, deterministic.
 
-    Packed like :func:`make_train_dataset` but without shuffling. The final batch is padded to
-    ``batch_size`` rows (the last packed row may also end in padding): padding has token 0,
-    segment 0 and weight 0, so every batch has the same shape and no tokens are dropped. Returns
-    an empty list only if there are no documents.
+    Packed like :func:`make_train_dataset` but without shuffling; batch ``i`` goes through
+    ``objective`` with the generator ``np.random.default_rng([EVAL_SEED, i])``. The final batch
+    is padded to ``batch_size`` rows (the last packed row may also end in padding): padding has
+    token 0, segment 0 and weight 0, so every batch has the same shape and no tokens are
+    dropped. Returns an empty list only if there are no documents.
     """
     if batch_size < 1 or max_batches < 1:
         raise KilnError(f"Eval batch_size={batch_size} and max_batches={max_batches} must be >= 1.")
     if not documents:
         return []
-    ds = _packed(grain.MapDataset.source(documents), tokenizer, seq_len)
+    objective = _objective_for(objective, seq_len)
+    ds = _packed(grain.MapDataset.source(documents), tokenizer, objective.packed_length(seq_len))
     batches = []
     for batch in ds.batch(batch_size, drop_remainder=False):
         missing = batch_size - len(batch["tokens"])
         if missing:
             batch = {k: np.pad(v, [(0, missing), (0, 0)]) for k, v in batch.items()}
-        batches.append(objective(batch))
+        batches.append(objective(batch, np.random.default_rng([EVAL_SEED, len(batches)])))
         if len(batches) == max_batches:
             break
     return batches

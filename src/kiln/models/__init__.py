@@ -3,19 +3,35 @@
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from kiln.models import gpt, layers
 
-FAMILIES = {"gpt": gpt.GPT}
+# family -> (module class, the token inputs `init` needs)
+FAMILIES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "gpt": (gpt.GPT, ("inputs",)),
+}
+try:  # The encoder and encoder-decoder families are being added.
+    from kiln.models import bert, t5
+
+    FAMILIES["bert"] = (bert.BERT, ("inputs",))
+    FAMILIES["t5"] = (t5.T5, ("encoder_inputs", "decoder_inputs"))
+except ImportError:
+    pass
 
 
 def transformer_config(model_config: Any) -> layers.TransformerConfig:
     """The frozen layer config from the experiment's `model` section (minus `family`)."""
-    return layers.TransformerConfig(
-        **{k: v for k, v in dict(model_config).items() if k != "family"}
-    )
+    fields = {k: v for k, v in dict(model_config).items() if k != "family"}
+    return layers.TransformerConfig(**fields)
 
 
 def build_model(model_config: Any) -> nn.Module:
     """The linen module for `model.family`."""
-    return FAMILIES[model_config["family"]](transformer_config(model_config))
+    return FAMILIES[model_config["family"]][0](transformer_config(model_config))
+
+
+def example_inputs(model: nn.Module, seq_len: int) -> dict[str, jnp.ndarray]:
+    """Zero token inputs for `model.init`; parameter shapes never depend on their length."""
+    keys = next(keys for cls, keys in FAMILIES.values() if isinstance(model, cls))
+    return {key: jnp.zeros((1, seq_len), jnp.int32) for key in keys}

@@ -1,7 +1,8 @@
-"""GPT: a decoder-only transformer with pre-LN blocks over packed documents.
+"""GPT: a decoder-only transformer over packed documents, causal or prefix LM.
 
 GPT-2 style: learned positions, layernorm, gelu, biases, tied embeddings. Modern style: rope,
-rmsnorm, swiglu, no biases, GQA, optionally an untied head.
+rmsnorm, swiglu, no biases, GQA, optionally an untied head. Blocks are pre-LN unless
+`norm_position="post"` (GPT-1), which also drops the final norm.
 """
 
 import math
@@ -13,38 +14,9 @@ import jax.numpy as jnp
 from kiln.models import layers
 from kiln.models.layers import TransformerConfig
 
-ACT_NAMES = ("act_batch", "act_length", "act_embed")
-
-
-class DecoderBlock(nn.Module):
-    """Pre-LN block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    config: TransformerConfig
-
-    @nn.compact
-    def __call__(
-        self,
-        x_BLD: jax.Array,
-        bias_B1LL: jax.Array,
-        positions_BL: jax.Array | None,
-        *,
-        deterministic: bool = True,
-    ) -> jax.Array:
-        cfg = self.config
-        x_BLD = nn.with_logical_constraint(x_BLD, ACT_NAMES)
-        h_BLD = layers.make_norm(cfg, "pre_attn_norm")(x_BLD)
-        h_BLD = layers.Attention(cfg, name="attn")(
-            h_BLD, h_BLD, bias_B1LL, positions_BL, positions_BL, deterministic=deterministic
-        )
-        x_BLD = x_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
-        h_BLD = layers.make_norm(cfg, "pre_mlp_norm")(x_BLD)
-        h_BLD = layers.Mlp(cfg, name="mlp")(h_BLD, deterministic=deterministic)
-        x_BLD = x_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
-        return nn.with_logical_constraint(x_BLD, ACT_NAMES)
-
 
 class GPT(nn.Module):
-    """Causal language model; attention never crosses document (segment) boundaries."""
+    """Causal (or prefix) language model; attention never crosses document boundaries."""
 
     config: TransformerConfig
 
@@ -54,6 +26,7 @@ class GPT(nn.Module):
         inputs: jax.Array,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
+        prefix_mask: jax.Array | None = None,
         *,
         deterministic: bool = True,
     ) -> jax.Array:
@@ -65,6 +38,8 @@ class GPT(nn.Module):
           inputs: token ids [B, L].
           segment_ids: document ids [B, L], 0 for padding; None means one document per row.
           positions: position of each token in its document [B, L]; None means arange(L).
+          prefix_mask: 1 for tokens of the bidirectional prefix of their document [B, L] (prefix
+            LM); None means causal everywhere.
           deterministic: disables dropout; otherwise the "dropout" rng collection is used.
         """
         cfg = self.config
@@ -73,7 +48,11 @@ class GPT(nn.Module):
             segment_ids_BL = jnp.ones_like(tokens_BL)
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-        bias_B1LL = layers.mask_to_bias(layers.causal_mask(segment_ids_BL))
+        if prefix_mask is None:
+            mask_B1LL = layers.causal_mask(segment_ids_BL)
+        else:
+            mask_B1LL = layers.prefix_lm_mask(segment_ids_BL, prefix_mask)
+        bias_B1LL = layers.mask_to_bias(mask_B1LL)
 
         kw = dict(features=cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         embed = layers.Embed(cfg.vocab_size, names=("vocab", "embed"), name="token_embed", **kw)
@@ -87,23 +66,22 @@ class GPT(nn.Module):
 
         rope_positions_BL = positions_BL if cfg.position == "rope" else None
         for i in range(cfg.n_layers):
-            x_BLD = DecoderBlock(cfg, name=f"block_{i}")(
+            x_BLD = layers.TransformerBlock(cfg, name=f"block_{i}")(
                 x_BLD, bias_B1LL, rope_positions_BL, deterministic=deterministic
             )
-        x_BLD = layers.make_norm(cfg, "final_norm")(x_BLD)
-        x_BLD = nn.with_logical_constraint(x_BLD, ACT_NAMES)
+        if cfg.norm_position == "pre":  # Post-LN blocks already end in a norm.
+            x_BLD = layers.make_norm(cfg, "final_norm")(x_BLD)
+        x_BLD = nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)
 
         if cfg.tie_embeddings:
             logits_BLV = embed.attend(x_BLD)
         else:
-            logits_BLV = nn.DenseGeneral(
-                cfg.vocab_size,
+            logits_BLV = layers.Dense(
+                (cfg.vocab_size,),
+                ("embed", "vocab"),
                 use_bias=False,
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(0.02), ("embed", "vocab")
-                ),
                 name="lm_head",
             )(x_BLD)
         logits_BLV = logits_BLV.astype(jnp.float32)

@@ -22,6 +22,10 @@ Dtype = jnp.dtype | str
 _POSITIONS = ("learned", "rope", "none")
 _NORMS = ("layernorm", "rmsnorm")
 _MLPS = ("gelu", "relu", "swiglu", "geglu")
+_NORM_POSITIONS = ("pre", "post")
+
+# Logical names of the [B, L, D] activations between blocks.
+ACT_NAMES = ("act_batch", "act_length", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,12 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     dtype: str = "float32"  # Compute dtype.
     param_dtype: str = "float32"
+    norm_position: str = "pre"  # "pre": x + f(norm(x)) | "post": norm(x + f(x)), classic BERT.
+    type_vocab_size: int = 0  # Rows of the token-type table; 0: no token types (BERT uses 2).
+    relative_buckets: int = 32  # T5 relative position buckets (>= 4).
+    relative_max_distance: int = 128  # T5: distances beyond this share the last bucket.
+    n_decoder_layers: int = 0  # T5 decoder depth; 0: n_layers.
+    scale_attention: bool = True  # Divide attention logits by sqrt(head_dim); T5 does not.
 
     def __post_init__(self):
         def check(key: str, ok: bool, want: str):
@@ -59,6 +69,18 @@ class TransformerConfig:
         kv_ok = self.n_kv_heads > 0 and heads_ok and self.n_heads % self.n_kv_heads == 0
         check("n_kv_heads", kv_ok, f"a divisor of n_heads={self.n_heads}")
         check("dropout", 0.0 <= self.dropout < 1.0, "a rate in [0, 1)")
+        check("norm_position", self.norm_position in _NORM_POSITIONS, f"one of {_NORM_POSITIONS}")
+        check("type_vocab_size", self.type_vocab_size >= 0, "0 (no token types) or more")
+        check("n_decoder_layers", self.n_decoder_layers >= 0, "0 (same as n_layers) or more")
+        # T5 bucketing: per direction (half the buckets when bidirectional), exact buckets for
+        # small distances then log-spaced ones up to relative_max_distance, which must be larger.
+        check("relative_buckets", self.relative_buckets >= 4, "an integer >= 4")
+        max_exact = self.relative_buckets // 2
+        check(
+            "relative_max_distance",
+            self.relative_max_distance > max_exact,
+            f"an integer > relative_buckets // 2 = {max_exact}",
+        )
         if self.position == "rope":
             check("n_heads", self.head_dim % 2 == 0, "one that makes head_dim even for rope")
 
@@ -204,6 +226,17 @@ def causal_mask(segment_ids_BL: jax.Array) -> jax.Array:
     return padding_mask(segment_ids_BL, segment_ids_BL) & causal_LL
 
 
+def prefix_lm_mask(segment_ids_BL: jax.Array, prefix_mask_BL: jax.Array) -> jax.Array:
+    """Boolean [B, 1, L, L]: `causal_mask`, plus every prefix key of the query's own segment.
+
+    t attends to s iff same segment and (s <= t or prefix_mask[s]): the prefix of each document
+    is read bidirectionally, its continuation causally.
+    """
+    same_segment_B1LL = padding_mask(segment_ids_BL, segment_ids_BL)
+    prefix_B11S = prefix_mask_BL.astype(bool)[:, None, None, :]
+    return causal_mask(segment_ids_BL) | (same_segment_B1LL & prefix_B11S)
+
+
 def padding_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array) -> jax.Array:
     """Boolean [B, 1, L, S]: a query attends to the keys of its own segment (0 is padding)."""
     return q_segment_ids_BL[:, None, :, None] == kv_segment_ids_BS[:, None, None, :]
@@ -283,7 +316,9 @@ class Attention(nn.Module):
         logits_BKGLS = jnp.einsum(
             "blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32
         )
-        logits_BHLS = logits_BKGLS.reshape(b, h, length, -1) / math.sqrt(e)
+        logits_BHLS = logits_BKGLS.reshape(b, h, length, -1)
+        if cfg.scale_attention:
+            logits_BHLS = logits_BHLS / math.sqrt(e)
         if bias is not None:
             logits_BHLS = logits_BHLS + bias.astype(jnp.float32)
         probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1)
@@ -294,3 +329,52 @@ class Attention(nn.Module):
         return _dense(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), std_out, "out")(
             out_BLHE
         )
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention then MLP, each a residual branch; pre-LN or post-LN per the config.
+
+    pre: x + f(norm(x)) (norms `pre_attn_norm`, `pre_mlp_norm`); post: norm(x + f(x)) (norms
+    `post_attn_norm`, `post_mlp_norm`), so a checkpoint's tree tells which order it was trained in.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BLD: jax.Array,
+        bias: jax.Array,
+        positions_BL: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Returns the block's output [B, L, D].
+
+        Args:
+          x_BLD: inputs.
+          bias: additive float32 attention bias broadcastable to [B, H, L, L] (see `Attention`).
+          positions_BL: if given, rope is applied with these positions.
+          deterministic: disables dropout.
+        """
+        cfg = self.config
+        pre = cfg.norm_position == "pre"
+
+        def norm(x_BLD, sublayer):
+            return make_norm(cfg, f"{cfg.norm_position}_{sublayer}_norm")(x_BLD)
+
+        def dropout(h_BLD):
+            return nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
+
+        x_BLD = nn.with_logical_constraint(x_BLD, ACT_NAMES)
+        h_BLD = norm(x_BLD, "attn") if pre else x_BLD
+        h_BLD = Attention(cfg, name="attn")(
+            h_BLD, h_BLD, bias, positions_BL, positions_BL, deterministic=deterministic
+        )
+        x_BLD = x_BLD + dropout(h_BLD)
+        x_BLD = x_BLD if pre else norm(x_BLD, "attn")
+        h_BLD = norm(x_BLD, "mlp") if pre else x_BLD
+        h_BLD = Mlp(cfg, name="mlp")(h_BLD, deterministic=deterministic)
+        x_BLD = x_BLD + dropout(h_BLD)
+        x_BLD = x_BLD if pre else norm(x_BLD, "mlp")
+        return nn.with_logical_constraint(x_BLD, ACT_NAMES)

@@ -1,0 +1,125 @@
+"""BERT: a bidirectional encoder with a masked-LM head over packed documents.
+
+Classic BERT: `norm_position="post"`, learned positions, layernorm after the embedding sum,
+`type_vocab_size=2`. Pre-LN (the default) instead ends in a final norm. Task heads subclass
+`BERT` (adding their modules in `setup`) and call `encode`; their tree then matches the
+pre-trained one except for `mlm_head`, which `init_from` skips with the regex `mlm_head/.*`.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kiln.models import layers
+from kiln.models.layers import TransformerConfig
+
+
+class MlmHead(nn.Module):
+    """dense + gelu + norm, then logits tied to the token embedding, plus a `bias` [V]."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array, token_embed: layers.Embed) -> jax.Array:
+        cfg = self.config
+        # A logical name may occur once per array; the output axis shards like an MLP's.
+        h_BLD = layers.Dense(
+            (cfg.d_model,),
+            ("embed", "mlp"),
+            use_bias=cfg.use_bias,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="mlm_transform",
+        )(x_BLD)
+        h_BLD = layers.make_norm(cfg, "mlm_norm")(nn.gelu(h_BLD))
+        bias_V = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),
+            (cfg.vocab_size,),
+            cfg.param_dtype,
+        )
+        return token_embed.attend(h_BLD) + bias_V.astype(jnp.float32)
+
+
+class BERT(nn.Module):
+    """Masked language model; attention is bidirectional within each document (segment)."""
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(features=cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.token_embed = layers.Embed(cfg.vocab_size, names=("vocab", "embed"), **kw)
+        if cfg.position == "learned":
+            self.position_embed = layers.Embed(cfg.max_len, names=("max_len", "embed"), **kw)
+        if cfg.type_vocab_size > 0:
+            self.type_embed = layers.Embed(cfg.type_vocab_size, names=("type_vocab", "embed"), **kw)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = [layers.TransformerBlock(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
+        # Post-LN normalises the embedding sum (as BERT does); pre-LN normalises the output.
+        norm_name = "embed_norm" if cfg.norm_position == "post" else "final_norm"
+        self.norm = layers.make_norm(cfg, norm_name)
+        self.mlm_head = MlmHead(cfg)
+
+    def encode(
+        self,
+        inputs: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Final hidden states [B, L, D]; the arguments are those of `__call__`."""
+        cfg = self.config
+        tokens_BL, segment_ids_BL, positions_BL = inputs, segment_ids, positions
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones_like(tokens_BL)
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        # Real tokens see their own document only; padding (segment 0) sees padding only.
+        bias_B1LL = layers.mask_to_bias(layers.padding_mask(segment_ids_BL, segment_ids_BL))
+
+        x_BLD = self.token_embed(tokens_BL)
+        if cfg.position == "learned":
+            x_BLD = x_BLD + self.position_embed(positions_BL)
+        if cfg.type_vocab_size > 0:
+            types_BL = jnp.zeros_like(tokens_BL) if token_type_ids is None else token_type_ids
+            x_BLD = x_BLD + self.type_embed(types_BL)
+        if cfg.norm_position == "post":
+            x_BLD = self.norm(x_BLD)
+        x_BLD = self.embed_dropout(x_BLD, deterministic=deterministic)
+
+        rope_positions_BL = positions_BL if cfg.position == "rope" else None
+        for block in self.blocks:
+            x_BLD = block(x_BLD, bias_B1LL, rope_positions_BL, deterministic=deterministic)
+        if cfg.norm_position == "pre":
+            x_BLD = self.norm(x_BLD)
+        return nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Returns float32 masked-LM logits [B, L, V] at every position.
+
+        Argument names match the batch keys of the masked-LM objective (`kiln.data.objectives`).
+
+        Args:
+          inputs: token ids [B, L], masked tokens already replaced.
+          segment_ids: document ids [B, L], 0 for padding; None means one document per row.
+          positions: position of each token in its document [B, L]; None means arange(L).
+          token_type_ids: segment A/B ids [B, L] when `type_vocab_size` > 0 (None means all 0);
+            ignored otherwise.
+          deterministic: disables dropout; otherwise the "dropout" rng collection is used.
+        """
+        x_BLD = self.encode(
+            inputs, segment_ids, positions, token_type_ids, deterministic=deterministic
+        )
+        logits_BLV = self.mlm_head(x_BLD, self.token_embed).astype(jnp.float32)
+        return nn.with_logical_constraint(logits_BLV, ("act_batch", "act_length", "act_vocab"))

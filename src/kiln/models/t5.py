@@ -1,0 +1,329 @@
+"""T5: an encoder-decoder transformer with relative position biases (T5 v1.1 by config).
+
+The encoder reads the corrupted input bidirectionally; the decoder predicts the targets causally
+and cross-attends to the encoder output. Positions enter only through learned per-head biases of
+bucketed relative positions, one table per stack shared by all its layers.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kiln.errors import KilnError
+from kiln.models import layers
+from kiln.models.layers import TransformerConfig
+
+RELPOS_NAMES = ("relpos_buckets", "heads")
+
+
+def _distance_buckets(num_buckets: int, max_distance: int) -> np.ndarray:
+    """Bucket of each distance 0..max_distance within one direction, as an int32 table.
+
+    Distances below num_buckets // 2 get their own bucket; the rest are spaced logarithmically
+    up to max_distance, and larger distances share the last bucket.
+    """
+    max_exact = num_buckets // 2
+    distance = np.arange(max_distance + 1)
+    log_ratio = np.log2(np.maximum(distance, 1) / max_exact) / np.log2(max_distance / max_exact)
+    # On the host in float64, so the bucket edges do not depend on the backend's float32 log; the
+    # epsilon keeps a distance exactly on an edge (64, with 16 buckets per direction up to 128)
+    # in the upper bucket despite rounding.
+    large = max_exact + np.floor(log_ratio * (num_buckets - max_exact) + 1e-9).astype(np.int64)
+    buckets = np.where(distance < max_exact, distance, np.minimum(large, num_buckets - 1))
+    return buckets.astype(np.int32)
+
+
+def relative_position_bucket(
+    relative_position: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> jax.Array:
+    """T5's bucket of each relative position (key position - query position).
+
+    Args:
+      relative_position: integer array of key position - query position.
+      bidirectional: if True, keys before the query use buckets [0, num_buckets / 2) and keys
+        after it [num_buckets / 2, num_buckets); if False (causal), all buckets go to keys at or
+        before the query and keys after it share bucket 0.
+      num_buckets: number of buckets.
+      max_distance: distances from here on share the last bucket of their direction.
+
+    Returns:
+      int32 buckets in [0, num_buckets), shaped like relative_position.
+    """
+    relative_position = jnp.asarray(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        offset = jnp.where(relative_position > 0, num_buckets, 0)
+        distance = jnp.abs(relative_position)
+    else:
+        offset = 0
+        distance = jnp.maximum(-relative_position, 0)
+    table = jnp.asarray(_distance_buckets(num_buckets, max_distance))
+    return offset + table[jnp.minimum(distance, max_distance)]
+
+
+def _position_bias(
+    table: layers.Embed,
+    q_positions_BL: jax.Array,
+    kv_positions_BS: jax.Array,
+    *,
+    bidirectional: bool,
+    max_distance: int,
+) -> jax.Array:
+    """Float32 attention bias [B, H, L, S] of the relative positions kv - q."""
+    relative_BLS = kv_positions_BS[:, None, :] - q_positions_BL[:, :, None]
+    buckets_BLS = relative_position_bucket(
+        relative_BLS, bidirectional, table.num_embeddings, max_distance
+    )
+    return jnp.moveaxis(table(buckets_BLS), -1, 1)
+
+
+def _relpos_table(cfg: TransformerConfig) -> layers.Embed:
+    """The stack's bias table [buckets, H]; looked up in float32, like the attention logits."""
+    return layers.Embed(
+        cfg.relative_buckets,
+        cfg.n_heads,
+        names=RELPOS_NAMES,
+        dtype=jnp.float32,
+        param_dtype=cfg.param_dtype,
+        name="relpos_bias",
+    )
+
+
+def _defaults(
+    shape: tuple[int, int], segment_ids_BL: jax.Array | None, positions_BL: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Segment ids (None: all ones) and positions (None: arange) for a [B, L] batch."""
+    if segment_ids_BL is None:
+        segment_ids_BL = jnp.ones(shape, jnp.int32)
+    if positions_BL is None:
+        positions_BL = jnp.broadcast_to(jnp.arange(shape[1]), shape)
+    return segment_ids_BL, positions_BL
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: causal self-attention, cross-attention to the encoder, then MLP."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        y_BLD: jax.Array,
+        encoded_BSD: jax.Array,
+        self_bias_BHLL: jax.Array,
+        cross_bias_B1LS: jax.Array,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        cfg = self.config
+        y_BLD = nn.with_logical_constraint(y_BLD, layers.ACT_NAMES)
+        h_BLD = layers.make_norm(cfg, "pre_self_attn_norm")(y_BLD)
+        h_BLD = layers.Attention(cfg, name="self_attn")(
+            h_BLD, h_BLD, self_bias_BHLL, deterministic=deterministic
+        )
+        y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
+        h_BLD = layers.make_norm(cfg, "pre_cross_attn_norm")(y_BLD)
+        h_BLD = layers.Attention(cfg, name="cross_attn")(
+            h_BLD, encoded_BSD, cross_bias_B1LS, deterministic=deterministic
+        )
+        y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
+        h_BLD = layers.make_norm(cfg, "pre_mlp_norm")(y_BLD)
+        h_BLD = layers.Mlp(cfg, name="mlp")(h_BLD, deterministic=deterministic)
+        y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
+        return nn.with_logical_constraint(y_BLD, layers.ACT_NAMES)
+
+
+class Encoder(nn.Module):
+    """Encoder stack over embedded inputs; returns the normed output [B, S, D].
+
+    Its blocks are `layers.TransformerBlock` (pre-norm: `pre_attn_norm`, `attn`, `pre_mlp_norm`,
+    `mlp`), given the bidirectional relative bias plus the padding mask.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BSD: jax.Array,
+        segment_ids_BS: jax.Array,
+        positions_BS: jax.Array,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        cfg = self.config
+        mask_B1SS = layers.padding_mask(segment_ids_BS, segment_ids_BS)
+        bias_BHSS = layers.mask_to_bias(mask_B1SS) + _position_bias(
+            _relpos_table(cfg),
+            positions_BS,
+            positions_BS,
+            bidirectional=True,
+            max_distance=cfg.relative_max_distance,
+        )
+        x_BSD = nn.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
+        for i in range(cfg.n_layers):
+            x_BSD = layers.TransformerBlock(cfg, name=f"block_{i}")(
+                x_BSD, bias_BHSS, deterministic=deterministic
+            )
+        x_BSD = layers.make_norm(cfg, "final_norm")(x_BSD)
+        x_BSD = nn.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
+        return nn.with_logical_constraint(x_BSD, layers.ACT_NAMES)
+
+
+class Decoder(nn.Module):
+    """Decoder stack over embedded targets; returns the normed output [B, L, D]."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        y_BLD: jax.Array,
+        segment_ids_BL: jax.Array,
+        positions_BL: jax.Array,
+        encoded_BSD: jax.Array,
+        encoder_segment_ids_BS: jax.Array,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        cfg = self.config
+        self_bias_BHLL = layers.mask_to_bias(layers.causal_mask(segment_ids_BL)) + _position_bias(
+            _relpos_table(cfg),
+            positions_BL,
+            positions_BL,
+            bidirectional=False,
+            max_distance=cfg.relative_max_distance,
+        )
+        # A target token sees only the encoder tokens of its own example, never padding.
+        cross_mask_B1LS = layers.padding_mask(segment_ids_BL, encoder_segment_ids_BS)
+        cross_bias_B1LS = layers.mask_to_bias(cross_mask_B1LS)
+        y_BLD = nn.Dropout(cfg.dropout)(y_BLD, deterministic=deterministic)
+        for i in range(cfg.n_decoder_layers or cfg.n_layers):
+            y_BLD = DecoderBlock(cfg, name=f"block_{i}")(
+                y_BLD, encoded_BSD, self_bias_BHLL, cross_bias_B1LS, deterministic=deterministic
+            )
+        y_BLD = layers.make_norm(cfg, "final_norm")(y_BLD)
+        y_BLD = nn.Dropout(cfg.dropout)(y_BLD, deterministic=deterministic)
+        return nn.with_logical_constraint(y_BLD, layers.ACT_NAMES)
+
+
+class T5(nn.Module):
+    """Encoder-decoder LM; a shared token embedding; logits for the decoder inputs' targets.
+
+    Packed examples: segment ids keep examples apart in all three attentions (a target sees
+    only its own example's encoder tokens), and the biases depend only on position differences,
+    so packing leaves each example's logits unchanged.
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        # T5 has only relative position biases, and pre-norm blocks in both stacks.
+        for key, want in (("position", "none"), ("norm_position", "pre")):
+            if getattr(cfg, key) != want:
+                raise KilnError(
+                    f"model.{key}={getattr(cfg, key)!r} is invalid for T5: use {want!r}."
+                )
+        self.token_embed = layers.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            names=("vocab", "embed"),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+        )
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = layers.Dense(
+                features=(cfg.vocab_size,),
+                names=("embed", "vocab"),
+                use_bias=False,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+            )
+
+    def encode(
+        self,
+        encoder_inputs: jax.Array,
+        encoder_segment_ids: jax.Array | None = None,
+        encoder_positions: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Encoder output [B, S, D] of input ids [B, S]; run once per batch when decoding."""
+        segment_ids_BS, positions_BS = _defaults(
+            encoder_inputs.shape, encoder_segment_ids, encoder_positions
+        )
+        x_BSD = self.token_embed(encoder_inputs)
+        return self.encoder(x_BSD, segment_ids_BS, positions_BS, deterministic=deterministic)
+
+    def decode(
+        self,
+        encoded_BSD: jax.Array,
+        encoder_segment_ids: jax.Array | None,
+        decoder_inputs: jax.Array,
+        decoder_segment_ids: jax.Array | None = None,
+        decoder_positions: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Float32 logits [B, L, V] of the decoder inputs [B, L] given the encoder output."""
+        cfg = self.config
+        encoder_segment_ids_BS, _ = _defaults(encoded_BSD.shape[:2], encoder_segment_ids, None)
+        segment_ids_BL, positions_BL = _defaults(
+            decoder_inputs.shape, decoder_segment_ids, decoder_positions
+        )
+        y_BLD = self.token_embed(decoder_inputs)
+        y_BLD = self.decoder(
+            y_BLD,
+            segment_ids_BL,
+            positions_BL,
+            encoded_BSD,
+            encoder_segment_ids_BS,
+            deterministic=deterministic,
+        )
+        if cfg.tie_embeddings:
+            # T5 rescales before the tied projection, as the embedding is also the input table.
+            logits_BLV = self.token_embed.attend(y_BLD * cfg.d_model**-0.5)
+        else:
+            logits_BLV = self.lm_head(y_BLD)
+        logits_BLV = logits_BLV.astype(jnp.float32)
+        return nn.with_logical_constraint(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+
+    def __call__(
+        self,
+        encoder_inputs: jax.Array,
+        decoder_inputs: jax.Array,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
+        encoder_positions: jax.Array | None = None,
+        decoder_positions: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Returns float32 logits [B, L, V] for the decoder inputs (teacher forcing).
+
+        Argument names match the batch keys of the span-corruption objective.
+
+        Args:
+          encoder_inputs: corrupted input ids [B, S].
+          decoder_inputs: target ids shifted right [B, L].
+          encoder_segment_ids: example ids [B, S], 0 for padding; None means one per row.
+          decoder_segment_ids: example ids [B, L] matching the encoder's; None: one per row.
+          encoder_positions: position within the example [B, S]; None means arange(S).
+          decoder_positions: position within the example [B, L]; None means arange(L).
+          deterministic: disables dropout; otherwise the "dropout" rng collection is used.
+        """
+        encoded_BSD = self.encode(
+            encoder_inputs, encoder_segment_ids, encoder_positions, deterministic=deterministic
+        )
+        return self.decode(
+            encoded_BSD,
+            encoder_segment_ids,
+            decoder_inputs,
+            decoder_segment_ids,
+            decoder_positions,
+            deterministic=deterministic,
+        )
