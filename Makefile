@@ -22,7 +22,7 @@ quickstart: $(STAMP)
 		--workdir $(RUNS)/quickstart_$(FAMILY)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n 2 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests experiments benchmarks

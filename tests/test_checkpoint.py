@@ -3,6 +3,7 @@
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from kiln import checkpoint, models, optim, sharding, train
 from kiln.data import pipeline, tokenizer
@@ -32,8 +33,24 @@ OPTIM = {
 }
 
 
-def state_on(mesh_shape, seed=0):
-    config = ml_collections.ConfigDict({"model": MODEL, "optim": OPTIM})
+FAMILY_MODELS = {
+    "gpt": MODEL,
+    "bert": {**MODEL, "family": "bert", "norm_position": "post", "type_vocab_size": 2},
+    "t5": {
+        **MODEL,
+        "family": "t5",
+        "position": "none",
+        "norm": "rmsnorm",
+        "use_bias": False,
+        "mlp": "geglu",
+        "tie_embeddings": False,
+        "scale_attention": False,
+    },
+}
+
+
+def state_on(mesh_shape, seed=0, family="gpt"):
+    config = ml_collections.ConfigDict({"model": FAMILY_MODELS[family], "optim": OPTIM})
     model = models.build_model(config.model)
     optimizer = optim.make_optimizer(config.optim, 10)
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
@@ -42,13 +59,14 @@ def state_on(mesh_shape, seed=0):
     return state, abstract, shardings
 
 
-def test_restore_onto_another_mesh(tmp_path):
-    state, _, _ = state_on((8, 1, 1))
+@pytest.mark.parametrize("family", ["gpt", "bert", "t5"])
+def test_restore_onto_another_mesh(tmp_path, family):
+    state, _, _ = state_on((8, 1, 1), family=family)
     ckpt = checkpoint.Checkpointer(tmp_path, keep=1)
     ckpt.save(5, state)
     ckpt.wait()
     for mesh_shape in [(1, 2, 4), (2, 2, 2)]:
-        _, abstract, shardings = state_on(mesh_shape, seed=1)
+        _, abstract, shardings = state_on(mesh_shape, seed=1, family=family)
         restored = ckpt.restore(5, checkpoint.abstract_like(abstract, shardings))
         jax.tree.map(
             lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),

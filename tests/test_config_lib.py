@@ -48,6 +48,8 @@ def test_tiny_config_validates():
         ({"model__dropout": 1.5}, "model.dropout"),
         ({"train__steps": 0}, "train.steps"),
         ({"mesh__data": 16}, "mesh"),
+        ({"objective__name": "mlm"}, "objective.name"),
+        ({"objective__name": "span_corruption"}, "objective.name"),
     ],
 )
 def test_validation_errors_name_the_key(overrides, key):

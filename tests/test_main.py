@@ -130,6 +130,8 @@ def _bad_corpus_files(tmp_path):
         (["--config.data.seq_len=64"], "data.seq_len"),
         (["--config.data.global_batch_size=12"], "data.global_batch_size"),
         (["--config.mesh.data=16"], "mesh"),
+        (["--config.objective.name=mlm"], "objective.name"),
+        (["--config.objective.name=span_corruption"], "objective.name"),
     ],
 )
 def test_bad_input_gives_a_clear_error(tmp_path, flags, expected):
@@ -166,3 +168,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     import jax
 
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_sequence_too_short_for_span_corruption(tmp_path):
+    flags = [*SMALL_RUN, "--config.data.seq_len=6", "--config.train.steps=1"]
+    result = kiln_main(tmp_path / "run", *flags, config="experiments/t5/pretrain.py:size=tiny")
+    assert result.returncode != 0
+    assert "data.seq_len" in result.stderr and "Traceback" not in result.stderr

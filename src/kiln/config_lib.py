@@ -68,9 +68,18 @@ def validate(
 ) -> tuple[int, int, int]:
     """Checks cross-field rules; returns the resolved (data, fsdp, tensor) mesh shape."""
     from kiln import sharding  # Local import: sharding imports jax, config parsing need not.
+    from kiln.data import objectives
 
     m, d = config.model, config.data
     _check_choices(config)
+    valid = objectives.OBJECTIVES[m.family]
+    if config.objective.name not in valid:
+        _fail(
+            "objective.name",
+            config.objective.name,
+            f"does not train a model.family={m.family!r} model",
+            f"Use one of {list(valid)}, or another family.",
+        )
     _check_positive(
         config,
         [

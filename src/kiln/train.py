@@ -37,8 +37,6 @@ def apply_model(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | No
     )
 
 
-
-
 def init_state(
     model: nn.Module, optimizer: optax.GradientTransformation, seed: int, seq_len: int
 ) -> TrainState:

@@ -5,19 +5,14 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kiln.models import gpt, layers
+from kiln.models import bert, gpt, layers, t5
 
 # family -> (module class, the token inputs `init` needs)
 FAMILIES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "gpt": (gpt.GPT, ("inputs",)),
+    "bert": (bert.BERT, ("inputs",)),
+    "t5": (t5.T5, ("encoder_inputs", "decoder_inputs")),
 }
-try:  # The encoder and encoder-decoder families are being added.
-    from kiln.models import bert, t5
-
-    FAMILIES["bert"] = (bert.BERT, ("inputs",))
-    FAMILIES["t5"] = (t5.T5, ("encoder_inputs", "decoder_inputs"))
-except ImportError:
-    pass
 
 
 def transformer_config(model_config: Any) -> layers.TransformerConfig:
