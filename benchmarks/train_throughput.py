@@ -92,19 +92,21 @@ def measure(spec: str, steps: int, repeats: int) -> dict:
         jax.block_until_ready(out)
         times.append((time.perf_counter() - start) / steps)
     step_time = statistics.median(times)
-    tokens_per_sec = rows * seq_len / step_time
+    shapes = {k: v.shape for k, v in batches[0].items()}
+    tokens, step_flops = flops.step_cost(config.model.to_dict(), shapes, rows)
     params = sum(x.size for x in jax.tree.leaves(state.params))
     peak = flops.peak_flops_per_device(config.model.dtype) * jax.device_count()
-    mfu = tokens_per_sec * flops.train_flops_per_token(config.model.to_dict(), seq_len) / peak
+    keys = ("inputs", "encoder_inputs", "decoder_inputs")
+    lengths = "+".join(str(shapes[k][1]) for k in keys if k in shapes)
     return {
         "config": spec,
         "params": params,
-        "batch": f"{rows}x{seq_len}",
+        "batch": f"{rows}x{lengths}",
         "mesh": mesh_shape,
         "dtype": config.model.dtype,
         "step_ms": 1000 * step_time,
-        "tokens_per_sec": tokens_per_sec,
-        "mfu": mfu,
+        "tokens_per_sec": tokens / step_time,
+        "mfu": step_flops / step_time / peak,
     }
 
 

@@ -6,7 +6,8 @@ Arguments: `size` = tiny | small | base (BERT-base, 110M) | large (BERT-large, 3
 `style` = bert (post-LN, learned positions, GELU, token types, tied MLM head) | modern (pre-LN,
 RoPE, RMSNorm). Masking: 15% of ordinary tokens, 80% [MASK] / 10% random / 10% kept;
 `--config.objective.whole_word=True` masks whole words. Evaluation reports masked-token loss,
-perplexity and accuracy. Expected on a 2-core CPU: `size=tiny` in about 2 minutes.
+perplexity and accuracy. Expected on a 2-core CPU: `size=tiny` runs 400 steps in about 2
+minutes; masked-token perplexity ~2100 -> ~315, masked-token accuracy ~0.12.
 """
 
 import ml_collections
