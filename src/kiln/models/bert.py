@@ -73,10 +73,9 @@ class BERT(nn.Module):
         """Final hidden states [B, L, D]; the arguments are those of `__call__`."""
         cfg = self.config
         tokens_BL, segment_ids_BL, positions_BL = inputs, segment_ids, positions
-        if segment_ids_BL is None:
-            segment_ids_BL = jnp.ones_like(tokens_BL)
-        if positions_BL is None:
-            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        segment_ids_BL, positions_BL = layers.segments_and_positions(
+            tokens_BL.shape, segment_ids_BL, positions_BL
+        )
         # Real tokens see their own document only; padding (segment 0) sees padding only.
         bias_B1LL = layers.mask_to_bias(layers.padding_mask(segment_ids_BL, segment_ids_BL))
 

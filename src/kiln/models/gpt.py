@@ -44,10 +44,9 @@ class GPT(nn.Module):
         """
         cfg = self.config
         tokens_BL, segment_ids_BL, positions_BL = inputs, segment_ids, positions
-        if segment_ids_BL is None:
-            segment_ids_BL = jnp.ones_like(tokens_BL)
-        if positions_BL is None:
-            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        segment_ids_BL, positions_BL = layers.segments_and_positions(
+            tokens_BL.shape, segment_ids_BL, positions_BL
+        )
         if prefix_mask is None:
             mask_B1LL = layers.causal_mask(segment_ids_BL)
         else:

@@ -216,6 +216,17 @@ def apply_rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.
     return out.astype(x_BLHE.dtype)
 
 
+def segments_and_positions(
+    shape: tuple[int, int], segment_ids_BL: jax.Array | None, positions_BL: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Segment ids (None: one document per row) and positions (None: arange) for [B, L]."""
+    if segment_ids_BL is None:
+        segment_ids_BL = jnp.ones(shape, jnp.int32)
+    if positions_BL is None:
+        positions_BL = jnp.broadcast_to(jnp.arange(shape[1]), shape)
+    return segment_ids_BL, positions_BL
+
+
 def causal_mask(segment_ids_BL: jax.Array) -> jax.Array:
     """Boolean [B, 1, L, L]: t attends to s iff s <= t and both lie in the same segment.
 

@@ -90,17 +90,6 @@ def _relpos_table(cfg: TransformerConfig) -> layers.Embed:
     )
 
 
-def _defaults(
-    shape: tuple[int, int], segment_ids_BL: jax.Array | None, positions_BL: jax.Array | None
-) -> tuple[jax.Array, jax.Array]:
-    """Segment ids (None: all ones) and positions (None: arange) for a [B, L] batch."""
-    if segment_ids_BL is None:
-        segment_ids_BL = jnp.ones(shape, jnp.int32)
-    if positions_BL is None:
-        positions_BL = jnp.broadcast_to(jnp.arange(shape[1]), shape)
-    return segment_ids_BL, positions_BL
-
-
 class DecoderBlock(nn.Module):
     """Pre-norm block: causal self-attention, cross-attention to the encoder, then MLP."""
 
@@ -253,7 +242,7 @@ class T5(nn.Module):
         deterministic: bool = True,
     ) -> jax.Array:
         """Encoder output [B, S, D] of input ids [B, S]; run once per batch when decoding."""
-        segment_ids_BS, positions_BS = _defaults(
+        segment_ids_BS, positions_BS = layers.segments_and_positions(
             encoder_inputs.shape, encoder_segment_ids, encoder_positions
         )
         x_BSD = self.token_embed(encoder_inputs)
@@ -271,8 +260,10 @@ class T5(nn.Module):
     ) -> jax.Array:
         """Float32 logits [B, L, V] of the decoder inputs [B, L] given the encoder output."""
         cfg = self.config
-        encoder_segment_ids_BS, _ = _defaults(encoded_BSD.shape[:2], encoder_segment_ids, None)
-        segment_ids_BL, positions_BL = _defaults(
+        encoder_segment_ids_BS, _ = layers.segments_and_positions(
+            encoded_BSD.shape[:2], encoder_segment_ids, None
+        )
+        segment_ids_BL, positions_BL = layers.segments_and_positions(
             decoder_inputs.shape, decoder_segment_ids, decoder_positions
         )
         y_BLD = self.token_embed(decoder_inputs)
