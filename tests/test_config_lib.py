@@ -78,6 +78,23 @@ def test_diff_and_json_round_trip(tmp_path):
 @pytest.mark.parametrize("path", sorted(str(p) for p in pathlib.Path("experiments").rglob("*.py")))
 def test_every_experiment_config_validates_at_tiny_size(path):
     config = config_lib.load_config(f"{path}:size=tiny")
-    assert config_lib.validate(config, 8)
-    with pytest.raises(AttributeError):  # locked: unknown keys fail
-        config.model.no_such_key = 1
+    runs = [config[name] for name in config.stages] if "stages" in config else [config]
+    for run_config in runs:  # A pipeline's stages are run configs.
+        assert config_lib.validate(run_config, 8)
+        with pytest.raises(AttributeError):  # locked: unknown keys fail
+            run_config.model.no_such_key = 1
+
+
+@pytest.mark.parametrize(
+    "path", sorted(str(p) for p in pathlib.Path("experiments/pipelines").glob("*.py"))
+)
+@pytest.mark.parametrize("size", ["tiny", "cpu", "gpu"])
+def test_pipeline_stages_share_the_pretrained_architecture(path, size):
+    config = config_lib.load_config(f"{path}:size={size}")
+    assert config.stages[0] == "pretrain" and not config.pretrain.task.name
+    for name in config.stages[1:]:
+        stage = config[name]
+        assert stage.model.to_dict() == config.pretrain.model.to_dict(), name
+        assert stage.tokenizer.path == "@pretrain" and stage.task.name
+        assert stage.init_from.workdir == ("" if name.startswith("scratch") else "@pretrain")
+        assert config_lib.validate(stage, 8)

@@ -371,3 +371,64 @@ def test_state_maps_onto_params_like_the_trainer_does(name):
         tx, lambda _, tag: tag, state, tags, transform_non_params=lambda _: "other"
     )
     assert set(_flat(tags).values()) <= set(jax.tree.leaves(mapped))
+
+
+def _finetune_cfg(**fields):
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name="sgd",
+            lr=0.1,
+            schedule="constant",
+            warmup_steps=0,
+            end_lr_fraction=0.0,
+            weight_decay=0.0,
+            clip_norm=0.0,
+            momentum=0.0,
+            nesterov=False,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            head_lr=0.0,
+            freeze_body=False,
+            layer_decay=1.0,
+        )
+    )
+    cfg.update(fields)
+    return cfg
+
+
+_FT_PARAMS = {
+    "token_embed": {"embedding": jnp.ones((3, 2))},
+    "block_0": {"mlp": {"wi": {"kernel": jnp.ones((2, 2))}}},
+    "block_1": {"mlp": {"wi": {"kernel": jnp.ones((2, 2))}}},
+    "final_norm": {"scale": jnp.ones((2,))},
+    "classifier": {"kernel": jnp.ones((2, 4))},
+}
+
+
+def _sgd_updates(**fields):
+    tx = make_optimizer(_finetune_cfg(**fields), 10, n_layers=2)
+    grads = jax.tree.map(jnp.ones_like, _FT_PARAMS)
+    updates, _ = tx.update(grads, tx.init(_FT_PARAMS), _FT_PARAMS)
+    return jax.tree.map(lambda u: float(u.reshape(-1)[0]), updates)
+
+
+def test_head_lr_freeze_body_and_layer_decay_scale_sgd_updates_exactly():
+    plain = _sgd_updates()
+    assert all(v == pytest.approx(-0.1) for v in jax.tree.leaves(plain))
+    head = _sgd_updates(head_lr=0.5)
+    assert head["classifier"]["kernel"] == pytest.approx(-0.5)
+    assert head["block_0"]["mlp"]["wi"]["kernel"] == pytest.approx(-0.1)
+    frozen = _sgd_updates(freeze_body=True)
+    assert frozen["classifier"]["kernel"] == pytest.approx(-0.1)
+    body = [frozen["token_embed"], frozen["block_0"], frozen["block_1"], frozen["final_norm"]]
+    assert all(v == 0.0 for v in jax.tree.leaves(body))
+    decayed = _sgd_updates(layer_decay=0.5)
+    # n = 2 blocks: block_1 -> 0.5, block_0 -> 0.25, embeddings -> 0.125; norm and head -> 1.
+    assert decayed["block_1"]["mlp"]["wi"]["kernel"] == pytest.approx(-0.05)
+    assert decayed["block_0"]["mlp"]["wi"]["kernel"] == pytest.approx(-0.025)
+    assert decayed["token_embed"]["embedding"] == pytest.approx(-0.0125)
+    assert decayed["final_norm"]["scale"] == pytest.approx(-0.1)
+    assert decayed["classifier"]["kernel"] == pytest.approx(-0.1)
+    with pytest.raises(KilnError, match="layer_decay"):
+        _sgd_updates(layer_decay=0.0)

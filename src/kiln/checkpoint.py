@@ -66,6 +66,18 @@ class Checkpointer:
             ) from e
         return restored["state"]
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the `state.params` leaves present in `abstract_params` (a nested dict of
+        ShapeDtypeStructs with target shardings), onto those shardings; the rest is not read."""
+        item = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        )
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
+        return restored["state"]["params"]
+
     def restore_raw(self, step: int) -> Any:
         """The saved state tree as stored (dicts of arrays), for inspection and tests."""
         restored = self._manager.restore(

@@ -270,6 +270,32 @@ def run_sections(
     c.optim.nesterov = False  # sgd only
     c.optim.clip_norm = 1.0  # global-norm clipping; 0 = off
     c.optim.grad_accum_steps = 1  # microbatches per step
+    c.optim.head_lr = 0.0  # peak lr of task heads (pooler, classifier); 0 = optim.lr
+    c.optim.freeze_body = False  # train the task head only
+    c.optim.layer_decay = (
+        1.0  # block i of n gets lr * layer_decay ** (n - i); embeddings ** (n + 1)
+    )
+
+    c.init_from = ml_collections.ConfigDict()
+    # Another run's workdir (or <workdir>/checkpoints/<step>) to start from; "" = scratch. In a
+    # pipeline, "@<stage>" names an earlier stage. This workdir's own checkpoint comes first.
+    c.init_from.workdir = ""
+    c.init_from.step = -1  # -1 = the source's latest checkpoint
+    c.init_from.skip = ""  # regex on parameter paths ("mlm_head/.*|pooler/.*") initialised fresh
+    c.init_from.load = "params"  # params | state (params and optimizer moments; step still 0)
+
+    c.task = ml_collections.ConfigDict()
+    # "" = pre-training on data.corpus with `objective`; else fine-tuning on a labeled task:
+    # wn_lexname | bible_genre | kjv2web | code_summary | wn_reverse_dictionary | jsonl
+    c.task.name = ""
+    c.task.path = ""  # jsonl: the file (text/label or input/target fields per line)
+    c.task.kind = ""  # jsonl: classification | generation; "" = from the fields
+    c.task.labels = ""  # jsonl classification: comma-separated label set; "" = train labels
+    c.task.template = ""  # prompt template with {input}; "" = the task's default
+    c.task.train_examples = 0  # low-resource subset: the first N by md5 of the id; 0 = all
+    c.task.target_len = 32  # target tokens kept (and generated) per example
+    c.task.pack = False  # gpt generation: pack several examples per row
+    c.task.eval_examples = 0  # validation/test examples scored at the end; 0 = all
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = steps
@@ -297,4 +323,59 @@ def run_sections(
     c.distributed.coordinator_address = ""  # host:port; "" = auto-detect (TPU, SLURM, ...)
     c.distributed.num_processes = 0  # 0 = auto-detect
     c.distributed.process_id = -1  # -1 = auto-detect
+    return c
+
+
+def finetune_stage(
+    pretrain: ml_collections.ConfigDict,
+    *,
+    task: str,
+    train_examples: int,
+    epochs: float,
+    lr: float,
+    seq_len: int,
+    batch: int,
+    init_from: str = "@pretrain",
+    skip: str = "",
+    seed: int | None = None,
+) -> ml_collections.ConfigDict:
+    """A fine-tuning run of `pretrain`'s architecture on a labeled task (a pipeline stage).
+
+    The model section and tokenizer are the pre-training run's; `init_from=""` makes the
+    from-scratch baseline with the same budget (`epochs` over `train_examples`). Heads that
+    pre-training had and the task replaces are skipped by name (`skip`, a regex).
+    """
+    c = ml_collections.ConfigDict(pretrain.to_dict())
+    c.seed = pretrain.seed if seed is None else seed
+    c.tokenizer.path = "@pretrain"
+    c.data.seq_len = seq_len
+    c.data.global_batch_size = batch
+    c.task.name = task
+    c.task.train_examples = train_examples
+    steps = max(1, round(epochs * train_examples / batch))
+    c.train.steps = steps
+    c.train.log_every = max(1, steps // 10)
+    c.eval.every = steps  # validation at the start and the end
+    c.checkpoint.every = steps
+    c.checkpoint.keep = 1
+    c.optim.lr = lr
+    c.optim.schedule = "linear"
+    c.optim.end_lr_fraction = 0.0
+    c.optim.warmup_steps = max(1, steps // 10)
+    c.init_from.workdir = init_from
+    c.init_from.skip = skip
+    return c
+
+
+def pipeline(
+    stages: dict[str, ml_collections.ConfigDict], select: str, advice: str = ""
+) -> ml_collections.ConfigDict:
+    """A pipeline config: `stages` run in order; arms compared on validation `select`;
+    `advice` is printed when pre-training did not beat scratch."""
+    c = ml_collections.ConfigDict()
+    c.stages = tuple(stages)
+    c.select = select
+    c.advice = advice
+    for name, stage in stages.items():
+        c[name] = stage
     return c

@@ -105,4 +105,6 @@ def step_cost(model: dict, shapes: dict[str, tuple[int, ...]], rows: int) -> tup
         tokens = rows * (length + decoder_length)
         return tokens, train_flops_per_step(model, rows, length, decoder_length)
     length = shapes["inputs"][1]
+    if len(shapes.get("targets", (rows, length))) == 1:  # A classifier: no vocabulary logits.
+        model = {**model, "vocab_size": 0}
     return rows * length, train_flops_per_step(model, rows, length)

@@ -58,12 +58,16 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         _fail(f"{_one_paragraph(e)}\n{USAGE}")
     try:
-        from kiln import distributed  # Before anything touches the JAX backend.
+        from kiln import distributed, pipelines  # Before anything touches the JAX backend.
 
-        distributed.maybe_initialize(config.distributed)
+        first = config[config.stages[0]] if pipelines.is_pipeline(config) else config
+        distributed.maybe_initialize(first.distributed)
         from kiln import run
 
-        run.train_and_evaluate(config, _WORKDIR.value)
+        if pipelines.is_pipeline(config):
+            pipelines.run_pipeline(config, _WORKDIR.value)
+        else:
+            run.train_and_evaluate(config, _WORKDIR.value)
     except KilnError as e:
         _fail(str(e))
 

@@ -1,5 +1,6 @@
 """Optimizers and learning-rate schedules built from the ``optim`` config section."""
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -109,7 +110,46 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decide, params, is_leaf=_is_box)
 
 
-def make_optimizer(optim_cfg: Any, total_steps: int) -> optax.GradientTransformation:
+HEAD_MODULES = ("pooler", "classifier")  # top-level modules of the task heads
+_EMBEDDINGS = ("token_embed", "position_embed", "type_embed", "embed_norm", "relpos_bias")
+
+
+def lr_scale(path: str, *, head_ratio: float, freeze_body: bool, layer_decay: float, n_layers: int):
+    """Multiplier of the scheduled lr for the parameter at `path` ("block_3/attn/query/kernel").
+
+    Heads (`HEAD_MODULES`) get `head_ratio`; with `freeze_body` everything else gets 0. Layer-wise
+    decay: block i (of n, in each stack) gets `layer_decay ** (n - i)`, embeddings and T5's
+    relative-position tables `layer_decay ** (n + 1)`, final norms and heads 1.
+    """
+    parts = path.split("/")
+    if parts[0] in HEAD_MODULES:
+        return head_ratio
+    if freeze_body:
+        return 0.0
+    blocks = [int(p[6:]) for p in parts if p.startswith("block_") and p[6:].isdigit()]
+    if blocks:
+        return layer_decay ** (n_layers - blocks[0])
+    if any(p in _EMBEDDINGS for p in parts):
+        return layer_decay ** (n_layers + 1)
+    return 1.0
+
+
+def _scale_by_path(scale_of: Callable[[str], float]) -> optax.GradientTransformation:
+    """Multiplies each update by `scale_of(its parameter path)`."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        def scale(path: tuple, u: Any) -> Any:
+            factor = scale_of("/".join(str(getattr(k, "key", k)) for k in path))
+            return u * factor if factor != 1.0 else u
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(
+    optim_cfg: Any, total_steps: int, n_layers: int = 0
+) -> optax.GradientTransformation:
     """Builds global-norm clipping (if ``clip_norm > 0``) followed by the optimizer.
 
     All optimizers use ``make_schedule`` and decoupled weight decay (``lr * weight_decay *
@@ -117,6 +157,8 @@ def make_optimizer(optim_cfg: Any, total_steps: int) -> optax.GradientTransforma
     ``nesterov`` to the gradients only. ``adafactor`` is factored RMS scaling with update
     clipping at RMS 1 and an absolute ``lr`` (no parameter-scale multiplication); it ignores
     ``b1``, ``b2`` and ``eps``. ``grad_accum_steps`` is the trainer's business and is ignored.
+    Fine-tuning options scale each parameter's update (:func:`lr_scale`): ``head_lr``,
+    ``freeze_body`` and ``layer_decay`` (over ``n_layers`` blocks per stack).
 
     Raises:
         KilnError: on an unknown ``optim.name`` or out-of-range values.
@@ -150,4 +192,22 @@ def make_optimizer(optim_cfg: Any, total_steps: int) -> optax.GradientTransforma
         )
     if clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+    head_lr = float(optim_cfg.get("head_lr", 0.0) or 0.0)
+    lr = float(_get(optim_cfg, "lr"))
+    head_ratio = head_lr / lr if head_lr > 0 and lr > 0 else 1.0
+    freeze = bool(optim_cfg.get("freeze_body", False))
+    layer_decay = float(
+        _num(optim_cfg, "layer_decay", lambda v: 0 < v <= 1, "a number in (0, 1]")
+        if "layer_decay" in optim_cfg
+        else 1.0
+    )
+    if head_ratio != 1.0 or freeze or layer_decay != 1.0:
+        scale_of = functools.partial(
+            lr_scale,
+            head_ratio=head_ratio,
+            freeze_body=freeze,
+            layer_decay=layer_decay,
+            n_layers=n_layers,
+        )
+        tx = optax.chain(tx, _scale_by_path(scale_of))
     return tx

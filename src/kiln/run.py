@@ -14,7 +14,18 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from kiln import checkpoint, config_lib, flops, metrics, models, optim, sharding, train
+from kiln import (
+    checkpoint,
+    config_lib,
+    finetuning,
+    flops,
+    init_from,
+    metrics,
+    models,
+    optim,
+    sharding,
+    train,
+)
 from kiln.data import corpus, objectives, pipeline
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
@@ -22,7 +33,7 @@ from kiln.errors import KilnError
 TOKENIZER_FILE = "tokenizer.model"
 # Sections that define what a run computes: a resumed run may change anything else (steps,
 # learning rate, evaluation, checkpointing, mesh) but not these.
-RUN_IDENTITY = ("seed", "model", "tokenizer", "data", "objective")
+RUN_IDENTITY = ("seed", "model", "tokenizer", "data", "objective", "task")
 
 
 @dataclasses.dataclass
@@ -33,6 +44,7 @@ class Data:
     train_iter: Any
     validation: list[dict[str, np.ndarray]]
     test: list[dict[str, np.ndarray]]
+    task: finetuning.TaskData | None = None  # set when fine-tuning on a labeled task
 
 
 def _sync(name: str) -> None:
@@ -59,15 +71,27 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def prepare_tokenizer(
-    config: ml_collections.ConfigDict, workdir: str, train_documents: list[str]
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    train_documents: list[str],
+    source_run: init_from.Source | None = None,
 ) -> tokenizer_lib.Tokenizer:
-    """Loads the workdir's tokenizer, else copies `tokenizer.path`, else trains one."""
+    """Loads the workdir's tokenizer, else copies the `init_from` run's or `tokenizer.path`,
+    else trains one on `train_documents`."""
     dest = os.path.join(workdir, TOKENIZER_FILE)
     if not os.path.exists(dest) and jax.process_index() == 0:
         source = config.tokenizer.path
+        if source_run is not None:
+            theirs = source_run.tokenizer_path
+            if source and not _same_file(_tokenizer_file(source), theirs):
+                raise KilnError(
+                    f"tokenizer.path={source!r} is not the tokenizer of the init_from run"
+                    f" ({theirs}): a fine-tune must use the vocabulary it was pre-trained with."
+                    ' Set tokenizer.path="" to take it from the init_from run.'
+                )
+            source = theirs
         if source:
-            if os.path.isdir(source):
-                source = os.path.join(source, TOKENIZER_FILE)
+            source = _tokenizer_file(source)
             if not os.path.exists(source):
                 raise KilnError(
                     f"tokenizer.path={config.tokenizer.path!r}: no {TOKENIZER_FILE} there. Point it"
@@ -94,11 +118,37 @@ def prepare_tokenizer(
     return tok
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
+def _tokenizer_file(path: str) -> str:
+    return os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
+
+
+def _same_file(a: str, b: str) -> bool:
+    if not (os.path.exists(a) and os.path.exists(b)):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
+def prepare_task_data(
+    config: ml_collections.ConfigDict, workdir: str, source_run: init_from.Source | None
+) -> Data:
+    """Fine-tuning data: the labeled task's train stream and eval batches."""
+    task = finetuning.load(config)
+    texts = [f"{e.input}\n{e.target}" for e in task.splits["train"]]
+    tok = prepare_tokenizer(config, workdir, texts, source_run)
+    prepared = finetuning.prepare(config, task, tok)
+    return Data(tok, prepared.train_iter, prepared.validation, prepared.test, prepared)
+
+
+def prepare_data(
+    config: ml_collections.ConfigDict, workdir: str, source_run: init_from.Source | None = None
+) -> Data:
+    if config.task.name:
+        return prepare_task_data(config, workdir, source_run)
     d = config.data
     data_dir = d.data_dir or None
     train_docs = corpus.read_documents(d.corpus, "train", data_dir)
-    tok = prepare_tokenizer(config, workdir, train_docs)
+    tok = prepare_tokenizer(config, workdir, train_docs, source_run)
     o = config.objective
     objective = objectives.make_objective(
         o.name,
@@ -237,10 +287,21 @@ class _StepMetrics:
 
 def _log_eval(writer: metrics.MetricsWriter, step: int, split: str, result: dict) -> None:
     writer.write(step, {f"{split}/{k}": v for k, v in result.items()})
-    metrics.log(
-        f"step {step} | {split} loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}"
-        f" | accuracy {result['accuracy']:.3f}"
-    )
+    shown = [f"loss {result['loss']:.4f}", f"perplexity {result['perplexity']:.2f}"]
+    shown += [f"{k} {v:.3f}" for k, v in result.items() if k not in _NOT_SHOWN]
+    metrics.log(f"step {step} | {split} " + " | ".join(shown))
+
+
+_NOT_SHOWN = ("loss", "perplexity", "tokens")
+
+
+def _validate(run: "_Run", params: Any) -> dict[str, float]:
+    """Validation loss metrics, plus the task metrics when they are cheap (a classifier head)."""
+    result = run.evaluate(params, "validation")
+    task = run.data.task
+    if task is not None and finetuning.uses_head(run.config, task.task):
+        result.update(run.task_metrics(params, "validation")[0])
+    return result
 
 
 @dataclasses.dataclass
@@ -259,11 +320,46 @@ class _Run:
     eval_step: Any
     ckpt: checkpoint.Checkpointer
     writer: metrics.MetricsWriter
+    source: init_from.Source | None = None
+    _classes_fn: Any = None
 
     def evaluate(self, params: Any, split: str) -> dict[str, float]:
         batches = self.data.validation if split == "validation" else self.data.test
-        return evaluate(
+        result = evaluate(
             self.eval_step, params, batches, self.mesh, self.config.data.global_batch_size
+        )
+        if self.data.task is not None:  # Task metrics carry the plain names (accuracy, ...).
+            result["token_accuracy"] = result.pop("accuracy")
+        return result
+
+    def predict_classes(self, params: Any, split: str) -> list[int]:
+        """Argmax class of every row of the split's eval batches, in order (all processes)."""
+        if self._classes_fn is None:
+            labels = train.LABEL_KEYS
+
+            def classes(p: Any, batch: dict) -> jax.Array:
+                inputs = {k: v for k, v in batch.items() if k not in labels}
+                return jnp.argmax(self.model.apply({"params": p}, **inputs), axis=-1)
+
+            self._classes_fn = train._bound(jax.jit(classes), self.mesh)
+        batches = self.data.validation if split == "validation" else self.data.test
+        out: list[int] = []
+        for batch in batches:
+            rows = self._classes_fn(
+                params, to_global(batch, self.mesh, self.config.data.global_batch_size)
+            )
+            out.extend(np.asarray(multihost_utils.process_allgather(rows, tiled=True)).tolist())
+        return out
+
+    def task_metrics(self, params: Any, split: str) -> tuple[dict[str, float], list[str]]:
+        return finetuning.score(
+            self.config,
+            self.data.task,
+            self.model,
+            params,
+            self.data.tokenizer,
+            split,
+            self.predict_classes,
         )
 
 
@@ -271,51 +367,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Runs (or resumes) the run described by `config` in `workdir`; returns the summary."""
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
     prepare_workdir(config, workdir)
-    data = prepare_data(config, workdir)
-    model = models.build_model(config.model)
-    schedule = optim.make_schedule(config.optim, config.train.steps)
-    optimizer = optim.make_optimizer(config.optim, config.train.steps)
-    mesh = sharding.make_mesh(config.mesh)
-    metrics.log(f"Mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} devices")
-    abstract, shardings = train.state_shardings(model, optimizer, mesh, config.data.seq_len)
-    train_step, eval_step = train.jit_steps(
-        model, optimizer, schedule, config.optim.grad_accum_steps, shardings, mesh
-    )
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=config.checkpoint.keep,
         keep_every=config.checkpoint.keep_every,
     )
-    writer = metrics.MetricsWriter(workdir)
-    run = _Run(
-        config,
-        workdir,
-        data,
-        model,
-        optimizer,
-        mesh,
-        abstract,
-        shardings,
-        train_step,
-        eval_step,
-        ckpt,
-        writer,
-    )
+    writer = None
     try:
+        source = None
+        if ckpt.latest_step() is None and config.init_from.workdir:
+            source = init_from.resolve(config.init_from)
+            init_from.check_architecture(config.model, source)
+        data = prepare_data(config, workdir, source)
+        classes = finetuning.num_classes(config, data.task.task) if data.task else 0
+        model = models.build_model(config.model, classes)
+        schedule = optim.make_schedule(config.optim, config.train.steps)
+        optimizer = optim.make_optimizer(config.optim, config.train.steps, config.model.n_layers)
+        mesh = sharding.make_mesh(config.mesh)
+        metrics.log(f"Mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} devices")
+        abstract, shardings = train.state_shardings(model, optimizer, mesh, config.data.seq_len)
+        train_step, eval_step = train.jit_steps(
+            model, optimizer, schedule, config.optim.grad_accum_steps, shardings, mesh
+        )
+        writer = metrics.MetricsWriter(workdir)
+        run = _Run(
+            config,
+            workdir,
+            data,
+            model,
+            optimizer,
+            mesh,
+            abstract,
+            shardings,
+            train_step,
+            eval_step,
+            ckpt,
+            writer,
+            source,
+        )
         return _loop(run)
     finally:
         ckpt.close()  # Waits for an in-flight save: a crash never loses a committed checkpoint.
-        writer.close()
+        if writer is not None:
+            writer.close()
 
 
-def _initial_state(run: _Run) -> train.TrainState:
-    """Restore order: this workdir's latest checkpoint, else scratch (logged)."""
-    latest = run.ckpt.latest_step()
-    if latest is not None:
-        metrics.log(f"Restore: resuming from this workdir's checkpoint at step {latest}")
-        target = checkpoint.abstract_like(run.abstract, run.shardings)
-        return run.ckpt.restore(latest, target, data_iter=run.data.train_iter)
-    metrics.log("Restore: no checkpoint in this workdir; initialising from scratch")
+def _fresh_state(run: _Run) -> train.TrainState:
     init = jax.jit(
         lambda: train.init_state(
             run.model, run.optimizer, run.config.seed, run.config.data.seq_len
@@ -326,6 +423,42 @@ def _initial_state(run: _Run) -> train.TrainState:
         return init()
 
 
+def _initial_state(run: _Run) -> train.TrainState:
+    """Restore order (logged): this workdir's latest checkpoint > init_from > scratch."""
+    latest = run.ckpt.latest_step()
+    if latest is not None:
+        metrics.log(f"Restore: resuming from this workdir's checkpoint at step {latest}")
+        target = checkpoint.abstract_like(run.abstract, run.shardings)
+        return run.ckpt.restore(latest, target, data_iter=run.data.train_iter)
+    if run.source is None:
+        metrics.log("Restore: no checkpoint in this workdir; initialising from scratch")
+        return _fresh_state(run)
+    source, cfg = run.source, run.config.init_from
+    fresh = _fresh_state(run)
+    if cfg.load == "state":
+        target = checkpoint.abstract_like(run.abstract, run.shardings)
+        state = init_from.load_state(source, target)
+        metrics.log(
+            f"Restore: init_from {source.workdir} step {source.step}: full state (parameters and"
+            " optimizer moments); step and schedule restart at 0"
+        )
+        return state.replace(step=fresh.step, rng=fresh.rng)
+    if cfg.load != "params":
+        raise KilnError(f"init_from.load={cfg.load!r} is unknown; use 'params' or 'state'.")
+    loaded, fresh_paths, unused = init_from.plan(source, fresh.params, cfg.skip)
+    if not loaded:
+        raise KilnError(
+            f"init_from: no parameter of {source.workdir} matches this model (or init_from.skip"
+            " skips them all); check init_from.workdir and init_from.skip."
+        )
+    params = init_from.load_params(source, fresh.params, loaded)
+    metrics.log(
+        f"Restore: init_from {source.workdir} step {source.step}: {len(loaded)} parameter"
+        f" arrays loaded; fresh: {fresh_paths or 'none'}; not used: {unused or 'none'}"
+    )
+    return fresh.replace(params=params)
+
+
 def _loop(run: _Run) -> dict[str, Any]:
     config = run.config
     state = _initial_state(run)
@@ -333,7 +466,7 @@ def _loop(run: _Run) -> dict[str, Any]:
     metrics.log(f"Model: {config.model.family}, {param_count:,} parameters")
     start = int(state.step)
     if start == 0:
-        _log_eval(run.writer, 0, "validation", run.evaluate(state.params, "validation"))
+        _log_eval(run.writer, 0, "validation", _validate(run, state.params))
     shapes = {k: v.shape for k, v in run.data.validation[0].items()}
     tracker = _StepMetrics(config, run.writer, start, shapes)
     tracker.last_good_checkpoint = run.ckpt.latest_step()
@@ -349,7 +482,7 @@ def _loop(run: _Run) -> dict[str, Any]:
         tracker.push(step, step_metrics)
         if step % config.eval.every == 0 or step == config.train.steps:
             tracker.flush()
-            _log_eval(run.writer, step, "validation", run.evaluate(state.params, "validation"))
+            _log_eval(run.writer, step, "validation", _validate(run, state.params))
         if step % config.checkpoint.every == 0 or step in (end, config.train.steps):
             tracker.flush()  # Never save a state whose loss was not checked.
             run.ckpt.save(step, state, run.data.train_iter)
@@ -372,6 +505,8 @@ def _finish(run: _Run, state: train.TrainState, param_count: int, seconds: float
     for split in ("validation", "test"):
         result = run.evaluate(state.params, split)
         summary.update({f"{split}/{k}": v for k, v in result.items()})
+    if run.data.task is not None:
+        return _finish_task(run, state, summary)
     first = _first_eval(run.workdir)
     if first is not None:
         summary["validation/perplexity_at_start"] = first
@@ -395,6 +530,34 @@ def _finish(run: _Run, state: train.TrainState, param_count: int, seconds: float
     )
     if "sample" in summary:
         metrics.log(f"Greedy sample: {summary['sample']!r}")
+    return summary
+
+
+def _finish_task(run: _Run, state: train.TrainState, summary: dict[str, Any]) -> dict:
+    """Task metrics on validation and test, predictions.jsonl and summary.json of a fine-tune."""
+    task = run.data.task
+    summary["task"] = task.task.name
+    for split in ("validation", "test"):
+        scores, preds = run.task_metrics(state.params, split)
+        summary.update({f"{split}/{k}": v for k, v in scores.items()})
+        summary[f"{split}/examples"] = len(preds)
+        if task.task.kind == "generation" and "chrf" in task.task.metrics:
+            baseline = finetuning.copy_baseline(task, split)
+            summary.update({f"{split}/copy_input_{k}": v for k, v in baseline.items()})
+        if split == "test" and jax.process_index() == 0:
+            with open(os.path.join(run.workdir, "predictions_test.jsonl"), "w") as f:
+                for example, pred in zip(task.examples[split], preds):
+                    row = {"id": example.id, "prediction": pred, "target": example.target}
+                    f.write(json.dumps(row) + "\n")
+    if jax.process_index() == 0:
+        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    shown = ", ".join(f"{m} {summary[f'test/{m}']:.4g}" for m in task.task.metrics)
+    metrics.log(
+        f"Done: {task.task.name} at step {summary['step']}: test {shown} (validation "
+        + ", ".join(f"{m} {summary[f'validation/{m}']:.4g}" for m in task.task.metrics)
+        + f"). Summary: {os.path.join(run.workdir, 'summary.json')}"
+    )
     return summary
 
 

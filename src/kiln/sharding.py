@@ -34,6 +34,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("max_len", None),
     ("type_vocab", None),
     ("relpos_buckets", None),
+    ("classes", None),
 )
 _RULES = dict(RULES)
 

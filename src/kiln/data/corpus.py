@@ -14,7 +14,8 @@ from kiln.errors import KilnError
 SPLITS = ("train", "validation", "test")
 BIBLE_FILE = "bible_kjv_web.tsv.xz"
 WORDNET_FILE = "wordnet30_synsets.tsv.xz"
-SOURCES = ("bible", "bible_kjv", "bible_web", "wordnet")
+SYMPY_FILE = "sympy114_functions.jsonl.xz"
+SOURCES = ("bible", "bible_kjv", "bible_web", "wordnet", "sympy")
 _SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 
 # (path, mtime_ns, size, parser name) -> parsed rows; each row is (split, document, ...).
@@ -37,6 +38,15 @@ def default_data_dir() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parents[3] / "data"
 
 
+def data_root(data_dir: str | os.PathLike | None = None) -> tuple[pathlib.Path, str]:
+    """Return the data folder (``data_dir`` or :func:`default_data_dir`) and its origin."""
+    if data_dir is not None:
+        return pathlib.Path(data_dir).expanduser(), "data.data_dir"
+    if os.environ.get("KILN_DATA_DIR"):
+        return default_data_dir(), "the KILN_DATA_DIR environment variable"
+    return default_data_dir(), "the default, the repository's data/ folder"
+
+
 def read_documents(spec: str, split: str, data_dir: str | os.PathLike | None = None) -> list[str]:
     """Return the documents of a comma-separated list of sources that fall in one split."""
     if split not in SPLITS:
@@ -49,12 +59,7 @@ def read_documents(spec: str, split: str, data_dir: str | os.PathLike | None = N
             f"The data spec {spec!r} names no source. Give a comma-separated list of "
             f"{', '.join(SOURCES)} or paths to .txt/.jsonl files or folders of .txt files."
         )
-    if data_dir is not None:
-        root, origin = pathlib.Path(data_dir).expanduser(), "data.data_dir"
-    elif os.environ.get("KILN_DATA_DIR"):
-        root, origin = default_data_dir(), "the KILN_DATA_DIR environment variable"
-    else:
-        root, origin = default_data_dir(), "the default, the repository's data/ folder"
+    root, origin = data_root(data_dir)
     documents = []
     for name in names:
         documents.extend(_source_documents(name, split, root, origin))
@@ -69,6 +74,9 @@ def read_documents(spec: str, split: str, data_dir: str | os.PathLike | None = N
 def _source_documents(name: str, split: str, root: pathlib.Path, origin: str) -> list[str]:
     """Return the documents of one source in one split."""
     if name in SOURCES:
+        if name == "sympy":
+            rows = _load(_builtin(root, SYMPY_FILE, name, origin), _parse_sympy)
+            return [row[1] for row in rows if row[0] == split]
         if name == "wordnet":
             rows = _load(_builtin(root, WORDNET_FILE, name, origin), _parse_wordnet)
             return [row[1] for row in rows if row[0] == split]
@@ -211,6 +219,25 @@ def _parse_wordnet(path: pathlib.Path, text: str) -> list[tuple[str, ...]]:
         (split_of(f"wn:{synset}"), f"{lemmas.replace('|', ', ')} ({pos}): {gloss}")
         for _, (synset, pos, _, lemmas, gloss) in rows
     ]
+
+
+def _parse_sympy(path: pathlib.Path, text: str) -> list[tuple[str, ...]]:
+    """Return one (split, function source without its docstring) row per SymPy function.
+
+    The docstrings are code_summary's labels, so pre-training text never includes them.
+    """
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+                rows.append((_SPLIT_ALIASES[record["split"]], record["code"]))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise KilnError(
+                    f"{path}, line {number}: not a SymPy function record ({e}). Restore the"
+                    " file from the repository."
+                ) from e
+    return rows
 
 
 def _parse_txt(path: pathlib.Path, text: str) -> list[tuple[str, ...]]:

@@ -5,7 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kiln.models import bert, gpt, layers, t5
+from kiln.models import bert, gpt, heads, layers, t5
 
 # family -> (module class, the token inputs `init` needs)
 FAMILIES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
@@ -21,9 +21,19 @@ def transformer_config(model_config: Any) -> layers.TransformerConfig:
     return layers.TransformerConfig(**fields)
 
 
-def build_model(model_config: Any) -> nn.Module:
-    """The linen module for `model.family`."""
-    return FAMILIES[model_config["family"]][0](transformer_config(model_config))
+# family -> its classification-head module (t5 classifies text to text, without a head)
+CLASSIFIERS: dict[str, type[nn.Module]] = {
+    "gpt": heads.GPTClassifier,
+    "bert": heads.BertClassifier,
+}
+
+
+def build_model(model_config: Any, num_classes: int = 0) -> nn.Module:
+    """The linen module for `model.family`; with `num_classes`, its classification model."""
+    family, config = model_config["family"], transformer_config(model_config)
+    if num_classes:
+        return CLASSIFIERS[family](config, num_classes=num_classes)
+    return FAMILIES[family][0](config)
 
 
 def example_inputs(model: nn.Module, seq_len: int) -> dict[str, jnp.ndarray]:

@@ -11,16 +11,89 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kiln.errors import KilnError
 from kiln.models import layers
 from kiln.models.layers import TransformerConfig
 
 
 class GPT(nn.Module):
-    """Causal (or prefix) language model; attention never crosses document boundaries."""
+    """Causal (or prefix) language model; attention never crosses document boundaries.
+
+    `hidden` gives the final hidden states and `__call__` the logits; task heads subclass GPT
+    (see `heads.GPTClassifier`), so their parameter tree extends the pre-trained one.
+    """
 
     config: TransformerConfig
 
-    @nn.compact
+    def setup(self):
+        cfg = self.config
+        kw = dict(features=cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.token_embed = layers.Embed(cfg.vocab_size, names=("vocab", "embed"), **kw)
+        if cfg.position == "learned":
+            self.position_embed = layers.Embed(cfg.max_len, names=("max_len", "embed"), **kw)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.cache_slots = layers.CacheSlots()  # Decode mode only (the "cache" collection).
+        self.blocks = [layers.TransformerBlock(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
+        if cfg.norm_position == "pre":  # Post-LN blocks already end in a norm.
+            self.final_norm = layers.make_norm(cfg, "final_norm")
+        if not cfg.tie_embeddings:
+            self.lm_head = layers.Dense(
+                (cfg.vocab_size,),
+                ("embed", "vocab"),
+                use_bias=False,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+            )
+
+    def hidden(
+        self,
+        inputs: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        prefix_mask: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> jax.Array:
+        """Final hidden states [B, L, D]; the arguments are those of `__call__`."""
+        cfg = self.config
+        tokens_BL, segment_ids_BL, positions_BL = inputs, segment_ids, positions
+        segment_ids_BL, positions_BL = layers.segments_and_positions(
+            tokens_BL.shape, segment_ids_BL, positions_BL
+        )
+        cache_index = None
+        if decode:
+            if prefix_mask is not None:
+                raise KilnError("GPT: decode=True supports causal attention only, no prefix_mask.")
+            cache_index, positions_BL, kv_segment_ids_BS, _ = self.cache_slots(
+                segment_ids_BL, positions
+            )
+            mask_B1LS = layers.cached_causal_mask(segment_ids_BL, kv_segment_ids_BS, cache_index)
+        elif prefix_mask is None:
+            mask_B1LS = layers.causal_mask(segment_ids_BL)
+        else:
+            mask_B1LS = layers.prefix_lm_mask(segment_ids_BL, prefix_mask)
+        bias_B1LS = layers.mask_to_bias(mask_B1LS)
+
+        x_BLD = self.token_embed(tokens_BL)
+        if cfg.position == "learned":
+            x_BLD = x_BLD + self.position_embed(positions_BL)
+        x_BLD = self.embed_dropout(x_BLD, deterministic=deterministic)
+
+        rope_positions_BL = positions_BL if cfg.position == "rope" else None
+        for block in self.blocks:
+            x_BLD = block(
+                x_BLD,
+                bias_B1LS,
+                rope_positions_BL,
+                deterministic=deterministic,
+                decode=decode,
+                cache_index=cache_index,
+            )
+        if cfg.norm_position == "pre":
+            x_BLD = self.final_norm(x_BLD)
+        return nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)
+
     def __call__(
         self,
         inputs: jax.Array,
@@ -29,6 +102,7 @@ class GPT(nn.Module):
         prefix_mask: jax.Array | None = None,
         *,
         deterministic: bool = True,
+        decode: bool = False,
     ) -> jax.Array:
         """Returns float32 next-token logits [B, L, V].
 
@@ -41,48 +115,24 @@ class GPT(nn.Module):
           prefix_mask: 1 for tokens of the bidirectional prefix of their document [B, L] (prefix
             LM); None means causal everywhere.
           deterministic: disables dropout; otherwise the "dropout" rng collection is used.
+          decode: incremental decoding with a KV cache in the "cache" collection (apply with
+            `mutable=["cache"]`): the tokens extend the cached sequence, at cache slots
+            [index, index + L), and attend to every earlier slot of their segment; positions
+            None then means the slot numbers. The first decode call creates the cache with
+            S_max = L slots; see `kiln.decoding.init_cache`. Causal only (no prefix_mask).
         """
-        cfg = self.config
-        tokens_BL, segment_ids_BL, positions_BL = inputs, segment_ids, positions
-        segment_ids_BL, positions_BL = layers.segments_and_positions(
-            tokens_BL.shape, segment_ids_BL, positions_BL
+        x_BLD = self.hidden(
+            inputs,
+            segment_ids,
+            positions,
+            prefix_mask,
+            deterministic=deterministic,
+            decode=decode,
         )
-        if prefix_mask is None:
-            mask_B1LL = layers.causal_mask(segment_ids_BL)
+        if self.config.tie_embeddings:
+            logits_BLV = self.token_embed.attend(x_BLD)
         else:
-            mask_B1LL = layers.prefix_lm_mask(segment_ids_BL, prefix_mask)
-        bias_B1LL = layers.mask_to_bias(mask_B1LL)
-
-        kw = dict(features=cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        embed = layers.Embed(cfg.vocab_size, names=("vocab", "embed"), name="token_embed", **kw)
-        x_BLD = embed(tokens_BL)
-        if cfg.position == "learned":
-            pos_embed = layers.Embed(
-                cfg.max_len, names=("max_len", "embed"), name="position_embed", **kw
-            )
-            x_BLD = x_BLD + pos_embed(positions_BL)
-        x_BLD = nn.Dropout(cfg.dropout)(x_BLD, deterministic=deterministic)
-
-        rope_positions_BL = positions_BL if cfg.position == "rope" else None
-        for i in range(cfg.n_layers):
-            x_BLD = layers.TransformerBlock(cfg, name=f"block_{i}")(
-                x_BLD, bias_B1LL, rope_positions_BL, deterministic=deterministic
-            )
-        if cfg.norm_position == "pre":  # Post-LN blocks already end in a norm.
-            x_BLD = layers.make_norm(cfg, "final_norm")(x_BLD)
-        x_BLD = nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)
-
-        if cfg.tie_embeddings:
-            logits_BLV = embed.attend(x_BLD)
-        else:
-            logits_BLV = layers.Dense(
-                (cfg.vocab_size,),
-                ("embed", "vocab"),
-                use_bias=False,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                name="lm_head",
-            )(x_BLD)
+            logits_BLV = self.lm_head(x_BLD)
         logits_BLV = logits_BLV.astype(jnp.float32)
         return nn.with_logical_constraint(logits_BLV, ("act_batch", "act_length", "act_vocab"))
 

@@ -253,6 +253,62 @@ def padding_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array) -> j
     return q_segment_ids_BL[:, None, :, None] == kv_segment_ids_BS[:, None, None, :]
 
 
+def cached_causal_mask(
+    q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array, index: jax.Array
+) -> jax.Array:
+    """Boolean [B, 1, L, S] over S cache slots, for queries in slots [index, index + L).
+
+    Query t attends to slot s iff s <= index + t and both lie in the same segment, so real
+    tokens never see padding (segment 0) or unwritten slots; `causal_mask` if index = 0, S = L.
+    """
+    q_slots_L1 = index + jnp.arange(q_segment_ids_BL.shape[-1])[:, None]
+    causal_LS = jnp.arange(kv_segment_ids_BS.shape[-1]) <= q_slots_L1
+    return padding_mask(q_segment_ids_BL, kv_segment_ids_BS) & causal_LS
+
+
+def _write_slots(cache_BS: jax.Array, new_BL: jax.Array, index: jax.Array) -> jax.Array:
+    """cache_BS with new_BL written at slots [index, index + L) of axis 1."""
+    start = (0, index) + (0,) * (cache_BS.ndim - 2)
+    return jax.lax.dynamic_update_slice(cache_BS, new_BL.astype(cache_BS.dtype), start)
+
+
+class CacheSlots(nn.Module):
+    """Decode-mode bookkeeping of a stack's KV cache in the "cache" collection.
+
+    Holds `index` (the next free slot, shared by all layers) and the segment id and position of
+    every slot [B, S_max]. Each call writes its [B, L] segment ids and positions at slots
+    [index, index + L) and advances index by L; the caller must keep index + L <= S_max (a
+    write past the end is clamped by `dynamic_update_slice` and corrupts the cache).
+
+    The first call, when the cache does not exist yet, creates it with S_max = L and writes
+    nothing, so the model computes an ordinary forward pass (the flax examples' convention).
+    """
+
+    @nn.compact
+    def __call__(
+        self, segment_ids_BL: jax.Array, positions_BL: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """Returns (index before this call, positions [B, L], segment ids and positions [B, S]).
+
+        positions_BL None means the slot numbers index + arange(L): unpadded rows continuing
+        their cached sequence.
+        """
+        shape = segment_ids_BL.shape
+        exists = self.has_variable("cache", "index")
+        index = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
+        segment_ids = self.variable("cache", "segment_ids", jnp.zeros, shape, jnp.int32)
+        positions = self.variable("cache", "positions", jnp.zeros, shape, jnp.int32)
+        start = index.value if exists else jnp.zeros((), jnp.int32)
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(start + jnp.arange(shape[1]), shape)
+        if not exists:
+            return start, positions_BL, segment_ids_BL, positions_BL
+        segment_ids.value = _write_slots(segment_ids.value, segment_ids_BL, start)
+        positions.value = _write_slots(positions.value, positions_BL, start)
+        index.value = start + shape[1]
+        return start, positions_BL, segment_ids.value, positions.value
+
+
 def mask_to_bias(mask: jax.Array) -> jax.Array:
     """Boolean mask -> additive float32 bias: 0 where allowed, NEG_INF where masked."""
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
@@ -293,6 +349,8 @@ class Attention(nn.Module):
         kv_positions_BS: jax.Array | None = None,
         *,
         deterministic: bool = True,
+        decode: bool = False,
+        cache_index: jax.Array | None = None,
     ) -> jax.Array:
         """Attends queries from xq to keys/values from xkv.
 
@@ -304,6 +362,12 @@ class Attention(nn.Module):
           q_positions_BL: if given, rope is applied to q and k.
           kv_positions_BS: positions of the keys for rope; defaults to q_positions_BL.
           deterministic: disables dropout on the attention probabilities.
+          decode: self-attention with a KV cache: this call's keys (after rope) and values are
+            written to the "cache" variables `cached_key` / `cached_value` [B, S_max, K, E] at
+            slots [cache_index, cache_index + L) and the queries attend to all S_max slots, so
+            `bias` must cover [B, H, L, S_max] (see `CacheSlots`, `cached_causal_mask`). The
+            call that creates the cache sets S_max = L and attends over this call's keys only.
+          cache_index: int32 scalar, the first slot this call writes; required when decoding.
 
         Returns:
           Output [B, L, D] in the compute dtype.
@@ -318,6 +382,8 @@ class Attention(nn.Module):
             q_BLHE = apply_rope(q_BLHE, q_positions_BL, cfg.rope_theta)
             kv_pos_BS = q_positions_BL if kv_positions_BS is None else kv_positions_BS
             k_BSKE = apply_rope(k_BSKE, kv_pos_BS, cfg.rope_theta)
+        if decode:
+            k_BSKE, v_BSKE = self._cached_kv(k_BSKE, v_BSKE, cache_index)
 
         # Query head n uses kv head n // G.
         b, length = q_BLHE.shape[:2]
@@ -341,6 +407,21 @@ class Attention(nn.Module):
             out_BLHE
         )
 
+    def _cached_kv(
+        self, k_BLKE: jax.Array, v_BLKE: jax.Array, index: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Writes this call's keys/values into the cache; returns all slots [B, S_max, K, E]."""
+        exists = self.has_variable("cache", "cached_key")
+        key = self.variable("cache", "cached_key", jnp.zeros, k_BLKE.shape, k_BLKE.dtype)
+        value = self.variable("cache", "cached_value", jnp.zeros, v_BLKE.shape, v_BLKE.dtype)
+        if not exists:  # Creating the cache: S_max = L, nothing written.
+            return k_BLKE, v_BLKE
+        if index is None:
+            raise KilnError("Attention: decode=True needs cache_index.")
+        key.value = _write_slots(key.value, k_BLKE, index)
+        value.value = _write_slots(value.value, v_BLKE, index)
+        return key.value, value.value
+
 
 class TransformerBlock(nn.Module):
     """Self-attention then MLP, each a residual branch; pre-LN or post-LN per the config.
@@ -359,14 +440,19 @@ class TransformerBlock(nn.Module):
         positions_BL: jax.Array | None = None,
         *,
         deterministic: bool = True,
+        decode: bool = False,
+        cache_index: jax.Array | None = None,
     ) -> jax.Array:
         """Returns the block's output [B, L, D].
 
         Args:
           x_BLD: inputs.
-          bias: additive float32 attention bias broadcastable to [B, H, L, L] (see `Attention`).
+          bias: additive float32 attention bias broadcastable to [B, H, L, L] (see `Attention`);
+            [B, H, L, S_max] over the cache slots when decoding.
           positions_BL: if given, rope is applied with these positions.
           deterministic: disables dropout.
+          decode: self-attention reads and extends the KV cache (see `Attention`).
+          cache_index: int32 scalar, the first cache slot of this call when decoding.
         """
         cfg = self.config
         pre = cfg.norm_position == "pre"
@@ -380,7 +466,14 @@ class TransformerBlock(nn.Module):
         x_BLD = nn.with_logical_constraint(x_BLD, ACT_NAMES)
         h_BLD = norm(x_BLD, "attn") if pre else x_BLD
         h_BLD = Attention(cfg, name="attn")(
-            h_BLD, h_BLD, bias, positions_BL, positions_BL, deterministic=deterministic
+            h_BLD,
+            h_BLD,
+            bias,
+            positions_BL,
+            positions_BL,
+            deterministic=deterministic,
+            decode=decode,
+            cache_index=cache_index,
         )
         x_BLD = x_BLD + dropout(h_BLD)
         x_BLD = x_BLD if pre else norm(x_BLD, "attn")

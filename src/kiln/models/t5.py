@@ -100,16 +100,24 @@ class DecoderBlock(nn.Module):
         self,
         y_BLD: jax.Array,
         encoded_BSD: jax.Array,
-        self_bias_BHLL: jax.Array,
+        self_bias_BHLS: jax.Array,
         cross_bias_B1LS: jax.Array,
         *,
         deterministic: bool = True,
+        decode: bool = False,
+        cache_index: jax.Array | None = None,
     ) -> jax.Array:
+        """Returns [B, L, D]; when decoding, self-attention uses the KV cache (see Attention)."""
         cfg = self.config
         y_BLD = nn.with_logical_constraint(y_BLD, layers.ACT_NAMES)
         h_BLD = layers.make_norm(cfg, "pre_self_attn_norm")(y_BLD)
         h_BLD = layers.Attention(cfg, name="self_attn")(
-            h_BLD, h_BLD, self_bias_BHLL, deterministic=deterministic
+            h_BLD,
+            h_BLD,
+            self_bias_BHLS,
+            deterministic=deterministic,
+            decode=decode,
+            cache_index=cache_index,
         )
         y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
         h_BLD = layers.make_norm(cfg, "pre_cross_attn_norm")(y_BLD)
@@ -170,17 +178,37 @@ class Decoder(nn.Module):
         self,
         y_BLD: jax.Array,
         segment_ids_BL: jax.Array,
-        positions_BL: jax.Array,
+        positions_BL: jax.Array | None,
         encoded_BSD: jax.Array,
         encoder_segment_ids_BS: jax.Array,
         *,
         deterministic: bool = True,
+        decode: bool = False,
     ) -> jax.Array:
+        """Returns [B, L, D]; with decode, the targets extend the cached ones (see `T5.decode`).
+
+        positions_BL None: arange(L), or when decoding the cache slots index + arange(L).
+        """
         cfg = self.config
-        self_bias_BHLL = layers.mask_to_bias(layers.causal_mask(segment_ids_BL)) + _position_bias(
+        cache_index = None
+        if decode:
+            slots = layers.CacheSlots(name="cache_slots")
+            cache_index, positions_BL, kv_segment_ids_BS, kv_positions_BS = slots(
+                segment_ids_BL, positions_BL
+            )
+            self_mask_B1LS = layers.cached_causal_mask(
+                segment_ids_BL, kv_segment_ids_BS, cache_index
+            )
+        else:
+            _, positions_BL = layers.segments_and_positions(
+                segment_ids_BL.shape, segment_ids_BL, positions_BL
+            )
+            kv_positions_BS = positions_BL
+            self_mask_B1LS = layers.causal_mask(segment_ids_BL)
+        self_bias_BHLS = layers.mask_to_bias(self_mask_B1LS) + _position_bias(
             _relpos_table(cfg),
             positions_BL,
-            positions_BL,
+            kv_positions_BS,
             bidirectional=False,
             max_distance=cfg.relative_max_distance,
         )
@@ -190,7 +218,13 @@ class Decoder(nn.Module):
         y_BLD = nn.Dropout(cfg.dropout)(y_BLD, deterministic=deterministic)
         for i in range(cfg.n_decoder_layers or cfg.n_layers):
             y_BLD = DecoderBlock(cfg, name=f"block_{i}")(
-                y_BLD, encoded_BSD, self_bias_BHLL, cross_bias_B1LS, deterministic=deterministic
+                y_BLD,
+                encoded_BSD,
+                self_bias_BHLS,
+                cross_bias_B1LS,
+                deterministic=deterministic,
+                decode=decode,
+                cache_index=cache_index,
             )
         y_BLD = layers.make_norm(cfg, "final_norm")(y_BLD)
         y_BLD = nn.Dropout(cfg.dropout)(y_BLD, deterministic=deterministic)
@@ -257,23 +291,33 @@ class T5(nn.Module):
         decoder_positions: jax.Array | None = None,
         *,
         deterministic: bool = True,
+        decode: bool = False,
     ) -> jax.Array:
-        """Float32 logits [B, L, V] of the decoder inputs [B, L] given the encoder output."""
+        """Float32 logits [B, L, V] of the decoder inputs [B, L] given the encoder output.
+
+        With decode, the decoder's self-attention keeps a KV cache in the "cache" collection
+        (apply with `mutable=["cache"]`): the inputs extend the cached targets, at cache slots
+        [index, index + L), with the causal relative bias of the cached positions; positions
+        None then means the slot numbers. The first decode call creates the cache with S_max = L
+        slots; see `kiln.decoding.init_cache`. Cross-attention recomputes its keys and values
+        from encoded_BSD on every call.
+        """
         cfg = self.config
         encoder_segment_ids_BS, _ = layers.segments_and_positions(
             encoded_BSD.shape[:2], encoder_segment_ids, None
         )
-        segment_ids_BL, positions_BL = layers.segments_and_positions(
-            decoder_inputs.shape, decoder_segment_ids, decoder_positions
+        segment_ids_BL, _ = layers.segments_and_positions(
+            decoder_inputs.shape, decoder_segment_ids, None
         )
         y_BLD = self.token_embed(decoder_inputs)
         y_BLD = self.decoder(
             y_BLD,
             segment_ids_BL,
-            positions_BL,
+            decoder_positions,
             encoded_BSD,
             encoder_segment_ids_BS,
             deterministic=deterministic,
+            decode=decode,
         )
         if cfg.tie_embeddings:
             # T5 rescales before the tied projection, as the embedding is also the input table.

@@ -1,0 +1,462 @@
+"""Encode labeled task examples into model rows, and the fine-tuning grain datasets.
+
+The prompt is ``template`` with ``"{input}"`` replaced by the example input. Every array is int32
+except float32 ``weights``; padding is 0 (segment id 0) at the end of a row; ``segment_ids`` are 1
+on real tokens and ``positions`` count from 0. One example per row (unless packed):
+
+- classification, ``bert``: ``inputs`` = ``[CLS] prompt [SEP]``, ``segment_ids``, ``positions``
+  ``[seq_len]``; ``targets`` = label index (shape ``[]``), ``weights`` = 1.0 (shape ``[]``). The
+  model pools position 0.
+- classification, ``gpt``: the same with ``inputs`` = ``bos prompt eos``; the model pools the last
+  real position (the eos).
+- ``t5`` (both kinds; a classification target is the label name as text): ``encoder_inputs`` =
+  ``prompt eos``, ``encoder_segment_ids``, ``encoder_positions`` ``[seq_len]``;
+  ``decoder_inputs`` = ``bos target``, ``targets`` = ``target eos``, ``decoder_segment_ids``,
+  ``decoder_positions``, ``weights`` (1 on real targets) ``[target_len]``.
+- generation, ``gpt``: tokens = ``bos prompt [SEP] target eos``; ``inputs`` = tokens,
+  ``targets[t]`` = tokens[t + 1], ``weights[t]`` = 1 iff tokens[t + 1] is a target token or the
+  final eos (the first weighted position is the [SEP]), ``segment_ids``, ``positions``
+  ``[seq_len]``. Decoding prompts (:func:`generation_prompt`) end with the [SEP].
+
+Truncation keeps the start of each text: a target is cut to ``target_len`` tokens including its
+eos, then the prompt is cut so that everything fits in ``seq_len``. Every cut is counted.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from kiln.data.pipeline import process_slice
+from kiln.data.tasks import Example, Task
+from kiln.data.tokenizer import Tokenizer
+from kiln.errors import KilnError
+
+Row = dict[str, np.ndarray]
+FAMILIES = ("gpt", "bert", "t5")
+# Examples are encoded up front, so batching is cheap: one thread prefetching a few batches.
+_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+
+
+def encode(
+    task: Task,
+    family: str,
+    tokenizer: Tokenizer,
+    example: Example,
+    *,
+    seq_len: int,
+    target_len: int,
+    template: str,
+) -> tuple[Row, bool]:
+    """One example as a padded row of ``family``'s batch (module docstring), and if it was cut."""
+    (compact,), truncated = _encode_all(
+        task, family, tokenizer, [example], seq_len, target_len, template
+    )
+    batch = _pad_batch([compact], task.kind, family, seq_len, target_len)
+    return {k: v[0, ...] for k, v in batch.items()}, truncated > 0
+
+
+def generation_prompt(
+    task: Task,
+    family: str,
+    tokenizer: Tokenizer,
+    example: Example,
+    *,
+    seq_len: int,
+    max_new_tokens: int,
+    template: str,
+) -> list[int]:
+    """The ids to decode from: ``bos prompt [SEP]`` (gpt) or the encoder's ``prompt eos`` (t5).
+
+    For gpt, ``seq_len`` bounds the prompt plus the ``max_new_tokens`` generated tokens: the
+    prompt keeps its first ``seq_len - max_new_tokens - 2`` ids (with ``max_new_tokens =
+    target_len`` that is the least a training row keeps). For t5, ``seq_len`` bounds the encoder
+    input. gpt only generates for generation tasks (it classifies by pooling).
+    """
+    _check_template(template)
+    if family == "t5":
+        _check_lengths(task, family, seq_len, 2)
+        ids = tokenizer.encode(_prompt(template, example))
+        return [*ids[: seq_len - 1], tokenizer.eos_id]
+    if family != "gpt" or task.kind != "generation":
+        _check_family(task, family)
+        raise KilnError(
+            f"Family {family!r} classifies task {task.name!r} by pooling and generates nothing: "
+            "generation prompts are for generation tasks (gpt, t5) or t5 classification."
+        )
+    budget = seq_len - max_new_tokens - 2
+    if budget < 1:
+        raise KilnError(
+            f"seq_len={seq_len} leaves no room for a prompt with max_new_tokens={max_new_tokens} "
+            "(plus bos and [SEP]): raise seq_len or lower max_new_tokens."
+        )
+    ids = tokenizer.encode(_prompt(template, example))
+    return [tokenizer.bos_id, *ids[:budget], tokenizer.sep_id]
+
+
+def make_train_dataset(
+    task: Task,
+    family: str,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    *,
+    seq_len: int,
+    target_len: int,
+    template: str,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    pack: bool = False,
+) -> tuple[grain.IterDataset, int]:
+    """An endless shuffled stream of this process's rows of each global batch, and the cut count.
+
+    Examples are encoded up front (the count of truncated ones is returned), shuffled with a seed
+    mixed from ``seed`` and reshuffled every epoch, padded, batched into global batches of
+    ``global_batch_size`` rows; each process keeps its
+    :func:`~kiln.data.pipeline.process_slice`. With ``pack`` (gpt generation only) each row holds
+    as many whole examples as fit, greedily in stream order (segment ids 1, 2, ... in the row,
+    positions restart per example, an example is never split). Its iterators support
+    ``get_state()``/``set_state()``; the state survives a JSON round trip.
+
+    Raises:
+        KilnError: On no examples, a bad family, length, template or batch size, or ``pack``
+            with anything but gpt generation.
+    """
+    if not examples:
+        raise KilnError(
+            f"No training examples for task {task.name!r}: the train split (or its "
+            "low-resource subset) is empty. Check the task data and the subset size."
+        )
+    process_slice({"rows": np.zeros(global_batch_size)}, process_index, process_count)  # Checks.
+    if pack and not (family == "gpt" and task.kind == "generation"):
+        raise KilnError(
+            f"Packing is only for gpt on generation tasks, not {family} on the {task.kind} task "
+            f"{task.name!r} (one example per row is needed to pool or to align the decoder). "
+            "Turn packing off."
+        )
+    compact, truncated = _encode_all(
+        task, family, tokenizer, examples, seq_len, target_len, template
+    )
+    # grain shuffles epoch e with seed + e: mix the seed so that nearby seeds share no epochs.
+    shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    ds = grain.MapDataset.source(compact).shuffle(seed=shuffle_seed).repeat()
+    keep = functools.partial(process_slice, index=process_index, count=process_count)
+    if pack:
+        packed = _PackIterDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
+        return packed.batch(global_batch_size, drop_remainder=True).map(keep), truncated
+    pad = functools.partial(
+        _pad_batch, kind=task.kind, family=family, seq_len=seq_len, target_len=target_len
+    )
+    ds = ds.batch(global_batch_size, drop_remainder=True, batch_fn=pad).map(keep)
+    return ds.to_iter_dataset(_READ_OPTIONS), truncated
+
+
+def make_eval_batches(
+    task: Task,
+    family: str,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    *,
+    seq_len: int,
+    target_len: int,
+    template: str,
+    batch_size: int,
+) -> tuple[list[Row], int]:
+    """Every example in order, in batches of ``batch_size`` rows, and the number truncated.
+
+    The final batch is padded with all-zero rows (weight 0), so every batch has the same shape.
+    No examples give no batches.
+    """
+    if batch_size < 1:
+        raise KilnError(f"Eval batch_size={batch_size} must be >= 1.")
+    compact, truncated = _encode_all(
+        task, family, tokenizer, examples, seq_len, target_len, template
+    )
+    batches = [
+        _pad_batch(compact[i : i + batch_size], task.kind, family, seq_len, target_len, batch_size)
+        for i in range(0, len(compact), batch_size)
+    ]
+    return batches, truncated
+
+
+# ------------------------------------------------------------------------------------ encoding
+
+
+def _check_family(task: Task, family: str) -> None:
+    if family not in FAMILIES:
+        raise KilnError(f"Unknown model family {family!r}: use one of {', '.join(FAMILIES)}.")
+    if family == "bert" and task.kind == "generation":
+        raise KilnError(
+            f"Task {task.name!r} is a generation task, which an encoder (bert) cannot do: "
+            "fine-tune a gpt or t5 model on it instead."
+        )
+
+
+def _check_template(template: str) -> None:
+    if "{input}" not in template:
+        raise KilnError(
+            f"The prompt template {template!r} has no '{{input}}' placeholder, so every prompt "
+            "would be the same: put {input} where the example text goes, e.g. 'Text: {input}'."
+        )
+
+
+def _check_lengths(task: Task, family: str, seq_len: int, target_len: int) -> None:
+    """Raise unless each row has room for its special tokens plus one prompt and target token."""
+    if family == "t5":
+        need_seq, need_target = 2, 2  # prompt eos; target eos
+    elif task.kind == "generation":
+        need_seq, need_target = target_len + 3, 2  # bos prompt [SEP] target eos
+    else:
+        need_seq, need_target = 3, None  # bos/[CLS] prompt eos/[SEP]; no decoder
+    if seq_len < need_seq or (need_target is not None and target_len < need_target):
+        what = f"seq_len >= {need_seq}" + (
+            f" and target_len >= {need_target}" if need_target is not None else ""
+        )
+        raise KilnError(
+            f"seq_len={seq_len}, target_len={target_len} are too small for {family} on the "
+            f"{task.kind} task {task.name!r}: a row needs its special tokens, one prompt token "
+            "and one target token (gpt generation: room for a full target of target_len tokens "
+            f"including eos). Use {what}."
+        )
+
+
+def _prompt(template: str, example: Example) -> str:
+    return template.replace("{input}", example.input)
+
+
+def _label_index(task: Task, example: Example) -> int:
+    if example.target not in task.labels:
+        raise KilnError(
+            f"Example {example.id!r} of task {task.name!r} has label {example.target!r}, which "
+            f"is not among the task's labels {', '.join(map(repr, task.labels))}. Fix the "
+            "example or the task's label set."
+        )
+    return task.labels.index(example.target)
+
+
+def _encode_all(
+    task: Task,
+    family: str,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    seq_len: int,
+    target_len: int,
+    template: str,
+) -> tuple[list[Row], int]:
+    """Unpadded rows of ``examples`` (see :func:`_pad_batch`) and the number truncated."""
+    _check_family(task, family)
+    _check_template(template)
+    _check_lengths(task, family, seq_len, target_len)
+    prompts = tokenizer.encode_batch([_prompt(template, e) for e in examples])
+    if task.kind == "classification" and family != "t5":
+        rows = [_classifier_row(tokenizer, family, ids, seq_len) for ids in prompts]
+        for (row, _), example in zip(rows, examples):
+            row["targets"] = np.asarray(_label_index(task, example), dtype=np.int32)
+        return [row for row, _ in rows], sum(cut for _, cut in rows)
+    if task.kind == "classification":
+        label_ids = {label: tokenizer.encode(label) for label in task.labels}
+        targets = [_label_ids(task, label_ids, e, target_len) for e in examples]
+    else:
+        targets = tokenizer.encode_batch([e.target for e in examples])
+    make = _t5_row if family == "t5" else _decoder_row
+    rows = [make(tokenizer, p, t, seq_len, target_len) for p, t in zip(prompts, targets)]
+    return [row for row, _ in rows], sum(cut for _, cut in rows)
+
+
+def _label_ids(
+    task: Task, label_ids: dict[str, list[int]], example: Example, target_len: int
+) -> list[int]:
+    """The label name's ids for t5; raises if the name does not fit in ``target_len``."""
+    _label_index(task, example)
+    ids = label_ids[example.target]
+    if len(ids) + 1 > target_len:
+        raise KilnError(
+            f"The label {example.target!r} of task {task.name!r} takes {len(ids)} tokens plus "
+            f"eos, more than target_len={target_len}; cutting it could merge labels. Raise "
+            f"target_len to at least {len(ids) + 1}."
+        )
+    return ids
+
+
+def _classifier_row(
+    tokenizer: Tokenizer, family: str, ids: list[int], seq_len: int
+) -> tuple[Row, bool]:
+    """``[CLS] prompt [SEP]`` (bert) or ``bos prompt eos`` (gpt), without the label."""
+    first, last = (
+        (tokenizer.cls_id, tokenizer.sep_id)
+        if family == "bert"
+        else (tokenizer.bos_id, tokenizer.eos_id)
+    )
+    inputs = np.asarray([first, *ids[: seq_len - 2], last], dtype=np.int32)
+    return {"inputs": inputs}, len(ids) > seq_len - 2
+
+
+def _t5_row(
+    tokenizer: Tokenizer, prompt: list[int], target: list[int], seq_len: int, target_len: int
+) -> tuple[Row, bool]:
+    eos = tokenizer.eos_id
+    cut_target = target[: target_len - 1]
+    row = {
+        "encoder_inputs": np.asarray([*prompt[: seq_len - 1], eos], dtype=np.int32),
+        "decoder_inputs": np.asarray([tokenizer.bos_id, *cut_target], dtype=np.int32),
+        "targets": np.asarray([*cut_target, eos], dtype=np.int32),
+    }
+    return row, len(prompt) > seq_len - 1 or len(target) > target_len - 1
+
+
+def _decoder_row(
+    tokenizer: Tokenizer, prompt: list[int], target: list[int], seq_len: int, target_len: int
+) -> tuple[Row, bool]:
+    """``bos prompt [SEP] target eos`` with next-token targets, weighted on the completion."""
+    cut_target = target[: target_len - 1]
+    budget = seq_len - 3 - len(cut_target)
+    cut_prompt = prompt[:budget]
+    tokens = [tokenizer.bos_id, *cut_prompt, tokenizer.sep_id, *cut_target, tokenizer.eos_id]
+    sep = len(cut_prompt) + 1
+    weights = np.zeros(len(tokens), dtype=np.float32)
+    weights[sep : len(tokens) - 1] = 1.0  # Predicting each target token and the eos.
+    row = {
+        "inputs": np.asarray(tokens, dtype=np.int32),
+        "targets": np.asarray([*tokens[1:], 0], dtype=np.int32),
+        "weights": weights,
+    }
+    return row, len(prompt) > budget or len(target) > target_len - 1
+
+
+def _filled(arrays: Sequence[np.ndarray], rows: int, width: int, dtype: type) -> np.ndarray:
+    """``arrays`` left-aligned in the rows of a zero ``[rows, width]`` array."""
+    out = np.zeros((rows, width), dtype)
+    for i, values in enumerate(arrays):
+        out[i, : len(values)] = values
+    return out
+
+
+def _segments(lengths: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ids (1 on the first ``lengths[i]`` tokens of row i) and positions."""
+    positions = np.arange(width, dtype=np.int32)[None, :]
+    real = positions < np.asarray(lengths)[:, None]
+    return real.astype(np.int32), np.where(real, positions, 0).astype(np.int32)
+
+
+def _pad_batch(
+    compacts: Sequence[Row],
+    kind: str,
+    family: str,
+    seq_len: int,
+    target_len: int,
+    rows: int | None = None,
+) -> Row:
+    """A batch of the unpadded rows from :func:`_encode_all`, plus all-zero rows up to ``rows``."""
+    rows = len(compacts) if rows is None else rows
+
+    def column(key: str, width: int, dtype: type = np.int32) -> np.ndarray:
+        return _filled([c[key] for c in compacts], rows, width, dtype)
+
+    def lengths(key: str) -> list[int]:
+        return [len(c[key]) for c in compacts] + [0] * (rows - len(compacts))
+
+    if family == "t5":
+        encoder_segment_ids, encoder_positions = _segments(lengths("encoder_inputs"), seq_len)
+        decoder_segment_ids, decoder_positions = _segments(lengths("targets"), target_len)
+        return {
+            "encoder_inputs": column("encoder_inputs", seq_len),
+            "encoder_segment_ids": encoder_segment_ids,
+            "encoder_positions": encoder_positions,
+            "decoder_inputs": column("decoder_inputs", target_len),
+            "targets": column("targets", target_len),
+            "decoder_segment_ids": decoder_segment_ids,
+            "decoder_positions": decoder_positions,
+            "weights": decoder_segment_ids.astype(np.float32),
+        }
+    segment_ids, positions = _segments(lengths("inputs"), seq_len)
+    batch = {
+        "inputs": column("inputs", seq_len),
+        "segment_ids": segment_ids,
+        "positions": positions,
+    }
+    if kind == "classification":
+        batch["targets"] = np.zeros(rows, np.int32)
+        batch["targets"][: len(compacts)] = [c["targets"] for c in compacts]
+        batch["weights"] = (np.arange(rows) < len(compacts)).astype(np.float32)
+    else:
+        batch["targets"] = column("targets", seq_len)
+        batch["weights"] = column("weights", seq_len, np.float32)
+    return batch
+
+
+# ------------------------------------------------------------------------------------- packing
+
+
+def _pack(compacts: list[Row], seq_len: int) -> Row:
+    """Unpadded decoder rows of whole examples, one after the other, as one padded row."""
+    row = {key: np.zeros(seq_len, np.int32) for key in ("inputs", "targets", "segment_ids")}
+    row["positions"] = np.zeros(seq_len, np.int32)
+    row["weights"] = np.zeros(seq_len, np.float32)
+    start = 0
+    for segment, compact in enumerate(compacts, start=1):
+        end = start + len(compact["inputs"])
+        for key in ("inputs", "targets", "weights"):
+            row[key][start:end] = compact[key]
+        row["segment_ids"][start:end] = segment
+        row["positions"][start:end] = np.arange(end - start)
+        start = end
+    return row
+
+
+class _PackIterator(grain.DatasetIterator):
+    """Greedy next-fit packing; holds back the one example that did not fit in the last row.
+
+    Its state is the parent's state from before that example was read, so a restored iterator
+    reads it again: the state is the parent's, nothing else.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+        super().__init__(parent)
+        self._seq_len = seq_len
+        self._pending: Row | None = None
+        self._pending_state: dict | None = None
+
+    def __next__(self) -> Row:
+        row: list[Row] = []
+        used = 0
+        while True:
+            if self._pending is None:
+                state = self._parent.get_state()
+                try:
+                    self._pending = next(self._parent)
+                except StopIteration:
+                    if row:
+                        return _pack(row, self._seq_len)
+                    raise
+                self._pending_state = state
+            length = len(self._pending["inputs"])
+            if row and used + length > self._seq_len:
+                return _pack(row, self._seq_len)
+            row.append(self._pending)
+            used += length
+            self._pending = None
+
+    def get_state(self) -> dict:
+        if self._pending is None:
+            return self._parent.get_state()
+        return copy.deepcopy(self._pending_state)
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state)
+        self._pending = self._pending_state = None
+
+
+class _PackIterDataset(grain.IterDataset):
+    """Packs unpadded decoder rows (each at most ``seq_len`` long) into rows of ``seq_len``."""
+
+    def __init__(self, parent: grain.IterDataset, seq_len: int):
+        super().__init__(parent)
+        self._seq_len = seq_len
+
+    def __iter__(self) -> _PackIterator:
+        return _PackIterator(self._parent.__iter__(), self._seq_len)

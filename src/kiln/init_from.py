@@ -1,0 +1,167 @@
+"""Start a run from another run's checkpoint: resolve it, check the architecture, load params.
+
+The source is a workdir (its latest checkpoint, or `init_from.step`) or a checkpoint folder
+`<workdir>/checkpoints/<step>`. Parameters are matched by path: every parameter of this run
+that the source has with the same shape is loaded, unless its path matches `init_from.skip`;
+the rest (the new task's heads) keep their fresh initialisation.
+"""
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from kiln import checkpoint, config_lib, models
+from kiln.errors import KilnError
+
+# Model fields a fine-tune may set differently from the run it starts from.
+MAY_DIFFER = ("dropout", "dtype", "param_dtype")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    workdir: str
+    step: int
+    config: ml_collections.ConfigDict
+
+    @property
+    def tokenizer_path(self) -> str:
+        return os.path.join(self.workdir, "tokenizer.model")
+
+
+def resolve(init_cfg: ml_collections.ConfigDict) -> Source:
+    """The source run and step named by the `init_from` section (errors say what to fix)."""
+    path = os.path.abspath(os.path.expanduser(init_cfg.workdir))
+    step = int(init_cfg.step)
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == "checkpoints" and os.path.basename(path).isdigit():
+        path, step = os.path.dirname(parent), int(os.path.basename(path))
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise KilnError(
+            f"init_from.workdir={init_cfg.workdir!r}: no run there ({config_path} is missing)."
+            " Point it at a finished run's workdir or at <workdir>/checkpoints/<step>."
+        )
+    ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"))
+    try:
+        steps = ckpt.all_steps()
+    finally:
+        ckpt.close()
+    if not steps:
+        raise KilnError(
+            f"init_from.workdir={init_cfg.workdir!r} has no checkpoint yet; finish (or resume)"
+            " that run first."
+        )
+    if step < 0:
+        step = max(steps)
+    elif step not in steps:
+        raise KilnError(
+            f"init_from.step={step}: {path} has checkpoints at steps {sorted(steps)} only."
+        )
+    return Source(path, step, config_lib.load_json(config_path))
+
+
+def check_architecture(own: ml_collections.ConfigDict, source: Source) -> None:
+    """Fails with the list of differing model keys (dropout and dtypes may differ)."""
+    mine = {k: v for k, v in config_lib.to_dict(own).items() if k not in MAY_DIFFER}
+    theirs = {k: v for k, v in source.config.model.to_dict().items() if k not in MAY_DIFFER}
+    if mine.get("family") != theirs.get("family"):
+        raise KilnError(
+            f"init_from: {source.workdir} is a model.family={theirs.get('family')!r} run; this"
+            f" run is {mine.get('family')!r}. Start from a run of the same family."
+        )
+    changed = config_lib.diff(theirs, mine)
+    if changed:
+        raise KilnError(
+            f"init_from: this run's model section differs from {source.workdir}'s"
+            f" (source != this run): {changed}. Use the source's model section (a pipeline"
+            " copies it) or start from a matching run."
+        )
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in _leaves(tree)}
+
+
+def _leaves(tree: Any) -> list:
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for path, leaf in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return out
+
+
+def plan(source: Source, abstract_params: Any, skip: str) -> tuple[list[str], list[str], list[str]]:
+    """(loaded, fresh, unused) parameter paths: what this run takes from the source."""
+    try:
+        pattern = re.compile(skip) if skip else None
+    except re.error as e:
+        raise KilnError(f"init_from.skip={skip!r} is not a valid regex: {e}.") from e
+    source_model = models.build_model(source.config.model)
+    source_shapes = _flat(
+        nn.unbox(
+            jax.eval_shape(
+                lambda: source_model.init(
+                    jax.random.PRNGKey(0), **models.example_inputs(source_model, 8)
+                )["params"]
+            )
+        )
+    )
+    target = _flat(abstract_params)
+    loaded, fresh = [], []
+    for path, leaf in target.items():
+        if (pattern and pattern.fullmatch(path)) or path not in source_shapes:
+            fresh.append(path)
+        elif source_shapes[path].shape != leaf.shape:
+            raise KilnError(
+                f"init_from: parameter {path} has shape {source_shapes[path].shape} in"
+                f" {source.workdir} but {leaf.shape} here; add it to init_from.skip to"
+                " initialise it fresh."
+            )
+        else:
+            loaded.append(path)
+    unused = sorted(set(source_shapes) - set(loaded))
+    return loaded, fresh, unused
+
+
+def load_params(source: Source, fresh_params: Any, loaded: list[str]) -> Any:
+    """`fresh_params` with the `loaded` paths replaced by the source's values (same shardings)."""
+    flat = _flat(fresh_params)
+    abstract = {
+        path: jax.ShapeDtypeStruct(flat[path].shape, flat[path].dtype, sharding=flat[path].sharding)
+        for path in loaded
+    }
+    ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, "checkpoints"))
+    try:
+        restored = _flat(ckpt.restore_params(source.step, _nest(abstract)))
+    finally:
+        ckpt.close()
+    flat.update({path: restored[path].astype(flat[path].dtype) for path in loaded})
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(fresh_params), [flat[p] for p in _flat(fresh_params)]
+    )
+
+
+def load_state(source: Source, abstract_state: Any) -> Any:
+    """The source's whole train state (params and optimizer moments) onto this run's shardings."""
+    ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, "checkpoints"))
+    try:
+        return ckpt.restore(source.step, abstract_state)
+    except KilnError as e:
+        raise KilnError(
+            f"init_from.load='state' needs the same parameters and optimizer as the source: {e}"
+            " Use init_from.load='params' to take the parameters only."
+        ) from e
+    finally:
+        ckpt.close()

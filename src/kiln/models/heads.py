@@ -1,0 +1,86 @@
+"""Classification heads on the pre-trained bodies; their parameter trees extend the body's.
+
+`BertClassifier` pools the first token ([CLS]) through a dense + tanh `pooler`, then a linear
+`classifier`; `GPTClassifier` reads the last real token of each row (a decoder sees the whole
+input only there) through a linear `classifier`. Both leave the body's parameter names as they
+are in pre-training, so `init_from` loads the body and only the heads start fresh.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kiln.models import bert, gpt, layers
+
+
+def _classifier(cfg: layers.TransformerConfig, num_classes: int) -> layers.Dense:
+    return layers.Dense(
+        (num_classes,),
+        ("embed", "classes"),
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name="classifier",
+    )
+
+
+def last_positions(segment_ids_BL: jax.Array) -> jax.Array:
+    """Index of the last non-padding token of each row [B] (0 for an all-padding row)."""
+    length = segment_ids_BL.shape[1]
+    real_BL = segment_ids_BL != 0
+    last_from_end_B = jnp.argmax(real_BL[:, ::-1], axis=1)
+    return jnp.where(real_BL.any(axis=1), length - 1 - last_from_end_B, 0)
+
+
+class BertClassifier(bert.BERT):
+    """Sequence classification logits [B, num_classes] from the [CLS] position."""
+
+    num_classes: int = 2
+
+    def setup(self):
+        super().setup()
+        cfg = self.config
+        self.pooler = layers.Dense(
+            (cfg.d_model,), ("embed", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
+        self.pool_dropout = nn.Dropout(cfg.dropout)
+        self.classifier = _classifier(cfg, self.num_classes)
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        x_BLD = self.encode(
+            inputs, segment_ids, positions, token_type_ids, deterministic=deterministic
+        )
+        pooled_BD = jnp.tanh(self.pooler(x_BLD[:, 0]))
+        pooled_BD = self.pool_dropout(pooled_BD, deterministic=deterministic)
+        return self.classifier(pooled_BD).astype(jnp.float32)
+
+
+class GPTClassifier(gpt.GPT):
+    """Sequence classification logits [B, num_classes] from each row's last real token."""
+
+    num_classes: int = 2
+
+    def setup(self):
+        super().setup()
+        self.classifier = _classifier(self.config, self.num_classes)
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        x_BLD = self.hidden(inputs, segment_ids, positions, deterministic=deterministic)
+        segment_ids_BL, _ = layers.segments_and_positions(inputs.shape, segment_ids, positions)
+        last_B = last_positions(segment_ids_BL)
+        pooled_BD = jnp.take_along_axis(x_BLD, last_B[:, None, None], axis=1)[:, 0]
+        return self.classifier(pooled_BD).astype(jnp.float32)

@@ -1,0 +1,207 @@
+"""Pipelines: several runs in order (pre-train -> fine-tune, scratch baseline), then a comparison.
+
+A pipeline config has `stages`, a tuple of names, and one full run config per name. A stage's
+`init_from.workdir` or `tokenizer.path` may be `@<earlier stage>`. Stage `s` runs in
+`<workdir>/<s>/`; a stage whose summary.json reached its `train.steps` is skipped, an
+interrupted one resumes from its own checkpoint. Stages named `<arm>_<variant>` (e.g.
+`finetune_lr3e4`) form an arm: the comparison picks each arm's variant with the best
+validation `select` metric and reports its test metrics, so both arms are tuned alike.
+"""
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from kiln import metrics
+from kiln.errors import KilnError
+
+COMPARISON = "comparison"
+
+
+def is_pipeline(config: ml_collections.ConfigDict) -> bool:
+    return "stages" in config
+
+
+def _resolve(value: str, workdir: str, stages: list[str], done: list[str], key: str) -> str:
+    """`@stage` -> that stage's workdir (it must come earlier in the pipeline)."""
+    if not value.startswith("@"):
+        return value
+    name = value[1:]
+    if name not in stages:
+        raise KilnError(f"{key}={value!r} names no stage; stages are {stages}.")
+    if name not in done:
+        raise KilnError(f"{key}={value!r} names a stage that runs later; reorder `stages`.")
+    return os.path.join(workdir, name)
+
+
+def finished(stage_dir: str, config: ml_collections.ConfigDict) -> bool:
+    path = os.path.join(stage_dir, "summary.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("step") == config.train.steps
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs every unfinished stage in order, then writes comparison.md and comparison.json."""
+    import jax
+
+    from kiln import (
+        config_lib,
+        run,  # Imports jax: keep config-only users of this module light.
+    )
+
+    stages = list(config.stages)
+    for name in stages:  # Check every stage before the first one starts.
+        if name not in config:
+            raise KilnError(f"pipeline stage {name!r} has no config section; add config.{name}.")
+        try:
+            config_lib.validate(config[name], jax.device_count(), jax.process_count())
+        except KilnError as e:
+            raise KilnError(f"pipeline stage {name!r}: {e}") from e
+    done: list[str] = []
+    for name in stages:
+        stage = config[name]
+        stage_dir = os.path.join(workdir, name)
+        stage.init_from.workdir = _resolve(
+            stage.init_from.workdir, workdir, stages, done, f"{name}.init_from.workdir"
+        )
+        stage.tokenizer.path = _resolve(
+            stage.tokenizer.path, workdir, stages, done, f"{name}.tokenizer.path"
+        )
+        if finished(stage_dir, stage):
+            metrics.log(f"Pipeline: stage {name} already finished in {stage_dir}; skipped")
+        else:
+            metrics.log(f"Pipeline: stage {name} -> {stage_dir}")
+            summary = run.train_and_evaluate(stage, stage_dir)
+            if summary.get("step") != stage.train.steps:  # Stopped early (train.stop_after).
+                metrics.log(f"Pipeline: stopped in stage {name}; re-run to continue")
+                return summary
+        done.append(name)
+    table = comparison(config, workdir)
+    if jax.process_index() == 0:
+        write_comparison(table, workdir)
+    return table
+
+
+def _summary(workdir: str, name: str) -> dict[str, Any]:
+    with open(os.path.join(workdir, name, "summary.json")) as f:
+        return json.load(f)
+
+
+def comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Each stage's validation and test metrics, and each arm's variant chosen on validation."""
+    select = config.get("select", "")
+    rows = {}
+    for name in config.stages:
+        summary = _summary(workdir, name)
+        stage = config[name]
+        rows[name] = {
+            "task": stage.task.name or "pre-training",
+            "init_from": os.path.basename(stage.init_from.workdir) or "scratch",
+            "steps": summary["step"],
+            "metrics": {k: v for k, v in summary.items() if k.startswith(("validation/", "test/"))},
+        }
+    arms: dict[str, Any] = {}
+    if select:
+        for name, row in rows.items():
+            key = f"validation/{select}"
+            if row["task"] == "pre-training" or key not in row["metrics"]:
+                continue
+            arm = name.split("_")[0]
+            best = arms.get(arm)
+            if best is None or row["metrics"][key] > rows[best["stage"]]["metrics"][key]:
+                arms[arm] = {"stage": name}
+        for chosen in arms.values():
+            chosen["metrics"] = rows[chosen["stage"]]["metrics"]
+    table = {"select": select, "stages": rows, "arms": arms}
+    table["verdict"] = verdict(table, config.get("advice", ""))
+    return table
+
+
+def verdict(table: dict[str, Any], advice: str) -> str:
+    """One sentence: did the pre-trained arm beat scratch on the test `select` metric?"""
+    arms, select = table["arms"], table["select"]
+    if not {"finetune", "scratch"} <= set(arms):
+        return ""
+    key = f"test/{select}"
+    ours, theirs = arms["finetune"]["metrics"].get(key), arms["scratch"]["metrics"].get(key)
+    if ours is None or theirs is None:
+        return ""
+    if ours > theirs:
+        return (
+            f"Pre-training helped: test {select} {ours:.4g} fine-tuned from the pre-trained"
+            f" checkpoint vs {theirs:.4g} from scratch ({ours - theirs:+.4g})."
+        )
+    return (
+        f"Pre-training did not help at this budget: test {select} {ours:.4g} fine-tuned from the"
+        f" pre-trained checkpoint vs {theirs:.4g} from scratch. {advice}".strip()
+    )
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown(table: dict[str, Any]) -> str:
+    """The comparison as markdown: fine-tuning stages side by side, then pre-training stages."""
+    rows = table["stages"]
+    tuned = {n: r for n, r in rows.items() if r["task"] != "pre-training"}
+    lines = []
+    if tuned:
+        names = sorted(
+            {k.split("/", 1)[1] for r in tuned.values() for k in r["metrics"]} - _HIDDEN,
+            key=_metric_order,
+        )
+        head = ["stage", "init_from", "steps"] + [f"test {m}" for m in names]
+        head += [f"validation {m}" for m in names if m in _HEADLINE]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, r in tuned.items():
+            m = r["metrics"]
+            cells = [name, r["init_from"], str(r["steps"])]
+            cells += [_fmt(m.get(f"test/{k}")) for k in names]
+            cells += [_fmt(m.get(f"validation/{k}")) for k in names if k in _HEADLINE]
+            lines.append("| " + " | ".join(cells) + " |")
+    if table["arms"]:
+        lines += ["", f"Chosen on validation {table['select']} (test metrics of the chosen stage):"]
+        for arm, chosen in table["arms"].items():
+            m = chosen["metrics"]
+            shown = ", ".join(
+                f"{k.split('/', 1)[1]} {_fmt(v)}"
+                for k, v in m.items()
+                if k.startswith("test/") and k.split("/", 1)[1] in _HEADLINE
+            )
+            lines.append(f"- {arm}: {chosen['stage']}: {shown}")
+    if table.get("verdict"):
+        lines += ["", table["verdict"]]
+    pre = {n: r for n, r in rows.items() if r["task"] == "pre-training"}
+    for name, r in pre.items():
+        m = r["metrics"]
+        lines += [
+            "",
+            f"Pre-training stage {name} ({r['steps']} steps): test loss"
+            f" {_fmt(m.get('test/loss'))}, perplexity {_fmt(m.get('test/perplexity'))},"
+            f" token accuracy {_fmt(m.get('test/accuracy'))}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+_HEADLINE = ("accuracy", "macro_f1", "exact_match", "bleu", "chrf", "rouge_l")
+_HIDDEN = {"tokens", "examples", "perplexity", "token_accuracy"}
+
+
+def _metric_order(name: str) -> tuple[int, str]:
+    return (_HEADLINE.index(name) if name in _HEADLINE else len(_HEADLINE), name)
+
+
+def write_comparison(table: dict[str, Any], workdir: str) -> None:
+    with open(os.path.join(workdir, f"{COMPARISON}.json"), "w") as f:
+        json.dump(table, f, indent=2)
+    text = markdown(table)
+    with open(os.path.join(workdir, f"{COMPARISON}.md"), "w") as f:
+        f.write(text)
+    metrics.log(f"Pipeline comparison ({os.path.join(workdir, COMPARISON)}.md):\n{text}")

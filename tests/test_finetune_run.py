@@ -1,0 +1,221 @@
+"""Fine-tuning runs in-process: init_from loading, restore order, mismatches, pipelines."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from kiln import checkpoint, config_lib, init_from, models, pipelines, run, sharding, train
+from kiln.errors import KilnError
+
+pytestmark = pytest.mark.slow
+
+
+def _pretrain_config(family: str = "bert", steps: int = 2):
+    config = config_lib.load_config(f"experiments/{family}/pretrain.py:size=tiny")
+    config.data.data_dir = "data/tiny"
+    config.model.vocab_size = 512
+    config.model.max_len = 32
+    config.data.seq_len = 32
+    config.data.global_batch_size = 8
+    config.eval.batches = 1
+    config.eval.sample_prompt = ""
+    config.tokenizer.max_sentences = 2000
+    config.train.steps = steps
+    config.checkpoint.every = steps
+    return config
+
+
+def _finetune_config(pretrain, source: str, **fields):
+    config = config_lib.finetune_stage(
+        pretrain,
+        task="wn_lexname",
+        train_examples=40,
+        epochs=0.4,  # 2 steps of 8
+        lr=1e-3,
+        seq_len=32,
+        batch=8,
+        init_from=source,
+    )
+    config.tokenizer.path = source
+    config.task.eval_examples = 16
+    for dotted, value in fields.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def bert_source(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("bert_pretrain"))
+    config = _pretrain_config()
+    run.train_and_evaluate(config, workdir)
+    return workdir, config
+
+
+def _flat(tree):
+    return {
+        "/".join(str(k.key) for k in path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def test_init_from_loads_the_body_exactly_and_heads_fresh_on_another_mesh(bert_source):
+    workdir, pretrain = bert_source
+    config = _finetune_config(pretrain, workdir)
+    source = init_from.resolve(config.init_from)
+    assert source.step == 2
+    init_from.check_architecture(config.model, source)
+    model = models.build_model(config.model, num_classes=45)
+    optimizer = train.optax.adamw(1e-3)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+    mesh = sharding.make_mesh(config.mesh)
+    _, shardings = train.state_shardings(model, optimizer, mesh, 32)
+    with sharding.activation_rules(mesh):
+        fresh = jax.jit(
+            lambda: train.init_state(model, optimizer, 0, 32), out_shardings=shardings
+        )()
+    loaded, fresh_paths, unused = init_from.plan(source, fresh.params, skip="")
+    assert sorted(fresh_paths) == sorted(
+        p for p in _flat(fresh.params) if p.startswith(("pooler", "classifier"))
+    )
+    assert unused and all(p.startswith("mlm_head") for p in unused)
+    params = init_from.load_params(source, fresh.params, loaded)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    saved = _flat(ckpt.restore_raw(2)["params"])
+    ckpt.close()
+    got, initial = _flat(params), _flat(fresh.params)
+    for path in loaded:
+        np.testing.assert_array_equal(got[path], saved[path], err_msg=path)
+    for path in fresh_paths:
+        np.testing.assert_array_equal(got[path], initial[path], err_msg=path)
+    # Placed on the fine-tune's mesh: the embedding is sharded as its logical names say.
+    embedding = jax.tree_util.tree_leaves(params["token_embed"])[0]
+    assert embedding.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    # `skip` re-initialises matching body parameters too.
+    loaded2, fresh2, _ = init_from.plan(source, fresh.params, skip="block_1/.*")
+    assert any(p.startswith("block_1/") for p in fresh2)
+    assert not any(p.startswith("block_1/") for p in loaded2)
+
+
+def test_mismatches_and_bad_sources_fail_clearly(bert_source, tmp_path):
+    workdir, pretrain = bert_source
+    config = _finetune_config(pretrain, workdir)
+    config.model.d_ff = 256
+    config.model.vocab_size = 1024
+    source = init_from.resolve(config.init_from)
+    with pytest.raises(KilnError, match=r"d_ff: 512 != 256.*vocab_size: 512 != 1024"):
+        init_from.check_architecture(config.model, source)
+    gpt = _pretrain_config("gpt")
+    with pytest.raises(KilnError, match="family='bert' run"):
+        init_from.check_architecture(gpt.model, source)
+    config.init_from.workdir = str(tmp_path / "missing")
+    with pytest.raises(KilnError, match="no run there"):
+        init_from.resolve(config.init_from)
+    config.init_from.workdir = os.path.join(workdir, "checkpoints", "7")
+    with pytest.raises(KilnError, match="steps \\[2\\] only"):
+        init_from.resolve(config.init_from)
+
+
+def _log_lines(capsys):
+    return capsys.readouterr().out
+
+
+def test_finetune_starts_at_step_0_and_resumes_its_own_checkpoint(bert_source, tmp_path, capsys):
+    workdir, pretrain = bert_source
+    target = str(tmp_path / "ft")
+    config = _finetune_config(pretrain, workdir, train__stop_after=1, checkpoint__every=1)
+    result = run.train_and_evaluate(config, target)
+    assert result == {"step": 1}
+    out = _log_lines(capsys)
+    assert f"init_from {os.path.abspath(workdir)} step 2" in out
+    config.train.stop_after = 0
+    summary = run.train_and_evaluate(config, target)
+    out = _log_lines(capsys)
+    assert "resuming from this workdir's checkpoint at step 1" in out
+    assert "init_from" not in out.split("Restore:")[1].split("\n")[0]
+    assert summary["step"] == 2 and summary["task"] == "wn_lexname"
+    assert 0.0 <= summary["test/accuracy"] <= 1.0 and "test/macro_f1" in summary
+    rows = [json.loads(line) for line in open(os.path.join(target, "metrics.jsonl"))]
+    lr_at_1 = next(r["train/lr"] for r in rows if r["step"] == 1 and "train/lr" in r)
+    assert lr_at_1 == 0.0  # The schedule restarts: warmup from 0, not the source's step 2.
+    # Uninterrupted, the same fine-tune ends with the same test metrics.
+    again = run.train_and_evaluate(config, str(tmp_path / "ft2"))
+    for key in ("test/accuracy", "test/macro_f1", "test/loss"):
+        assert again[key] == summary[key], key
+
+
+def _pipeline(**finetune_fields):
+    pretrain = _pretrain_config()
+    stages = {
+        "pretrain": pretrain,
+        "finetune": _finetune_config(pretrain, "@pretrain", **finetune_fields),
+        "scratch": _finetune_config(pretrain, ""),
+    }
+    stages["scratch"].tokenizer.path = "@pretrain"
+    config = config_lib.pipeline(stages, select="accuracy")
+    config.lock()
+    return config
+
+
+def test_pipeline_resumes_between_and_within_stages(tmp_path):
+    straight = pipelines.run_pipeline(_pipeline(), str(tmp_path / "a"))
+    split = _pipeline(train__stop_after=1, checkpoint__every=1)
+    stopped = pipelines.run_pipeline(split, str(tmp_path / "b"))
+    assert stopped == {"step": 1}
+    assert not (tmp_path / "b" / "comparison.json").exists()
+    split.finetune.train.stop_after = 0
+    resumed = pipelines.run_pipeline(split, str(tmp_path / "b"))
+    for name in ("pretrain", "finetune", "scratch"):
+        assert resumed["stages"][name]["metrics"] == straight["stages"][name]["metrics"], name
+    assert set(resumed["arms"]) == {"finetune", "scratch"}
+    text = (tmp_path / "b" / "comparison.md").read_text()
+    assert "| finetune | pretrain | 2 |" in text and "| scratch | scratch | 2 |" in text
+    saved = json.loads((tmp_path / "b" / "comparison.json").read_text())
+    assert saved["stages"]["finetune"]["metrics"]["test/accuracy"] == pytest.approx(
+        straight["stages"]["finetune"]["metrics"]["test/accuracy"]
+    )
+
+
+def test_bert_classifier_tree_extends_the_pretrained_tree():
+    config = _pretrain_config()
+    lm = models.build_model(config.model)
+    clf = models.build_model(config.model, num_classes=5)
+
+    def paths(model):
+        init = lambda: model.init(jax.random.PRNGKey(0), **models.example_inputs(model, 8))  # noqa: E731
+        tree = nn.unbox(jax.eval_shape(init)["params"])
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {"/".join(str(k.key) for k in path) for path, _ in leaves}
+
+    lm_paths, clf_paths = paths(lm), paths(clf)
+    assert {p for p in lm_paths - clf_paths} == {p for p in lm_paths if p.startswith("mlm_head")}
+    assert {p.split("/")[0] for p in clf_paths - lm_paths} == {"pooler", "classifier"}
+
+
+@pytest.mark.parametrize(
+    "family, task, metric",
+    [
+        ("gpt", "kjv2web", "chrf"),
+        ("t5", "wn_lexname", "macro_f1"),
+        ("gpt", "bible_genre", "macro_f1"),
+    ],
+)
+def test_finetune_of_each_family_scores_its_task(family, task, metric, tmp_path):
+    source = str(tmp_path / "pretrain")
+    pretrain = _pretrain_config(family)
+    run.train_and_evaluate(pretrain, source)
+    config = _finetune_config(pretrain, source)
+    config.task.name = task
+    config.task.target_len = 16
+    config.task.eval_examples = 8
+    summary = run.train_and_evaluate(config, str(tmp_path / "ft"))
+    assert summary["step"] == 2 and summary["test/examples"] == 8
+    assert np.isfinite(summary[f"test/{metric}"]) and np.isfinite(summary["test/loss"])
+    rows = [json.loads(line) for line in open(tmp_path / "ft" / "predictions_test.jsonl")]
+    assert len(rows) == 8 and all(isinstance(r["prediction"], str) for r in rows)
+    if task == "kjv2web":  # The copy-the-input baseline is reported next to the model.
+        assert 0 < summary["test/copy_input_chrf"] <= 100
