@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-FAMILY ?= gpt
+PIPELINE ?= bert_wn_lexname
 RUNS ?= runs
 
 .PHONY: quickstart test lint format clean
@@ -16,10 +16,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# Pre-train a tiny BERT, fine-tune it on wn_lexname, fine-tune the same from scratch, compare.
+# Other pipelines: make quickstart PIPELINE=t5_kjv2web (or gpt_code_summary).
 quickstart: $(STAMP)
-	rm -rf $(RUNS)/quickstart_$(FAMILY)
-	$(BIN)/python -m kiln.main --config experiments/$(FAMILY)/pretrain.py:size=tiny \
-		--workdir $(RUNS)/quickstart_$(FAMILY)
+	rm -rf $(RUNS)/quickstart_$(PIPELINE)
+	$(BIN)/python -m kiln.main --config experiments/pipelines/$(PIPELINE).py:size=tiny \
+		--workdir $(RUNS)/quickstart_$(PIPELINE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests

@@ -219,3 +219,26 @@ def test_finetune_of_each_family_scores_its_task(family, task, metric, tmp_path)
     assert len(rows) == 8 and all(isinstance(r["prediction"], str) for r in rows)
     if task == "kjv2web":  # The copy-the-input baseline is reported next to the model.
         assert 0 < summary["test/copy_input_chrf"] <= 100
+
+
+def test_finetune_config_on_user_jsonl_data(bert_source, tmp_path):
+    workdir, _ = bert_source
+    path = tmp_path / "mine.jsonl"
+    words = ["alpha", "beta", "gamma", "delta"]
+    with open(path, "w") as f:
+        for i in range(200):
+            label = "even" if i % 2 == 0 else "odd"
+            f.write(json.dumps({"id": f"x{i}", "text": f"{words[i % 4]} item {i}", "label": label}))
+            f.write("\n")
+    config = config_lib.load_config(
+        f"experiments/finetune.py:from={workdir},task=jsonl,path={path},epochs=0.1,batch=8,"
+        "seq_len=16"
+    )
+    assert config.model.to_dict() == config_lib.load_json(f"{workdir}/config.json").model.to_dict()
+    summary = run.train_and_evaluate(config, str(tmp_path / "ft"))
+    assert summary["task"] == "jsonl" and summary["step"] == config.train.steps
+    assert summary["test/examples"] + summary["validation/examples"] > 0
+    assert 0.0 <= summary["test/accuracy"] <= 1.0
+    assert (tmp_path / "ft" / "tokenizer.model").read_bytes() == (
+        open(f"{workdir}/tokenizer.model", "rb").read()
+    )

@@ -22,7 +22,7 @@ from kiln import config_lib
 #        pretrain batch, fine-tuning epochs, fine-tuning lrs)
 SIZES = {
     "tiny": (128, 2, 4, 512, 2048, 700, 2e-3, 0.15, 32, 3, (1e-3,)),
-    "cpu": (128, 2, 4, 512, 4096, 6000, 3e-3, 0.40, 32, 4, (3e-4, 1e-3, 3e-3)),
+    "cpu": (128, 2, 4, 512, 2048, 5000, 3e-3, 0.40, 32, 10, (3e-4, 1e-3, 3e-3)),
     "gpu": (512, 4, 8, 2048, 8192, 30_000, 1e-3, 0.40, 256, 4, (1e-4, 3e-4, 1e-3)),
 }
 TRAIN_EXAMPLES = 5_000

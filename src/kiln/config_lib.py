@@ -345,7 +345,11 @@ def finetune_stage(
     from-scratch baseline with the same budget (`epochs` over `train_examples`). Heads that
     pre-training had and the task replaces are skipped by name (`skip`, a regex).
     """
-    c = ml_collections.ConfigDict(pretrain.to_dict())
+    # Today's defaults, overlaid with the source's values: a run written by an older kiln
+    # still gets every section.
+    c = run_sections(seq_len=seq_len, batch=batch, steps=1, lr=lr, objective="")
+    c.model = model_section(pretrain.model.family)
+    _overlay(c, pretrain.to_dict())
     c.seed = pretrain.seed if seed is None else seed
     c.tokenizer.path = "@pretrain"
     c.data.seq_len = seq_len
@@ -365,6 +369,17 @@ def finetune_stage(
     c.init_from.workdir = init_from
     c.init_from.skip = skip
     return c
+
+
+def _overlay(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
+    """Sets the fields of `config` that `values` has (nested), ignoring unknown keys."""
+    for key, value in values.items():
+        if key not in config:
+            continue
+        if isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
+            _overlay(config[key], value)
+        else:
+            config[key] = value
 
 
 def pipeline(

@@ -248,3 +248,17 @@ def test_build_data_check_fails_on_corrupted_copy(tmp_path):
     result = build_data("--check", "--data-dir", str(tmp_path))
     assert result.returncode == 1
     assert corpus.BIBLE_FILE in result.stderr and corpus.WORDNET_FILE not in result.stderr
+
+
+def test_sympy_source_is_code_without_docstrings():
+    records = [
+        json.loads(line)
+        for line in lzma.open(corpus.default_data_dir() / corpus.SYMPY_FILE, "rt")
+        if line.strip()
+    ]
+    train = corpus.read_documents("sympy", "train")
+    assert len(train) == 6009 and len(corpus.read_documents("sympy", "test")) == 869
+    assert train == [r["code"] for r in records if r["split"] == "train"]
+    # The summaries are code_summary's labels: the docstrings never reach pre-training.
+    docstrings = [r["prompt"].split('"""')[1] for r in records[:200] if '"""' in r["prompt"]]
+    assert docstrings and not any(d in doc for d in docstrings for doc in train[:200])
