@@ -295,6 +295,7 @@ def run_sections(
     c.task.train_examples = 0  # low-resource subset: the first N by md5 of the id; 0 = all
     c.task.target_len = 32  # target tokens kept (and generated) per example
     c.task.pack = False  # gpt generation: pack several examples per row
+    c.task.pooling = ""  # classifier head input: bert cls | mean, gpt last | mean; "" = first
     c.task.eval_examples = 0  # validation/test examples scored at the end; 0 = all
 
     c.train = ml_collections.ConfigDict()

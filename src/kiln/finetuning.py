@@ -6,7 +6,6 @@ tasks are decoded greedily with the KV cache, then scored with `task_metrics`.
 """
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -123,17 +122,16 @@ def predictions(
     params: Any,
     tok: tokenizer_lib.Tokenizer,
     split: str,
-    predict_classes: Callable[[Any, str], list[int]],
+    classes: list[int],
 ) -> list[str]:
     """The model's answer for every scored example of `split`, as text.
 
-    `predict_classes(params, split)` gives the argmax class of every row of the split's eval
-    batches (the run computes it on its mesh).
+    `classes` is a classifier head's argmax class of every row of the split's eval batches
+    (the run's eval pass computes it); generation tasks decode greedily instead.
     """
     task, examples = data.task, data.examples[split]
     if uses_head(config, task):
-        classes = predict_classes(params, split)[: len(examples)]
-        return [task.labels[i] for i in classes]
+        return [task.labels[i] for i in classes[: len(examples)]]
     new_tokens = config.task.target_len
     prompts = [
         finetune.generation_prompt(
@@ -166,10 +164,10 @@ def score(
     params: Any,
     tok: tokenizer_lib.Tokenizer,
     split: str,
-    predict_classes: Callable[[Any, str], list[int]],
+    classes: list[int],
 ) -> tuple[dict[str, float], list[str]]:
-    """(task metrics, predictions) of `split`."""
-    preds = predictions(config, data, model, params, tok, split, predict_classes)
+    """(task metrics, predictions) of `split`; `classes` as in `predictions`."""
+    preds = predictions(config, data, model, params, tok, split, classes)
     refs = [example.target for example in data.examples[split]]
     return task_metrics.compute(data.task.metrics, preds, refs, data.task.labels), preds
 

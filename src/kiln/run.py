@@ -200,20 +200,27 @@ def to_global(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rows: int) 
     }
 
 
-def evaluate(eval_step: Any, params: Any, batches: list, mesh: Any, rows: int) -> dict[str, float]:
-    """Perplexity and token accuracy over fixed batches (sums first, then one division)."""
+def evaluate(
+    eval_step: Any, params: Any, batches: list, mesh: Any, rows: int
+) -> tuple[dict[str, float], list[int]]:
+    """Perplexity and token accuracy over fixed batches (sums first, then one division), and a
+    classifier's predicted class of every row (empty for language models)."""
     totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+    classes: list[int] = []
     for batch in batches:
-        sums = jax.device_get(eval_step(params, to_global(batch, mesh, rows)))
-        totals = {k: totals[k] + float(sums[k]) for k in totals}
+        out = jax.device_get(eval_step(params, to_global(batch, mesh, rows)))
+        totals = {k: totals[k] + float(out[k]) for k in totals}
+        if "classes" in out:
+            classes.extend(np.asarray(out["classes"]).tolist())
     tokens = max(totals["weight_sum"], 1.0)
     loss = totals["loss_sum"] / tokens
-    return {
+    result = {
         "loss": loss,
         "perplexity": math.exp(min(loss, 80.0)),
         "accuracy": totals["correct_sum"] / tokens,
         "tokens": totals["weight_sum"],
     }
+    return result, classes
 
 
 def greedy_sample(model: Any, params: Any, tok: Any, prompt: str, new_tokens: int, max_len: int):
@@ -286,6 +293,7 @@ class _StepMetrics:
 
 
 def _log_eval(writer: metrics.MetricsWriter, step: int, split: str, result: dict) -> None:
+    result = {k: v for k, v in result.items() if k != "predictions"}
     writer.write(step, {f"{split}/{k}": v for k, v in result.items()})
     shown = [f"loss {result['loss']:.4f}", f"perplexity {result['perplexity']:.2f}"]
     shown += [f"{k} {v:.3f}" for k, v in result.items() if k not in _NOT_SHOWN]
@@ -297,11 +305,9 @@ _NOT_SHOWN = ("loss", "perplexity", "tokens")
 
 def _validate(run: "_Run", params: Any) -> dict[str, float]:
     """Validation loss metrics, plus the task metrics when they are cheap (a classifier head)."""
-    result = run.evaluate(params, "validation")
     task = run.data.task
-    if task is not None and finetuning.uses_head(run.config, task.task):
-        result.update(run.task_metrics(params, "validation")[0])
-    return result
+    cheap = task is not None and finetuning.uses_head(run.config, task.task)
+    return run.evaluate(params, "validation", with_task=cheap)
 
 
 @dataclasses.dataclass
@@ -321,46 +327,29 @@ class _Run:
     ckpt: checkpoint.Checkpointer
     writer: metrics.MetricsWriter
     source: init_from.Source | None = None
-    _classes_fn: Any = None
 
-    def evaluate(self, params: Any, split: str) -> dict[str, float]:
+    def evaluate(self, params: Any, split: str, with_task: bool = False) -> dict[str, Any]:
+        """Loss metrics of a split; with `with_task`, a fine-tune's task metrics too (one pass
+        for a classifier head) and the predictions under the key "predictions"."""
         batches = self.data.validation if split == "validation" else self.data.test
-        result = evaluate(
+        result, classes = evaluate(
             self.eval_step, params, batches, self.mesh, self.config.data.global_batch_size
         )
-        if self.data.task is not None:  # Task metrics carry the plain names (accuracy, ...).
-            result["token_accuracy"] = result.pop("accuracy")
-        return result
-
-    def predict_classes(self, params: Any, split: str) -> list[int]:
-        """Argmax class of every row of the split's eval batches, in order (all processes)."""
-        if self._classes_fn is None:
-            labels = train.LABEL_KEYS
-
-            def classes(p: Any, batch: dict) -> jax.Array:
-                inputs = {k: v for k, v in batch.items() if k not in labels}
-                return jnp.argmax(self.model.apply({"params": p}, **inputs), axis=-1)
-
-            self._classes_fn = train._bound(jax.jit(classes), self.mesh)
-        batches = self.data.validation if split == "validation" else self.data.test
-        out: list[int] = []
-        for batch in batches:
-            rows = self._classes_fn(
-                params, to_global(batch, self.mesh, self.config.data.global_batch_size)
+        if self.data.task is None:
+            return result
+        result["token_accuracy"] = result.pop("accuracy")  # Task metrics carry plain names.
+        if with_task:
+            scores, preds = finetuning.score(
+                self.config,
+                self.data.task,
+                self.model,
+                params,
+                self.data.tokenizer,
+                split,
+                classes,
             )
-            out.extend(np.asarray(multihost_utils.process_allgather(rows, tiled=True)).tolist())
-        return out
-
-    def task_metrics(self, params: Any, split: str) -> tuple[dict[str, float], list[str]]:
-        return finetuning.score(
-            self.config,
-            self.data.task,
-            self.model,
-            params,
-            self.data.tokenizer,
-            split,
-            self.predict_classes,
-        )
+            result.update(scores, predictions=preds)
+        return result
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -380,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             init_from.check_architecture(config.model, source)
         data = prepare_data(config, workdir, source)
         classes = finetuning.num_classes(config, data.task.task) if data.task else 0
-        model = models.build_model(config.model, classes)
+        model = models.build_model(config.model, classes, config.task.pooling)
         schedule = optim.make_schedule(config.optim, config.train.steps)
         optimizer = optim.make_optimizer(config.optim, config.train.steps, config.model.n_layers)
         mesh = sharding.make_mesh(config.mesh)
@@ -465,6 +454,7 @@ def _loop(run: _Run) -> dict[str, Any]:
     param_count = sum(x.size for x in jax.tree.leaves(state.params))
     metrics.log(f"Model: {config.model.family}, {param_count:,} parameters")
     start = int(state.step)
+    last_eval: tuple[int, dict] | None = None  # (step, validation result) of the last eval
     if start == 0:
         _log_eval(run.writer, 0, "validation", _validate(run, state.params))
     shapes = {k: v.shape for k, v in run.data.validation[0].items()}
@@ -482,7 +472,8 @@ def _loop(run: _Run) -> dict[str, Any]:
         tracker.push(step, step_metrics)
         if step % config.eval.every == 0 or step == config.train.steps:
             tracker.flush()
-            _log_eval(run.writer, step, "validation", _validate(run, state.params))
+            last_eval = (step, _validate(run, state.params))
+            _log_eval(run.writer, step, "validation", last_eval[1])
         if step % config.checkpoint.every == 0 or step in (end, config.train.steps):
             tracker.flush()  # Never save a state whose loss was not checked.
             run.ckpt.save(step, state, run.data.train_iter)
@@ -491,22 +482,37 @@ def _loop(run: _Run) -> dict[str, Any]:
     if end < config.train.steps:
         metrics.log(f"Stopped at step {end} (train.stop_after); re-run the command to continue.")
         return {"step": end}
-    return _finish(run, state, param_count, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return _finish(run, state, param_count, seconds, last_eval)
 
 
-def _finish(run: _Run, state: train.TrainState, param_count: int, seconds: float) -> dict:
+def _finish(
+    run: _Run,
+    state: train.TrainState,
+    param_count: int,
+    seconds: float,
+    last_eval: tuple[int, dict] | None,
+) -> dict:
     """Final validation and test metrics, an optional greedy sample, summary.json."""
     config = run.config
+    step = int(state.step)
     summary: dict[str, Any] = {
-        "step": int(state.step),
+        "step": step,
         "parameters": int(param_count),
         "train_seconds_this_session": seconds,
     }
+    task = run.data.task
+    predictions: dict[str, list[str]] = {}
     for split in ("validation", "test"):
-        result = run.evaluate(state.params, split)
+        reuse = split == "validation" and last_eval is not None and last_eval[0] == step
+        if reuse and (task is None or finetuning.uses_head(config, task.task)):
+            result = dict(last_eval[1])  # The loop evaluated this very state already.
+        else:
+            result = run.evaluate(state.params, split, with_task=task is not None)
+        predictions[split] = result.pop("predictions", [])
         summary.update({f"{split}/{k}": v for k, v in result.items()})
-    if run.data.task is not None:
-        return _finish_task(run, state, summary)
+    if task is not None:
+        return _finish_task(run, summary, predictions["test"])
     first = _first_eval(run.workdir)
     if first is not None:
         summary["validation/perplexity_at_start"] = first
@@ -533,22 +539,20 @@ def _finish(run: _Run, state: train.TrainState, param_count: int, seconds: float
     return summary
 
 
-def _finish_task(run: _Run, state: train.TrainState, summary: dict[str, Any]) -> dict:
-    """Task metrics on validation and test, predictions.jsonl and summary.json of a fine-tune."""
+def _finish_task(run: _Run, summary: dict[str, Any], test_predictions: list[str]) -> dict:
+    """A fine-tune's summary.json (task metrics included) and predictions_test.jsonl."""
     task = run.data.task
     summary["task"] = task.task.name
     for split in ("validation", "test"):
-        scores, preds = run.task_metrics(state.params, split)
-        summary.update({f"{split}/{k}": v for k, v in scores.items()})
-        summary[f"{split}/examples"] = len(preds)
+        summary[f"{split}/examples"] = len(task.examples[split])
         if task.task.kind == "generation" and "chrf" in task.task.metrics:
             baseline = finetuning.copy_baseline(task, split)
             summary.update({f"{split}/copy_input_{k}": v for k, v in baseline.items()})
-        if split == "test" and jax.process_index() == 0:
-            with open(os.path.join(run.workdir, "predictions_test.jsonl"), "w") as f:
-                for example, pred in zip(task.examples[split], preds):
-                    row = {"id": example.id, "prediction": pred, "target": example.target}
-                    f.write(json.dumps(row) + "\n")
+    if jax.process_index() == 0:
+        with open(os.path.join(run.workdir, "predictions_test.jsonl"), "w") as f:
+            for example, pred in zip(task.examples["test"], test_predictions):
+                row = {"id": example.id, "prediction": pred, "target": example.target}
+                f.write(json.dumps(row) + "\n")
     if jax.process_index() == 0:
         with open(os.path.join(run.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -149,9 +149,13 @@ def train_step(
 
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
-    """Loss, correct-prediction and token sums for one batch (add them up over batches)."""
+    """Loss, correct-prediction and token sums for one batch (add them up over batches); a
+    classifier (logits [B, C]) also returns each row's predicted class as `classes`."""
     logits = apply_model(model, params, batch, None)
-    return losses.cross_entropy_sums(logits, batch["targets"], batch["weights"])
+    out = losses.cross_entropy_sums(logits, batch["targets"], batch["weights"])
+    if logits.ndim == 2:
+        out["classes"] = jnp.argmax(logits, axis=-1)
+    return out
 
 
 def jit_steps(

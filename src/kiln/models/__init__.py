@@ -5,6 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kiln.errors import KilnError
 from kiln.models import bert, gpt, heads, layers, t5
 
 # family -> (module class, the token inputs `init` needs)
@@ -28,11 +29,21 @@ CLASSIFIERS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(model_config: Any, num_classes: int = 0) -> nn.Module:
-    """The linen module for `model.family`; with `num_classes`, its classification model."""
+POOLING = {"gpt": ("last", "mean"), "bert": ("cls", "mean")}  # the first is the default
+
+
+def build_model(model_config: Any, num_classes: int = 0, pooling: str = "") -> nn.Module:
+    """The linen module for `model.family`; with `num_classes`, its classification model
+    (`pooling` "" = the family's default, see `POOLING`)."""
     family, config = model_config["family"], transformer_config(model_config)
     if num_classes:
-        return CLASSIFIERS[family](config, num_classes=num_classes)
+        choices = POOLING[family]
+        if pooling and pooling not in choices:
+            raise KilnError(
+                f"task.pooling={pooling!r} is not available for model.family={family!r}; use"
+                f' one of {list(choices)} (or "" for {choices[0]!r}).'
+            )
+        return CLASSIFIERS[family](config, num_classes=num_classes, pooling=pooling or choices[0])
     return FAMILIES[family][0](config)
 
 

@@ -31,10 +31,20 @@ def last_positions(segment_ids_BL: jax.Array) -> jax.Array:
     return jnp.where(real_BL.any(axis=1), length - 1 - last_from_end_B, 0)
 
 
+def mean_pool(x_BLD: jax.Array, segment_ids_BL: jax.Array | None) -> jax.Array:
+    """Mean of the hidden states of each row's real tokens [B, D]."""
+    if segment_ids_BL is None:
+        return x_BLD.mean(axis=1)
+    real_BL1 = (segment_ids_BL != 0)[..., None].astype(x_BLD.dtype)
+    return (x_BLD * real_BL1).sum(axis=1) / jnp.maximum(real_BL1.sum(axis=1), 1.0)
+
+
 class BertClassifier(bert.BERT):
-    """Sequence classification logits [B, num_classes] from the [CLS] position."""
+    """Sequence classification logits [B, num_classes] from the [CLS] position (`pooling="cls"`,
+    BERT's choice) or the mean over the row's real tokens (`pooling="mean"`)."""
 
     num_classes: int = 2
+    pooling: str = "cls"
 
     def setup(self):
         super().setup()
@@ -57,15 +67,18 @@ class BertClassifier(bert.BERT):
         x_BLD = self.encode(
             inputs, segment_ids, positions, token_type_ids, deterministic=deterministic
         )
-        pooled_BD = jnp.tanh(self.pooler(x_BLD[:, 0]))
+        first_BD = x_BLD[:, 0] if self.pooling == "cls" else mean_pool(x_BLD, segment_ids)
+        pooled_BD = jnp.tanh(self.pooler(first_BD))
         pooled_BD = self.pool_dropout(pooled_BD, deterministic=deterministic)
         return self.classifier(pooled_BD).astype(jnp.float32)
 
 
 class GPTClassifier(gpt.GPT):
-    """Sequence classification logits [B, num_classes] from each row's last real token."""
+    """Sequence classification logits [B, num_classes] from each row's last real token
+    (`pooling="last"`, the one that has seen the whole input) or the mean (`pooling="mean"`)."""
 
     num_classes: int = 2
+    pooling: str = "last"
 
     def setup(self):
         super().setup()
@@ -81,6 +94,9 @@ class GPTClassifier(gpt.GPT):
     ) -> jax.Array:
         x_BLD = self.hidden(inputs, segment_ids, positions, deterministic=deterministic)
         segment_ids_BL, _ = layers.segments_and_positions(inputs.shape, segment_ids, positions)
-        last_B = last_positions(segment_ids_BL)
-        pooled_BD = jnp.take_along_axis(x_BLD, last_B[:, None, None], axis=1)[:, 0]
+        if self.pooling == "mean":
+            pooled_BD = mean_pool(x_BLD, segment_ids_BL)
+        else:
+            last_B = last_positions(segment_ids_BL)
+            pooled_BD = jnp.take_along_axis(x_BLD, last_B[:, None, None], axis=1)[:, 0]
         return self.classifier(pooled_BD).astype(jnp.float32)
