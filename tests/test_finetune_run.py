@@ -8,7 +8,17 @@ import jax
 import numpy as np
 import pytest
 
-from kiln import checkpoint, config_lib, init_from, models, pipelines, run, sharding, train
+from kiln import (
+    checkpoint,
+    config_lib,
+    init_from,
+    models,
+    optim,
+    pipelines,
+    run,
+    sharding,
+    train,
+)
 from kiln.errors import KilnError
 
 pytestmark = pytest.mark.slow
@@ -56,9 +66,13 @@ def bert_source(tmp_path_factory):
     return workdir, config
 
 
+def _key(k) -> str:
+    return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+
+
 def _flat(tree):
     return {
-        "/".join(str(k.key) for k in path): np.asarray(leaf)
+        "/".join(_key(k) for k in path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
 
@@ -242,3 +256,26 @@ def test_finetune_config_on_user_jsonl_data(bert_source, tmp_path):
     assert (tmp_path / "ft" / "tokenizer.model").read_bytes() == (
         open(f"{workdir}/tokenizer.model", "rb").read()
     )
+
+
+def test_init_from_full_state_continues_pretraining_from_step_0(bert_source, tmp_path, capsys):
+    workdir, pretrain = bert_source
+    config = _pretrain_config(steps=1)
+    config.init_from.workdir = workdir
+    config.init_from.load = "state"
+    source = init_from.resolve(config.init_from)
+    model = models.build_model(config.model)
+    optimizer = optim.make_optimizer(config.optim, config.train.steps, config.model.n_layers)
+    mesh = sharding.make_mesh(config.mesh)
+    abstract, shardings = train.state_shardings(model, optimizer, mesh, 32)
+    state = init_from.load_state(source, checkpoint.abstract_like(abstract, shardings))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    saved = ckpt.restore_raw(2)
+    ckpt.close()
+    got, want = _flat(state.opt_state), _flat(saved["opt_state"])
+    assert got.keys() == want.keys() and len(got) > 2
+    for path in got:
+        np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+    summary = run.train_and_evaluate(config, str(tmp_path / "continued"))
+    assert summary["step"] == 1
+    assert "full state (parameters and optimizer moments)" in capsys.readouterr().out
