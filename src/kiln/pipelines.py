@@ -155,7 +155,7 @@ def markdown(table: dict[str, Any]) -> str:
     if tuned:
         names = sorted(
             {k.split("/", 1)[1] for r in tuned.values() for k in r["metrics"]} - _HIDDEN,
-            key=_metric_order,
+            key=lambda m: (m != table["select"], *_metric_order(m)),
         )
         head = ["stage", "init_from", "steps"] + [f"test {m}" for m in names]
         head += [f"validation {m}" for m in names if m in _HEADLINE]
@@ -175,7 +175,7 @@ def markdown(table: dict[str, Any]) -> str:
                 for k, v in m.items()
                 if k.startswith("test/") and k.split("/", 1)[1] in _HEADLINE
             )
-            lines.append(f"- {arm}: {chosen['stage']}: {shown}")
+            lines.append(f"- {arm} arm -> stage {chosen['stage']}: {shown}")
     if table.get("verdict"):
         lines += ["", table["verdict"]]
     pre = {n: r for n, r in rows.items() if r["task"] == "pre-training"}
