@@ -8,7 +8,9 @@ the [SEP] token; completion = the first paragraph of its docstring; the loss is 
 completion only; from `pretrain`'s checkpoint) and `scratch` (the same from random
 initialisation). Scored by greedy decoding with the KV cache: ROUGE-L and BLEU.
 
-Arguments: `size` = tiny (minutes on a CPU; scores 300 test functions) | cpu | gpu; `seed`.
+Arguments: `size` = tiny (about 25 CPU-minutes, 44 minutes of wall time measured on a shared
+2-core CPU; scores 300 test functions; ROUGE-L 13.0 fine-tuned vs 10.7 from scratch) | cpu | gpu
+(cpu and gpu not measured yet); `seed`.
 """
 
 import ml_collections

@@ -7,7 +7,9 @@ Stages: `pretrain` (span corruption on the train split of the shipped corpus), `
 same from random initialisation). Test chrF and BLEU are reported next to the copy-the-input
 baseline (`test/copy_input_chrf`, `test/copy_input_bleu`: 71.5 and 51.9 on the full test set).
 
-Arguments: `size` = tiny (minutes on a CPU; scores 1,000 test verses) | cpu | gpu; `seed`.
+Arguments: `size` = tiny (about 15 CPU-minutes, 20 minutes of wall time measured on a shared
+2-core CPU; scores 1,000 test verses; too small to learn copying: chrF 10.4 fine-tuned, 18.7 from
+scratch, 71.5 copying the input) | cpu | gpu (cpu and gpu not measured yet); `seed`.
 """
 
 import ml_collections
