@@ -62,27 +62,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_len=128,
         type_vocab_size=2,
     )
-    stages = {"pretrain": pretrain}
-    for arm, source in (("finetune", "@pretrain"), ("scratch", "")):
-        for rate in lrs:
-            name = arm if len(lrs) == 1 else f"{arm}_lr{rate:.0e}".replace("e-0", "e-")
-            stages[name] = config_lib.finetune_stage(
-                pretrain,
-                task="wn_lexname",
-                train_examples=TRAIN_EXAMPLES,
-                epochs=epochs,
-                lr=rate,
-                seq_len=FINETUNE_SEQ_LEN,
-                batch=32,
-                init_from=source,
-                seed=seed,
-            )
-            # The quickstart scores the first 4,000 validation/test examples (by md5 of the id).
-            stages[name].task.eval_examples = 4_000 if args["size"] == "tiny" else 0
+    stages = config_lib.finetune_arms(
+        pretrain,
+        lrs,
+        task="wn_lexname",
+        train_examples=TRAIN_EXAMPLES,
+        epochs=epochs,
+        seq_len=FINETUNE_SEQ_LEN,
+        batch=32,
+        seed=seed,
+        # The quickstart scores the first 4,000 validation/test examples (by md5 of the id).
+        eval_examples=4_000 if args["size"] == "tiny" else 0,
+    )
     advice = (
         "Masked-LM pre-training needs more than this budget to help; run size=cpu (about an hour"
         " on a 2-core CPU) to see it win."
         if args["size"] == "tiny"
         else ""
     )
-    return config_lib.pipeline(stages, select="accuracy", advice=advice)
+    return config_lib.pipeline({"pretrain": pretrain, **stages}, select="accuracy", advice=advice)

@@ -49,20 +49,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         d_ff=d_ff,
         max_len=SEQ_LEN,
     )
-    stages = {"pretrain": pretrain}
-    for arm, source in (("finetune", "@pretrain"), ("scratch", "")):
-        stage = config_lib.finetune_stage(
-            pretrain,
-            task="code_summary",
-            train_examples=6_009,  # the whole train split
-            epochs=epochs,
-            lr=lr,
-            seq_len=SEQ_LEN,
-            batch=16,
-            init_from=source,
-            seed=pretrain.seed,
-        )
-        stage.task.target_len = 48
-        stage.task.eval_examples = scored
-        stages[arm] = stage
-    return config_lib.pipeline(stages, select="rouge_l")
+    stages = config_lib.finetune_arms(
+        pretrain,
+        (lr,),
+        task="code_summary",
+        train_examples=6_009,  # the whole train split,
+        epochs=epochs,
+        seq_len=SEQ_LEN,
+        batch=16,
+        seed=pretrain.seed,
+        target_len=48,
+        eval_examples=scored,
+    )
+    return config_lib.pipeline({"pretrain": pretrain, **stages}, select="rouge_l")

@@ -55,20 +55,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         scale_attention=False,
         norm_eps=1e-6,
     )
-    stages = {"pretrain": pretrain}
-    for arm, source in (("finetune", "@pretrain"), ("scratch", "")):
-        stage = config_lib.finetune_stage(
-            pretrain,
-            task="kjv2web",
-            train_examples=examples,
-            epochs=epochs,
-            lr=lr,
-            seq_len=SEQ_LEN,
-            batch=32,
-            init_from=source,
-            seed=pretrain.seed,
-        )
-        stage.task.target_len = 64
-        stage.task.eval_examples = scored
-        stages[arm] = stage
-    return config_lib.pipeline(stages, select="chrf")
+    stages = config_lib.finetune_arms(
+        pretrain,
+        (lr,),
+        task="kjv2web",
+        train_examples=examples,
+        epochs=epochs,
+        seq_len=SEQ_LEN,
+        batch=32,
+        seed=pretrain.seed,
+        target_len=64,
+        eval_examples=scored,
+    )
+    return config_lib.pipeline({"pretrain": pretrain, **stages}, select="chrf")

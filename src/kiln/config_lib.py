@@ -339,6 +339,8 @@ def finetune_stage(
     init_from: str = "@pretrain",
     skip: str = "",
     seed: int | None = None,
+    target_len: int | None = None,
+    eval_examples: int = 0,
 ) -> ml_collections.ConfigDict:
     """A fine-tuning run of `pretrain`'s architecture on a labeled task (a pipeline stage).
 
@@ -369,7 +371,27 @@ def finetune_stage(
     c.optim.warmup_steps = max(1, steps // 10)
     c.init_from.workdir = init_from
     c.init_from.skip = skip
+    if target_len is not None:
+        c.task.target_len = target_len
+    c.task.eval_examples = eval_examples
     return c
+
+
+def finetune_arms(
+    pretrain: ml_collections.ConfigDict, lrs: tuple[float, ...], **stage: Any
+) -> dict[str, ml_collections.ConfigDict]:
+    """The `finetune` (from `@pretrain`) and `scratch` stages at each learning rate of `lrs`.
+
+    With one rate the stages are `finetune` and `scratch`; with several, `finetune_lr1e-3`,
+    `scratch_lr1e-3`, ... (arms whose rate the comparison picks on validation). `stage` goes to
+    `finetune_stage`.
+    """
+    stages = {}
+    for arm, source in (("finetune", "@pretrain"), ("scratch", "")):
+        for rate in lrs:
+            name = arm if len(lrs) == 1 else f"{arm}_lr{rate:.0e}".replace("e-0", "e-")
+            stages[name] = finetune_stage(pretrain, lr=rate, init_from=source, **stage)
+    return stages
 
 
 def _overlay(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
