@@ -8,8 +8,8 @@
 The architecture and tokenizer are the `from` run's (its config.json and tokenizer.model);
 its parameters are loaded, a new classification head starts fresh. Arguments: `from` (a run's
 workdir or <workdir>/checkpoints/<step>), `task` (wn_lexname | bible_genre | kjv2web |
-code_summary | wn_reverse_dictionary | jsonl), `path` (jsonl: the file; each line has
-`text`+`label` or `input`+`target`), `examples` (low-resource subset: the first N training
+code_summary | code_generation | wn_reverse_dictionary | jsonl), `path` (jsonl: the file; each
+line has `text`+`label` or `input`+`target`), `examples` (low-resource subset: the first N training
 examples by md5 of their id; 0 = all), `epochs`, `lr`, `seq_len`, `batch`, `seed`. Everything
 else is a `--config.` override, e.g. `--config.task.template="Definition: {input}"`,
 `--config.optim.freeze_body=True`, `--config.optim.layer_decay=0.8`.

@@ -11,14 +11,18 @@ import pytest
 from kiln import (
     checkpoint,
     config_lib,
+    finetuning,
     init_from,
     models,
     optim,
     pipelines,
     run,
+    sample,
     sharding,
     train,
 )
+from kiln.data import tasks
+from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
 
 pytestmark = pytest.mark.slow
@@ -218,7 +222,7 @@ def test_bert_classifier_tree_extends_the_pretrained_tree():
         ("gpt", "bible_genre", "macro_f1"),
     ],
 )
-def test_finetune_of_each_family_scores_its_task(family, task, metric, tmp_path):
+def test_finetune_of_each_family_scores_its_task(family, task, metric, tmp_path, capsys):
     source = str(tmp_path / "pretrain")
     pretrain = _pretrain_config(family)
     run.train_and_evaluate(pretrain, source)
@@ -233,6 +237,55 @@ def test_finetune_of_each_family_scores_its_task(family, task, metric, tmp_path)
     assert len(rows) == 8 and all(isinstance(r["prediction"], str) for r in rows)
     if task == "kjv2web":  # The copy-the-input baseline is reported next to the model.
         assert 0 < summary["test/copy_input_chrf"] <= 100
+    if family == "gpt":
+        _check_sample_cli_continues_like_recomputation(source, capsys)
+    if not finetuning.uses_head(config, finetuning.load(config)):
+        _check_sample_cli_reproduces_predictions(tmp_path, task, rows)
+
+
+def _check_sample_cli_reproduces_predictions(tmp_path, task: str, rows: list[dict]):
+    """`kiln.sample` on the fine-tune's checkpoint, fed the scored test inputs, generates what
+    the run's own evaluation predicted (same prompt format and decoding, restored params)."""
+    inputs = {e.id: e.input for e in tasks.load_task(task, data_dir="data/tiny").splits["test"]}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": r["id"], "prompt": inputs[r["id"]]}) + "\n" for r in rows)
+    )
+    out = tmp_path / "generated.jsonl"
+    argv = [
+        "--workdir",
+        str(tmp_path / "ft"),
+        "--input-file",
+        str(prompts),
+        "--output-file",
+        str(out),
+    ]
+    assert sample.main([*argv, "--max-new-tokens", "16"]) == 0
+    generated = [json.loads(line) for line in open(out)]
+    assert [g["id"] for g in generated] == [r["id"] for r in rows]
+    assert [g["generation"].strip() for g in generated] == [r["prediction"] for r in rows]
+
+
+def _check_sample_cli_continues_like_recomputation(source: str, capsys):
+    """Greedy from the CLI equals an argmax loop over full forward passes of the checkpoint."""
+    config = config_lib.load_json(os.path.join(source, "config.json"))
+    model = models.build_model(config.model)
+    ckpt = checkpoint.Checkpointer(os.path.join(source, "checkpoints"))
+    params = ckpt.restore_raw(ckpt.latest_step())["params"]
+    ckpt.close()
+    tok = tokenizer_lib.load_tokenizer(os.path.join(source, "tokenizer.model"))
+    ids = [tok.bos_id, *tok.encode("In the beginning")]
+    prompt_len = len(ids)
+    while len(ids) < prompt_len + 6:
+        logits = model.apply({"params": params}, np.array([ids], np.int32))
+        ids.append(int(np.argmax(logits[0, -1])))
+        if ids[-1] == tok.eos_id:
+            ids.pop()
+            break
+    capsys.readouterr()
+    argv = ["--workdir", source, "--prompt", "In the beginning", "--max-new-tokens", "6"]
+    assert sample.main(argv) == 0
+    assert capsys.readouterr().out == f"--- 0\nIn the beginning{tok.decode(ids[prompt_len:])}\n"
 
 
 def test_finetune_config_on_user_jsonl_data(bert_source, tmp_path):
@@ -279,3 +332,24 @@ def test_init_from_full_state_continues_pretraining_from_step_0(bert_source, tmp
     summary = run.train_and_evaluate(config, str(tmp_path / "continued"))
     assert summary["step"] == 1
     assert "full state (parameters and optimizer moments)" in capsys.readouterr().out
+
+
+def test_sample_cli_errors(bert_source, tmp_path, capsys):
+    workdir, _ = bert_source
+    cases = [
+        (["--workdir", workdir, "--prompt", "x"], "is a bert run; kiln.sample generates with gpt"),
+        (["--workdir", str(tmp_path), "--prompt", "x"], "--workdir='" + str(tmp_path)),
+        (["--workdir", workdir, "--prompt", "x", "--prompt", " "], "Prompt 1 is empty"),
+        (["--workdir", workdir, "--prompt", "x", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
+        (["--workdir", workdir, "--prompt", "x", "--num-samples", "2"], "needs --strategy sample"),
+        (["--workdir", workdir, "--input-file", str(tmp_path / "no.jsonl")], "no such file"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert sample.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("kiln.sample: error: ") and message in err, err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage and the unknown option.
+        sample.main(["--workdir", workdir, "--prompt", "x", "--temprature", "0.5"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --temprature" in capsys.readouterr().err

@@ -48,6 +48,21 @@ def _fail(key: str, value: Any, why: str, fix: str) -> None:
     raise KilnError(f"config: {key}={value!r} {why}. {fix}")
 
 
+def decode_options(config: ml_collections.ConfigDict, max_new_tokens: int | None = None) -> Any:
+    """The run's `decoding.DecodeOptions`: the decode section, the run's seed, and
+    `max_new_tokens` (default task.target_len)."""
+    from kiln import decoding  # Local import: decoding imports jax, config parsing need not.
+
+    try:
+        return decoding.decode_options(
+            **config.decode.to_dict(),
+            seed=config.seed,
+            max_new_tokens=config.task.target_len if max_new_tokens is None else max_new_tokens,
+        )
+    except KilnError as e:
+        raise KilnError(f"Config section decode: {e}") from None
+
+
 def _check_choices(config: ml_collections.ConfigDict) -> None:
     for key, choices in MODEL_CHOICES.items():
         value = config.model[key]
@@ -119,6 +134,7 @@ def validate(
         )
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", m.dropout, "must be in [0, 1)", "Use e.g. 0.1, or 0.0 for none.")
+    decode_options(config)  # Fails on bad decoding options before any training.
     if d.seq_len > m.max_len:
         _fail(
             "data.seq_len",
@@ -286,7 +302,8 @@ def run_sections(
 
     c.task = ml_collections.ConfigDict()
     # "" = pre-training on data.corpus with `objective`; else fine-tuning on a labeled task:
-    # wn_lexname | bible_genre | kjv2web | code_summary | wn_reverse_dictionary | jsonl
+    # wn_lexname | bible_genre | kjv2web | code_summary | code_generation |
+    # wn_reverse_dictionary | jsonl
     c.task.name = ""
     c.task.path = ""  # jsonl: the file (text/label or input/target fields per line)
     c.task.kind = ""  # jsonl: classification | generation; "" = from the fields
@@ -308,6 +325,14 @@ def run_sections(
     c.eval.batches = 8  # validation/test batches per evaluation
     c.eval.sample_prompt = ""  # gpt: greedy sample printed at the end; "" = none
     c.eval.sample_tokens = 32
+
+    c.decode = ml_collections.ConfigDict()  # generation tasks' scoring and eval.sample_prompt
+    c.decode.strategy = "greedy"  # greedy | sample | beam
+    c.decode.temperature = 1.0  # sample: 0 = greedy
+    c.decode.top_k = 0  # sample: keep the k most likely tokens; 0 = all
+    c.decode.top_p = 1.0  # sample: nucleus mass; 1 = all
+    c.decode.num_beams = 4  # beam
+    c.decode.length_penalty = 0.6  # beam: GNMT alpha; 0 = raw log-probability
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 100  # steps between checkpoints (and one at the end)

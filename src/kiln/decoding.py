@@ -1,13 +1,27 @@
-"""Greedy decoding with a KV cache, for the decoder-only (GPT) and encoder-decoder (T5) families.
+"""Generation with a KV cache for the decoder-only (GPT) and encoder-decoder (T5) families.
 
-Prompts go in batches of `batch_size` rows (the last one filled with dummy rows) and prompt
-lengths are padded to a multiple of LENGTH_BUCKET, so jit compiles few shapes. Each batch is one
-jitted call. GPT: a prefill of each prompt but its last token (left-padded, segment 0) fills the
-cache; T5: the encoder runs once. Then a `lax.while_loop` feeds one token per row and step (first
-the last prompt token / bos, then each argmax) until every row has produced eos or its budget.
-The cache holds the prefill plus max_new_tokens slots (rounded up to LENGTH_BUCKET).
+Strategies (`DecodeOptions.strategy`):
+  greedy  the argmax at every step.
+  sample  ancestral sampling from softmax(logits / temperature), restricted to the top_k most
+          likely tokens and then to the smallest set whose probability reaches top_p
+          (temperature 0 is greedy). Row i of a call draws from fold_in(key(seed), i), so the
+          same prompts, options and seed give the same samples, whatever the batch size.
+  beam    beam search with num_beams beams and the GNMT length penalty: a finished hypothesis
+          of L tokens (stop token excluded) scores logprob / ((5 + L) / 6) ** length_penalty.
+          A prompt stops when no live beam can beat its worst finished one.
+
+Prompts go in batches of `batch_size` rows (the last filled with dummy rows) and prompt lengths
+are padded to a multiple of LENGTH_BUCKET, so jit compiles few shapes. Each batch is one jitted
+call: GPT prefills the cache with each prompt but its last token (left-padded, segment 0, so
+padding is never attended to); T5 runs its encoder once. Then a `lax.while_loop` feeds one
+token per row and step until every row has stopped (a stop id or its token budget). Beam search
+runs num_beams rows per prompt and reorders the cache by parent beam at each step. With a `mesh`
+the rows are sharded over the batch axes and the models' activation rules apply, as in training.
 """
 
+import contextlib
+import dataclasses
+import difflib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,14 +30,76 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kiln import sharding
 from kiln.errors import KilnError
 from kiln.models import gpt, t5
 
 LENGTH_BUCKET = 16
+STRATEGIES = ("greedy", "sample", "beam")
 
 # (cache, tokens_BL, segment_ids_BL, positions_BL) -> (last-position logits [B, V], new cache).
 DecodeFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """How to generate; see the module docstring for the strategies.
+
+    Attributes:
+      strategy: "greedy", "sample" or "beam".
+      max_new_tokens: most tokens generated per prompt (GPT also stops at its max_len).
+      temperature: sample: logits are divided by it; 0 means greedy.
+      top_k: sample: keep the k most likely tokens (0 = all).
+      top_p: sample: nucleus mass in (0, 1] (1 = all).
+      num_beams: beam: beams per prompt.
+      length_penalty: beam: GNMT exponent alpha (0 = raw log-probability; > 0 favours length).
+      stop_ids: ids that end a sequence besides eos (not returned).
+      seed: sample: the random seed.
+    """
+
+    strategy: str = "greedy"
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 4
+    length_penalty: float = 0.6
+    stop_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.max_new_tokens < 0:
+            problems.append(f"max_new_tokens={self.max_new_tokens} is negative")
+        if not self.temperature >= 0:
+            problems.append(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} must be >= 0 (0 keeps every token)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if self.num_beams < 1:
+            problems.append(f"num_beams={self.num_beams} must be >= 1")
+        if any(not isinstance(i, int | np.integer) or i < 0 for i in self.stop_ids):
+            problems.append(f"stop_ids={self.stop_ids!r} must be non-negative token ids")
+        if problems:
+            raise KilnError(f"Bad decoding options: {'; '.join(problems)}.")
+
+
+def decode_options(**options: Any) -> DecodeOptions:
+    """`DecodeOptions(**options)`, with a clear error naming the nearest option for a typo."""
+    known = [field.name for field in dataclasses.fields(DecodeOptions)]
+    for name in options:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise KilnError(f"Unknown decoding option {name!r}.{hint} Options: {', '.join(known)}.")
+    if "stop_ids" in options:
+        options["stop_ids"] = tuple(int(i) for i in options["stop_ids"])
+    return DecodeOptions(**options)
 
 
 def init_cache(model: nn.Module, params: Any, batch_size: int, max_len: int) -> Any:
@@ -49,59 +125,91 @@ def init_cache(model: nn.Module, params: Any, batch_size: int, max_len: int) -> 
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def greedy_generate(
+def generate(
     model: nn.Module,
     params: Any,
     prompts: Sequence[Sequence[int]],
+    options: DecodeOptions = DecodeOptions(),
     *,
-    max_new_tokens: int,
     eos_id: int,
     bos_id: int,
     batch_size: int = 32,
+    mesh: Mesh | None = None,
 ) -> list[list[int]]:
-    """Greedy continuation of each prompt with a KV cache; ids generated before eos (eos excluded).
+    """Continues each prompt with a KV cache; returns the ids generated before a stop id.
 
     Args:
       model: a `gpt.GPT` or `t5.T5`.
       params: its parameters as training holds them (the "params" tree, or {"params": tree};
         boxed or not; jax arrays of any sharding: jit follows it).
       prompts: GPT: the token ids to continue (starting with bos). T5: the encoder input ids
-        (ending in eos); the decoder starts from bos_id.
-      max_new_tokens: most tokens generated per prompt. GPT generates only what fits its
-        position table: at most model.config.max_len - len(prompt) tokens (prompt plus output
-        never exceed max_len). T5 has relative positions only and no such limit.
-      eos_id: generation of a row stops at this id, which is not returned.
+        (ending in eos); the decoder starts from bos_id. At most model.config.max_len ids.
+      options: the strategy and its settings. GPT generates only what fits its position
+        table: at most max_len - len(prompt) tokens. T5 has relative positions only.
+      eos_id: a row stops at this id (or one of options.stop_ids), which is not returned.
       bos_id: T5's first decoder input; GPT uses it only for filler rows.
-      batch_size: rows per jitted call; each prompt's output is independent of its batch mates.
+      batch_size: prompts per jitted call (beam search runs num_beams rows for each); each
+        prompt's output is independent of its batch mates.
+      mesh: if given, rows are sharded over its batch axes (batch_size is rounded up to a
+        multiple of their size) and the models' activation rules apply.
 
     Returns:
       One list of generated ids per prompt, in order.
     """
-    if max_new_tokens <= 0:
-        return [[] for _ in prompts]
-    if any(len(p) == 0 for p in prompts):
-        raise KilnError("greedy_generate: every prompt needs at least one token.")
     if not isinstance(model, gpt.GPT | t5.T5):
-        raise KilnError(f"greedy_generate: {type(model).__name__} is neither GPT nor T5.")
-    longest, max_len = max(map(len, prompts), default=0), model.config.max_len
-    if isinstance(model, gpt.GPT) and longest > max_len:
-        raise KilnError(
-            f"greedy_generate: a prompt has {longest} tokens, more than model.max_len={max_len}."
-        )
+        raise KilnError(f"generate: {type(model).__name__} is neither GPT nor T5.")
+    max_len = model.config.max_len
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise KilnError(f"generate: prompt {i} is empty; give it at least one token.")
+        if len(prompt) > max_len:
+            raise KilnError(
+                f"generate: prompt {i} has {len(prompt)} tokens, more than the model's"
+                f" max_len={max_len}. Shorten it (or truncate it to its first {max_len} ids)."
+            )
+    if options.max_new_tokens == 0 or not prompts:
+        return [[] for _ in prompts]
     params = nn.meta.unbox(params)
     params = params["params"] if "params" in params else params
+    beams = options.num_beams if options.strategy == "beam" else 1
+    if mesh is not None:  # Prompt rows (and so beam rows) divide over the batch shards.
+        shards = int(np.prod([mesh.shape[a] for a in sharding.batch_sharding(mesh).spec[0]]))
+        batch_size = _round_up(batch_size, shards)
+    knobs = {
+        "temperature": np.float32(options.temperature),
+        "top_k": np.int32(options.top_k),
+        "top_p": np.float32(options.top_p),
+        "length_penalty": np.float32(options.length_penalty),
+        "seed": np.uint32(options.seed),
+    }
+    stop_ids_S = np.array([eos_id, *options.stop_ids], np.int32)
     outputs = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [list(p) for p in prompts[start : start + batch_size]]
-        if isinstance(model, t5.T5):
-            inputs, limits_B, steps = _t5_inputs(chunk, batch_size, max_new_tokens, bos_id)
-        else:
-            inputs, limits_B, steps = _gpt_inputs(model, chunk, batch_size, max_new_tokens, bos_id)
-        out_BN = np.asarray(
-            _generate_batch(model, params, inputs, limits_B, np.int32(eos_id), steps=steps)
-        )
-        for row, limit in zip(out_BN[: len(chunk)], limits_B[: len(chunk)], strict=True):
-            outputs.append(_until_eos(row[:limit].tolist(), eos_id))
+    with contextlib.nullcontext() if mesh is None else sharding.activation_rules(mesh):
+        for start in range(0, len(prompts), batch_size):
+            chunk = [list(p) for p in prompts[start : start + batch_size]]
+            if isinstance(model, t5.T5):
+                inputs, limits_B, steps = _t5_inputs(
+                    chunk, batch_size, options.max_new_tokens, bos_id
+                )
+            else:
+                inputs, limits_B, steps = _gpt_inputs(
+                    model, chunk, batch_size, options.max_new_tokens, bos_id
+                )
+            inputs["row_ids"] = np.arange(start, start + batch_size, dtype=np.int32)
+            out_BN = _generate_batch(
+                model,
+                params,
+                _place(inputs, mesh),
+                _place(limits_B, mesh),
+                stop_ids_S,
+                knobs,
+                steps=steps,
+                strategy=options.strategy,
+                beams=beams,
+                mesh=mesh,
+            )
+            for row, limit in zip(np.asarray(out_BN)[: len(chunk)], limits_B, strict=False):
+                outputs.append(_until_stop(row[:limit].tolist(), stop_ids_S))
     return outputs
 
 
@@ -109,8 +217,22 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _until_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+def _until_stop(ids: list[int], stop_ids_S: np.ndarray) -> list[int]:
+    stops = np.flatnonzero(np.isin(ids, stop_ids_S))
+    return ids[: stops[0]] if stops.size else ids
+
+
+def _place(tree: Any, mesh: Mesh | None) -> Any:
+    """Host arrays -> global arrays with rows over the mesh's batch axes (every process holds
+    the same values); unchanged without a mesh."""
+    if mesh is None:
+        return tree
+    target = sharding.batch_sharding(mesh)
+
+    def place(x: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
 
 
 def _gpt_inputs(
@@ -131,7 +253,7 @@ def _gpt_inputs(
         segment_ids_BP[i, start:] = 1
         positions_BP[i, start:] = np.arange(len(prompt) - 1)
     lengths_B = np.array([len(p) for p in prompts], np.int32)
-    limits_B = np.minimum(max_new_tokens, max_len - lengths_B)
+    limits_B = np.minimum(max_new_tokens, max_len - lengths_B).astype(np.int32)
     limits_B[n_real:] = 0
     inputs = {
         "prefill_tokens": tokens_BP,
@@ -164,17 +286,25 @@ def _t5_inputs(
     return inputs, limits_B, max_new_tokens
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps"))
+@functools.partial(jax.jit, static_argnames=("model", "steps", "strategy", "beams", "mesh"))
 def _generate_batch(
     model: nn.Module,
     params: Any,
     inputs: dict[str, jax.Array],
     limits_B: jax.Array,
-    eos_id: jax.Array,
+    stop_ids_S: jax.Array,
+    knobs: dict[str, jax.Array],
     *,
     steps: int,
+    strategy: str,
+    beams: int,
+    mesh: Mesh | None,
 ) -> jax.Array:
-    """Generated ids [B, steps] of one batch (valid up to each row's first eos and limit)."""
+    """Generated ids [B, steps] of one batch (valid up to each row's first stop and limit)."""
+    row_ids_B = inputs.pop("row_ids")
+    rows = limits_B.shape[0] * beams
+    if beams > 1:  # Beam k of prompt b is row b * beams + k.
+        inputs = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), inputs)
     variables = {"params": params}
     if isinstance(model, t5.T5):
         encoder_segment_ids_BS = inputs["encoder_segment_ids"]
@@ -198,42 +328,101 @@ def _generate_batch(
         return logits_BLV[:, -1], new["cache"]
 
     prefill_len = inputs["prefill_tokens"].shape[1] if "prefill_tokens" in inputs else 0
-    cache_len = _round_up(prefill_len + steps, LENGTH_BUCKET)
-    cache = init_cache(model, params, limits_B.shape[0], cache_len)
+    cache = init_cache(model, params, rows, _round_up(prefill_len + steps, LENGTH_BUCKET))
     if prefill_len:  # Fills the cache; its logits are unused (and compiled away).
         prefill = ("prefill_tokens", "prefill_segment_ids", "prefill_positions")
         _, cache = decode(cache, *(inputs[key] for key in prefill))
-    first_positions_B = inputs["first_positions"]
-    if max_position is not None:
-        first_positions_B = jnp.minimum(first_positions_B, max_position)
-    return _greedy_loop(
-        decode,
-        cache,
-        inputs["first_tokens"],
-        first_positions_B,
-        limits_B,
-        eos_id,
-        steps=steps,
-        max_position=max_position,
-    )
+
+    def positions(step: jax.Array) -> jax.Array:
+        positions_B = inputs["first_positions"] + step
+        return positions_B if max_position is None else jnp.minimum(positions_B, max_position)
+
+    def feed(cache: Any, tokens_B: jax.Array, step: jax.Array) -> tuple[jax.Array, Any]:
+        tokens_B1 = tokens_B[:, None]
+        return decode(cache, tokens_B1, jnp.ones_like(tokens_B1), positions(step)[:, None])
+
+    if strategy == "beam":
+        out_BN = _beam_loop(
+            feed,
+            cache,
+            inputs["first_tokens"],
+            limits_B,
+            stop_ids_S,
+            beams=beams,
+            steps=steps,
+            length_penalty=knobs["length_penalty"],
+        )
+    else:
+        choose = _argmax
+        if strategy == "sample":
+            seed_key = jax.random.key(knobs["seed"])
+            choose = functools.partial(
+                _sample,
+                keys_B=jax.vmap(lambda i: jax.random.fold_in(seed_key, i))(row_ids_B),
+                temperature=knobs["temperature"],
+                top_k=knobs["top_k"],
+                top_p=knobs["top_p"],
+            )
+        out_BN = _token_loop(
+            feed, cache, inputs["first_tokens"], limits_B, stop_ids_S, choose, steps
+        )
+    if mesh is None:
+        return out_BN
+    return jax.lax.with_sharding_constraint(out_BN, NamedSharding(mesh, PartitionSpec()))
 
 
-def _greedy_loop(
-    decode: DecodeFn,
+def _argmax(logits_BV: jax.Array, step: jax.Array) -> jax.Array:
+    del step
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+
+def filter_logits(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Logits outside each row's top_k (0 = no limit), then outside the smallest set of most
+    likely tokens whose probability reaches top_p, set to -inf (ties at the cut are kept)."""
+    vocab = logits_BV.shape[-1]
+    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    in_top_k_V = jnp.arange(vocab) < k
+    sorted_BV = jnp.where(in_top_k_V, sorted_BV, -jnp.inf)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    kept_B = jnp.sum(in_top_k_V & (mass_before_BV < top_p), axis=-1)
+    cut_B1 = jnp.take_along_axis(sorted_BV, (jnp.maximum(kept_B, 1) - 1)[:, None], axis=-1)
+    return jnp.where(logits_BV >= cut_B1, logits_BV, -jnp.inf)
+
+
+def _sample(
+    logits_BV: jax.Array,
+    step: jax.Array,
+    *,
+    keys_B: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+) -> jax.Array:
+    """One draw per row from the filtered, tempered distribution (argmax at temperature 0)."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    scaled_BV = logits_BV / jnp.maximum(temperature, jnp.finfo(jnp.float32).tiny)
+    filtered_BV = filter_logits(scaled_BV, top_k, top_p)
+    step_keys_B = jax.vmap(lambda key: jax.random.fold_in(key, step))(keys_B)
+    drawn_B = jax.vmap(jax.random.categorical)(step_keys_B, filtered_BV).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn_B, _argmax(logits_BV, step))
+
+
+def _token_loop(
+    feed: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]],
     cache: Any,
     first_tokens_B: jax.Array,
-    first_positions_B: jax.Array,
     limits_B: jax.Array,
-    eos_id: jax.Array,
-    *,
+    stop_ids_S: jax.Array,
+    choose: Callable[[jax.Array, jax.Array], jax.Array],
     steps: int,
-    max_position: int | None,
 ) -> jax.Array:
-    """Feeds the first tokens, then each argmax back, until every row is done; ids [B, steps].
+    """Feeds the first tokens, then each chosen id back, until every row is done; ids [B, steps].
 
-    Step t feeds column t of a [B, steps + 1] buffer at position first_position + t and writes
-    the argmax to column t + 1. A row is done at eos or after limit tokens; the loop stops when
-    all rows are done (done rows keep running until then, their extra ids are cut on the host).
+    Step t feeds column t of a [B, steps + 1] buffer and writes the chosen id to column t + 1.
+    A row is done at a stop id or after limit tokens; the loop ends when all rows are done
+    (done rows keep running until then; their extra ids are cut on the host).
     """
     tokens_BN = jnp.zeros((first_tokens_B.shape[0], steps + 1), jnp.int32)
     tokens_BN = tokens_BN.at[:, 0].set(first_tokens_B)
@@ -244,16 +433,103 @@ def _greedy_loop(
 
     def body(state: tuple[jax.Array, jax.Array, jax.Array, Any]) -> tuple[Any, ...]:
         step, tokens_BN, done_B, cache = state
-        tokens_B1 = jax.lax.dynamic_slice_in_dim(tokens_BN, step, 1, axis=1)
-        positions_B1 = (first_positions_B + step)[:, None]
-        if max_position is not None:
-            positions_B1 = jnp.minimum(positions_B1, max_position)
-        logits_BV, cache = decode(cache, tokens_B1, jnp.ones_like(tokens_B1), positions_B1)
-        next_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        tokens_B = jax.lax.dynamic_index_in_dim(tokens_BN, step, axis=1, keepdims=False)
+        logits_BV, cache = feed(cache, tokens_B, step)
+        next_B = choose(logits_BV, step)
         tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, next_B[:, None], step + 1, 1)
-        done_B = done_B | (next_B == eos_id) | (step + 1 >= limits_B)
+        done_B = done_B | jnp.isin(next_B, stop_ids_S) | (step + 1 >= limits_B)
         return step + 1, tokens_BN, done_B, cache
 
     state = (jnp.int32(0), tokens_BN, limits_B <= 0, cache)
     _, tokens_BN, _, _ = jax.lax.while_loop(cond, body, state)
     return tokens_BN[:, 1:]
+
+
+def _length_penalty(length: jax.Array, alpha: jax.Array) -> jax.Array:
+    """GNMT's ((5 + length) / 6) ** alpha."""
+    return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def _beam_loop(
+    feed: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]],
+    cache: Any,
+    first_tokens_R: jax.Array,
+    limits_B: jax.Array,
+    stop_ids_S: jax.Array,
+    *,
+    beams: int,
+    steps: int,
+    length_penalty: jax.Array,
+) -> jax.Array:
+    """Beam search; the best finished sequence of each prompt, ids [B, steps].
+
+    Rows R = B * K (K = beams). Each step extends the K live beams of a prompt and ranks the
+    2K best candidates by log-probability. Those among the first K that end (a stop id, or the
+    prompt's limit reached) enter the K-best finished list by penalized score; the K best that
+    do not end stay live, and the cache rows are reordered to their parents. With K = 1 this is
+    greedy decoding. A prompt is done when its worst finished score
+    is at least the best score a live beam could still reach (log-probabilities only fall).
+    """
+    b, k = limits_B.shape[0], beams
+    seqs_BKN = jnp.zeros((b, k, steps + 1), jnp.int32)
+    seqs_BKN = seqs_BKN.at[:, :, 0].set(first_tokens_R.reshape(b, k))
+    alive_BK = jnp.broadcast_to(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, k))
+    finished_BKN = jnp.zeros_like(seqs_BKN)
+    finished_score_BK = jnp.full((b, k), -jnp.inf)
+
+    def cond(state: tuple[Any, ...]) -> jax.Array:
+        step, done_B = state[0], state[5]
+        return (step < steps) & ~jnp.all(done_B)
+
+    def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
+        step, seqs_BKN, alive_BK, finished_BKN, finished_score_BK, done_B, cache = state
+        tokens_R = jax.lax.dynamic_index_in_dim(seqs_BKN, step, axis=2, keepdims=False)
+        logits_RV, cache = feed(cache, tokens_R.reshape(-1), step)
+        vocab = logits_RV.shape[-1]
+        logp_BKV = jax.nn.log_softmax(logits_RV.astype(jnp.float32)).reshape(b, k, vocab)
+        candidates_BKV = alive_BK[:, :, None] + logp_BKV
+        logp_BC, flat_BC = jax.lax.top_k(candidates_BKV.reshape(b, k * vocab), 2 * k)
+        parent_BC, token_BC = flat_BC // vocab, (flat_BC % vocab).astype(jnp.int32)
+        seqs_BCN = jnp.take_along_axis(seqs_BKN, parent_BC[:, :, None], axis=1)
+        seqs_BCN = jax.lax.dynamic_update_slice_in_dim(seqs_BCN, token_BC[:, :, None], step + 1, 2)
+
+        stop_BC = jnp.isin(token_BC, stop_ids_S)
+        at_limit_B1 = (step + 1 >= limits_B)[:, None]
+        # Only the K best candidates may end (so one beam is greedy); the others stay live.
+        top_k_C = jnp.arange(2 * k) < k
+        ends_BC = (stop_BC | at_limit_B1) & top_k_C & jnp.isfinite(logp_BC) & ~done_B[:, None]
+        length_BC = jnp.where(stop_BC, step, step + 1)  # The stop id is not counted.
+        score_BC = jnp.where(
+            ends_BC, logp_BC / _length_penalty(length_BC, length_penalty), -jnp.inf
+        )
+        finished_score_BK, pick_BK = jax.lax.top_k(
+            jnp.concatenate([finished_score_BK, score_BC], axis=1), k
+        )
+        finished_BKN = jnp.take_along_axis(
+            jnp.concatenate([finished_BKN, seqs_BCN], axis=1), pick_BK[:, :, None], axis=1
+        )
+
+        alive_BK, pick_BK = jax.lax.top_k(jnp.where(stop_BC | at_limit_B1, -jnp.inf, logp_BC), k)
+        seqs_BKN = jnp.take_along_axis(seqs_BCN, pick_BK[:, :, None], axis=1)
+        parent_rows_R = jnp.arange(b)[:, None] * k + jnp.take_along_axis(parent_BC, pick_BK, 1)
+        parent_rows_R = parent_rows_R.reshape(-1)
+        cache = jax.tree.map(lambda x: x[parent_rows_R] if x.ndim else x, cache)
+
+        # The best final score a live beam can reach: its log-probability (which only falls)
+        # over the largest penalty (alpha >= 0: the longest length) or the smallest (alpha < 0).
+        longest = jnp.where(length_penalty >= 0, limits_B, step + 1)
+        reachable_B = alive_BK[:, 0] / _length_penalty(longest, length_penalty)
+        done_B = done_B | at_limit_B1[:, 0] | (finished_score_BK[:, -1] >= reachable_B)
+        return step + 1, seqs_BKN, alive_BK, finished_BKN, finished_score_BK, done_B, cache
+
+    state = (
+        jnp.int32(0),
+        seqs_BKN,
+        alive_BK,
+        finished_BKN,
+        finished_score_BK,
+        limits_B <= 0,
+        cache,
+    )
+    state = jax.lax.while_loop(cond, body, state)
+    return state[3][:, 0, 1:]

@@ -2,7 +2,8 @@
 
 A run fine-tunes when `task.name` is set. Classification uses a head (`BertClassifier`,
 `GPTClassifier`) scored by argmax; T5 classifies text to text (the label word), and generation
-tasks are decoded greedily with the KV cache, then scored with `task_metrics`.
+tasks are decoded with the KV cache as the `decode` section says (greedy by default), then
+scored with `task_metrics`.
 """
 
 import dataclasses
@@ -12,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from kiln import decoding, metrics, task_metrics
+from kiln import config_lib, decoding, metrics, task_metrics
 from kiln.data import finetune, pipeline, tasks
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
@@ -118,11 +119,13 @@ def predictions(
     tok: tokenizer_lib.Tokenizer,
     split: str,
     classes: list[int],
+    mesh: jax.sharding.Mesh | None = None,
 ) -> list[str]:
     """The model's answer for every scored example of `split`, as text.
 
     `classes` is a classifier head's argmax class of every row of the split's eval batches
-    (the run's eval pass computes it); generation tasks decode greedily instead.
+    (the run's eval pass computes it); generation tasks decode per the `decode` section, with
+    rows sharded over `mesh` if given.
     """
     task, examples = data.task, data.examples[split]
     if uses_head(config, task):
@@ -140,14 +143,15 @@ def predictions(
         )
         for example in examples
     ]
-    generated = decoding.greedy_generate(
+    generated = decoding.generate(
         model,
         params,
         prompts,
-        max_new_tokens=new_tokens,
+        config_lib.decode_options(config, new_tokens),
         eos_id=tok.eos_id,
         bos_id=tok.bos_id,
         batch_size=config.data.global_batch_size,
+        mesh=mesh,
     )
     return [tok.decode(ids).strip() for ids in generated]
 
@@ -160,9 +164,10 @@ def score(
     tok: tokenizer_lib.Tokenizer,
     split: str,
     classes: list[int],
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """(task metrics, predictions) of `split`; `classes` as in `predictions`."""
-    preds = predictions(config, data, model, params, tok, split, classes)
+    """(task metrics, predictions) of `split`; `classes` and `mesh` as in `predictions`."""
+    preds = predictions(config, data, model, params, tok, split, classes, mesh)
     refs = [example.target for example in data.examples[split]]
     return task_metrics.compute(data.task.metrics, preds, refs, data.task.labels), preds
 

@@ -33,8 +33,9 @@ class Source:
         return os.path.join(self.workdir, "tokenizer.model")
 
 
-def resolve(init_cfg: ml_collections.ConfigDict) -> Source:
-    """The source run and step named by the `init_from` section (errors say what to fix)."""
+def resolve(init_cfg: ml_collections.ConfigDict, where: str = "init_from.") -> Source:
+    """The source run and step named by the `init_from` section (errors say what to fix and
+    name the options as `where` + workdir / step)."""
     path = os.path.abspath(os.path.expanduser(init_cfg.workdir))
     step = int(init_cfg.step)
     parent = os.path.dirname(path)
@@ -43,7 +44,7 @@ def resolve(init_cfg: ml_collections.ConfigDict) -> Source:
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise KilnError(
-            f"init_from.workdir={init_cfg.workdir!r}: no run there ({config_path} is missing)."
+            f"{where}workdir={init_cfg.workdir!r}: no run there ({config_path} is missing)."
             " Point it at a finished run's workdir or at <workdir>/checkpoints/<step>."
         )
     ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"))
@@ -53,14 +54,14 @@ def resolve(init_cfg: ml_collections.ConfigDict) -> Source:
         ckpt.close()
     if not steps:
         raise KilnError(
-            f"init_from.workdir={init_cfg.workdir!r} has no checkpoint yet; finish (or resume)"
+            f"{where}workdir={init_cfg.workdir!r} has no checkpoint yet; finish (or resume)"
             " that run first."
         )
     if step < 0:
         step = max(steps)
     elif step not in steps:
         raise KilnError(
-            f"init_from.step={step}: {path} has checkpoints at steps {sorted(steps)} only."
+            f"{where}step={step}: {path} has checkpoints at steps {sorted(steps)} only."
         )
     return Source(path, step, config_lib.load_json(config_path))
 

@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -17,6 +16,7 @@ from jax.experimental import multihost_utils
 from kiln import (
     checkpoint,
     config_lib,
+    decoding,
     finetuning,
     flops,
     init_from,
@@ -223,18 +223,22 @@ def evaluate(
     return result, classes
 
 
-def greedy_sample(model: Any, params: Any, tok: Any, prompt: str, new_tokens: int, max_len: int):
-    """A short greedy continuation by full re-computation (no cache; for a glance only)."""
-    ids = [tok.bos_id, *tok.encode(prompt)][: max_len - 1]
-    count = min(new_tokens, max_len - len(ids))
-    tokens = np.zeros((1, max_len), np.int32)
-    tokens[0, : len(ids)] = ids
-    forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
-    for i in range(len(ids), len(ids) + count):
-        tokens[0, i] = int(jnp.argmax(forward(params, jnp.asarray(tokens))[0, i - 1]))
-        if tokens[0, i] == tok.eos_id:
-            break
-    return tok.decode(tokens[0, len(ids) : i + 1].tolist()) if count else ""
+def sample_text(run: "_Run", params: Any) -> str:
+    """eval.sample_prompt continued as the decode section says (KV cache, sharded like training)."""
+    config, tok = run.config, run.data.tokenizer
+    ids = [tok.bos_id, *tok.encode(config.eval.sample_prompt)][: config.model.max_len]
+    options = config_lib.decode_options(config, config.eval.sample_tokens)
+    out = decoding.generate(
+        run.model,
+        params,
+        [ids],
+        options,
+        eos_id=tok.eos_id,
+        bos_id=tok.bos_id,
+        batch_size=1,
+        mesh=run.mesh,
+    )
+    return tok.decode(out[0])
 
 
 class _StepMetrics:
@@ -347,6 +351,7 @@ class _Run:
                 self.data.tokenizer,
                 split,
                 classes,
+                self.mesh,
             )
             result.update(scores, predictions=preds)
         return result
@@ -517,14 +522,7 @@ def _finish(
     if first is not None:
         summary["validation/perplexity_at_start"] = first
     if config.eval.sample_prompt and config.model.family == "gpt":
-        summary["sample"] = config.eval.sample_prompt + greedy_sample(
-            run.model,
-            state.params,
-            run.data.tokenizer,
-            config.eval.sample_prompt,
-            config.eval.sample_tokens,
-            config.model.max_len,
-        )
+        summary["sample"] = config.eval.sample_prompt + sample_text(run, state.params)
     if jax.process_index() == 0:
         with open(os.path.join(run.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -535,7 +533,7 @@ def _finish(
         f" Summary: {os.path.join(run.workdir, 'summary.json')}"
     )
     if "sample" in summary:
-        metrics.log(f"Greedy sample: {summary['sample']!r}")
+        metrics.log(f"Sample ({config.decode.strategy}): {summary['sample']!r}")
     return summary
 
 

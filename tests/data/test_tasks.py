@@ -91,6 +91,7 @@ def evaluate(task, family, tok, examples, seq_len=16, target_len=6, batch=3):
         ("bible_genre", "classification", 8, (24526, 3030, 3539)),
         ("kjv2web", "generation", 0, (24526, 3030, 3539)),
         ("code_summary", "generation", 0, (6009, 696, 869)),
+        ("code_generation", "generation", 0, (6009, 696, 869)),
     ],
 )
 def test_shipped_task_counts(name, kind, classes, counts):
@@ -158,6 +159,13 @@ def test_bible_and_code_examples():
     assert code.id == "sympy:sympy/algebras/quaternion.py:20"
     assert code.input.startswith("def _check_norm(elements, norm):\n")
     assert '"""' not in code.input and code.target == "validate if input norm is consistent"
+    body = tasks.load_task("code_generation").splits["train"][0]
+    assert body.id == code.id
+    assert (
+        body.input
+        == 'def _check_norm(elements, norm):\n    """validate if input norm is consistent"""\n'
+    )
+    assert body.target.startswith("    if norm is not None and norm.is_number:\n")
 
 
 def test_cache_returns_fresh_lists(tmp_path):

@@ -13,6 +13,7 @@ task                       kind            input -> target                 split
 ``bible_genre``            classification  WEB verse -> genre of its book  ``bible:{book}:{ch}``
 ``kjv2web``                generation      KJV verse -> WEB verse          ``bible:{book}:{ch}``
 ``code_summary``           generation      SymPy function -> docstring     the row's ``split``
+``code_generation``        generation      signature + docstring -> body   the row's ``split``
 ``jsonl``                  either          user data (:func:`load_task`)   ``split`` or id md5
 =========================  ==============  ==============================  =====================
 
@@ -38,6 +39,7 @@ TASK_NAMES = (
     "bible_genre",
     "kjv2web",
     "code_summary",
+    "code_generation",
     "wn_reverse_dictionary",
     "jsonl",
 )
@@ -237,7 +239,8 @@ def _load_kjv2web(path: pathlib.Path) -> Task:
     return _task("kjv2web", "generation", rows, ("chrf", "bleu"))
 
 
-def _load_code_summary(path: pathlib.Path) -> Task:
+def _sympy_rows(path: pathlib.Path) -> list[tuple[str, dict]]:
+    """(split, record) per SymPy function."""
     rows = []
     for number, line in enumerate(corpus._read_text(path).split("\n"), start=1):
         if not line.strip():
@@ -245,14 +248,27 @@ def _load_code_summary(path: pathlib.Path) -> Task:
         try:
             record = json.loads(line)
             split = corpus._SPLIT_ALIASES[record["split"]]
-            example = Example(str(record["id"]), record["code"], record["summary"])
+            record = {key: str(record[key]) for key in ("id", "prompt", "body", "code", "summary")}
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise KilnError(
-                f"{path}, line {number}: not a JSON object with id, split, code and summary "
-                f"fields ({type(e).__name__}: {e}). Restore the file from the repository."
+                f"{path}, line {number}: not a JSON object with id, split, prompt, body, code and"
+                f" summary fields ({type(e).__name__}: {e}). Restore the file from the repository."
             ) from e
-        rows.append((split, example))
+        rows.append((split, record))
+    return rows
+
+
+def _load_code_summary(path: pathlib.Path) -> Task:
+    rows = [(s, Example(r["id"], r["code"], r["summary"])) for s, r in _rows(_sympy_rows, path)]
     return _task("code_summary", "generation", rows, ("rouge_l", "bleu"))
+
+
+def _load_code_generation(path: pathlib.Path) -> Task:
+    """Signature and docstring (ending in a newline, as HumanEval prompts do) -> body."""
+    rows = [
+        (s, Example(r["id"], r["prompt"] + "\n", r["body"])) for s, r in _rows(_sympy_rows, path)
+    ]
+    return _task("code_generation", "generation", rows, ("bleu", "exact_match"))
 
 
 _SHIPPED: dict[str, Callable[[pathlib.Path], Task]] = {
@@ -261,6 +277,7 @@ _SHIPPED: dict[str, Callable[[pathlib.Path], Task]] = {
     "bible_genre": _load_bible_genre,
     "kjv2web": _load_kjv2web,
     "code_summary": _load_code_summary,
+    "code_generation": _load_code_generation,
 }
 
 
