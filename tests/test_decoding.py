@@ -245,7 +245,9 @@ def test_t5_cached_logits_match_full_forward():
         variables, encoder_inputs_BS, encoder_segment_ids_BS
     )
     step = _apply(model, method=T5.decode, decode=True, mutable=("cache",))
-    variables["cache"] = decoding.init_cache(model, params, 2, 16)
+    variables["cache"] = decoding.init_cache(
+        model, params, 2, 16, encoded_BSD, encoder_segment_ids_BS
+    )
     # Segment ids and positions left out: one unpadded target per row, positions = slots.
     for start, tokens_BC in _chunks(decoder_inputs_BT, (1, 1, 2, 1, 2, 1)):
         logits_BCV, new = step(variables, encoded_BSD, encoder_segment_ids_BS, tokens_BC)
@@ -458,7 +460,10 @@ def test_beam_finds_the_best_sequence_of_a_hand_built_model(alpha):
 # --- Sampling ----------------------------------------------------------------------------------
 
 
-@ALL
+TWO_FAMILIES = pytest.mark.parametrize("model", [GPT(GPT2), T5(T5_V11)], ids=["gpt2", "t5"])
+
+
+@TWO_FAMILIES
 def test_sampling_limits_are_greedy(model):
     prompts = _prompts(model)
     greedy = _generate(model, prompts)
@@ -467,7 +472,7 @@ def test_sampling_limits_are_greedy(model):
     assert _generate(model, prompts, strategy="sample", top_k=1, seed=3) == greedy
 
 
-@ALL
+@TWO_FAMILIES
 def test_same_seed_same_samples(model):
     prompts = _prompts(model)
     first = _generate(model, prompts, strategy="sample", seed=7)

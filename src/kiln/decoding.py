@@ -13,10 +13,11 @@ Strategies (`DecodeOptions.strategy`):
 Prompts go in batches of `batch_size` rows (the last filled with dummy rows) and prompt lengths
 are padded to a multiple of LENGTH_BUCKET, so jit compiles few shapes. Each batch is one jitted
 call: GPT prefills the cache with each prompt but its last token (left-padded, segment 0, so
-padding is never attended to); T5 runs its encoder once. Then a `lax.while_loop` feeds one
-token per row and step until every row has stopped (a stop id or its token budget). Beam search
-runs num_beams rows per prompt and reorders the cache by parent beam at each step. With a `mesh`
-the rows are sharded over the batch axes and the models' activation rules apply, as in training.
+padding is never attended to); T5 runs its encoder once and caches the cross-attention keys
+and values. Then a `lax.while_loop` feeds one token per row and step until every row has
+stopped (a stop id or its token budget). Beam search runs num_beams rows per prompt and
+reorders the cache by parent beam at each step. With a `mesh` the rows are sharded over the
+batch axes and the models' activation rules apply, as in training.
 """
 
 import contextlib
@@ -102,23 +103,38 @@ def decode_options(**options: Any) -> DecodeOptions:
     return DecodeOptions(**options)
 
 
-def init_cache(model: nn.Module, params: Any, batch_size: int, max_len: int) -> Any:
-    """A zeroed "cache" collection for decoding `batch_size` rows over `max_len` cache slots.
+def init_cache(
+    model: nn.Module,
+    params: Any,
+    batch_size: int,
+    max_len: int,
+    encoded_BSD: jax.Array | None = None,
+    encoder_segment_ids_BS: jax.Array | None = None,
+) -> Any:
+    """The "cache" collection for decoding `batch_size` rows over `max_len` cache slots.
 
     The slots must hold everything the decoder reads: GPT the (padded) prompt plus each token
-    fed back; T5 the decoder inputs (bos plus each token fed back). Works under jit.
+    fed back; T5 the decoder inputs (bos plus each token fed back). Self-attention slots start
+    at zero. T5 needs the encoder output (and its segment ids): the cross-attention keys and
+    values are computed from it here, once. Works under jit.
     """
+    zeros_BS = jnp.zeros((batch_size, max_len), jnp.int32)
+    if isinstance(model, t5.T5):
+        if encoded_BSD is None:
+            raise KilnError("init_cache: a T5 cache needs the encoder output encoded_BSD.")
+        _, variables = model.apply(
+            {"params": params},
+            encoded_BSD,
+            encoder_segment_ids_BS,
+            zeros_BS,
+            decode=True,
+            method=t5.T5.decode,
+            mutable=["cache"],
+        )
+        return variables["cache"]
 
     def create(params: Any) -> Any:
-        zeros_BS = jnp.zeros((batch_size, max_len), jnp.int32)
-        if isinstance(model, t5.T5):
-            encoded_B1D = jnp.zeros((batch_size, 1, model.config.d_model), model.config.dtype)
-            args, method = (encoded_B1D, None, zeros_BS), t5.T5.decode
-        else:
-            args, method = (zeros_BS,), None
-        _, variables = model.apply(
-            {"params": params}, *args, decode=True, method=method, mutable=["cache"]
-        )
+        _, variables = model.apply({"params": params}, zeros_BS, decode=True, mutable=["cache"])
         return variables["cache"]
 
     shapes = jax.eval_shape(create, params)
@@ -328,7 +344,7 @@ def _generate_batch(
         return logits_BLV[:, -1], new["cache"]
 
     prefill_len = inputs["prefill_tokens"].shape[1] if "prefill_tokens" in inputs else 0
-    cache = init_cache(model, params, rows, _round_up(prefill_len + steps, LENGTH_BUCKET))
+    cache = init_cache(model, params, rows, _round_up(prefill_len + steps, LENGTH_BUCKET), *context)
     if prefill_len:  # Fills the cache; its logits are unused (and compiled away).
         prefill = ("prefill_tokens", "prefill_segment_ids", "prefill_positions")
         _, cache = decode(cache, *(inputs[key] for key in prefill))
@@ -445,6 +461,11 @@ def _token_loop(
     return tokens_BN[:, 1:]
 
 
+def _is_cross(path: tuple) -> bool:
+    """Whether a cache leaf holds cross-attention keys/values (the same for all beams)."""
+    return "cross_" in jax.tree_util.keystr(path)
+
+
 def _length_penalty(length: jax.Array, alpha: jax.Array) -> jax.Array:
     """GNMT's ((5 + length) / 6) ** alpha."""
     return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
@@ -513,7 +534,9 @@ def _beam_loop(
         seqs_BKN = jnp.take_along_axis(seqs_BCN, pick_BK[:, :, None], axis=1)
         parent_rows_R = jnp.arange(b)[:, None] * k + jnp.take_along_axis(parent_BC, pick_BK, 1)
         parent_rows_R = parent_rows_R.reshape(-1)
-        cache = jax.tree.map(lambda x: x[parent_rows_R] if x.ndim else x, cache)
+        cache = jax.tree_util.tree_map_with_path(
+            lambda path, x: x[parent_rows_R] if x.ndim and not _is_cross(path) else x, cache
+        )
 
         # The best final score a live beam can reach: its log-probability (which only falls)
         # over the largest penalty (alpha >= 0: the longest length) or the smallest (alpha < 0).

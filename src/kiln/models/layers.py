@@ -351,6 +351,7 @@ class Attention(nn.Module):
         deterministic: bool = True,
         decode: bool = False,
         cache_index: jax.Array | None = None,
+        static_kv: bool = False,
     ) -> jax.Array:
         """Attends queries from xq to keys/values from xkv.
 
@@ -368,6 +369,9 @@ class Attention(nn.Module):
             `bias` must cover [B, H, L, S_max] (see `CacheSlots`, `cached_causal_mask`). The
             call that creates the cache sets S_max = L and attends over this call's keys only.
           cache_index: int32 scalar, the first slot this call writes; required when decoding.
+          static_kv: with decode, for cross-attention: the call that creates the cache stores
+            the keys/values of xkv as `cross_key` / `cross_value` [B, S, K, E]; later calls read
+            them and ignore xkv (the encoder output does not change while decoding).
 
         Returns:
           Output [B, L, D] in the compute dtype.
@@ -376,13 +380,21 @@ class Attention(nn.Module):
         h, k, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std_out = 0.02 / math.sqrt(2 * cfg.n_layers)
         q_BLHE = _dense(cfg, (h, e), -1, ("embed", "heads", "head_dim"), 0.02, "query")(xq_BLD)
-        k_BSKE = _dense(cfg, (k, e), -1, ("embed", "kv_heads", "head_dim"), 0.02, "key")(xkv_BSD)
-        v_BSKE = _dense(cfg, (k, e), -1, ("embed", "kv_heads", "head_dim"), 0.02, "value")(xkv_BSD)
+        if decode and static_kv and self.has_variable("cache", "cross_key"):
+            k_BSKE = self.get_variable("cache", "cross_key")
+            v_BSKE = self.get_variable("cache", "cross_value")
+        else:
+            kv_names = ("embed", "kv_heads", "head_dim")
+            k_BSKE = _dense(cfg, (k, e), -1, kv_names, 0.02, "key")(xkv_BSD)
+            v_BSKE = _dense(cfg, (k, e), -1, kv_names, 0.02, "value")(xkv_BSD)
+            if decode and static_kv:
+                self.put_variable("cache", "cross_key", k_BSKE)
+                self.put_variable("cache", "cross_value", v_BSKE)
         if q_positions_BL is not None:
             q_BLHE = apply_rope(q_BLHE, q_positions_BL, cfg.rope_theta)
             kv_pos_BS = q_positions_BL if kv_positions_BS is None else kv_positions_BS
             k_BSKE = apply_rope(k_BSKE, kv_pos_BS, cfg.rope_theta)
-        if decode:
+        if decode and not static_kv:
             k_BSKE, v_BSKE = self._cached_kv(k_BSKE, v_BSKE, cache_index)
 
         # Query head n uses kv head n // G.

@@ -107,7 +107,8 @@ class DecoderBlock(nn.Module):
         decode: bool = False,
         cache_index: jax.Array | None = None,
     ) -> jax.Array:
-        """Returns [B, L, D]; when decoding, self-attention uses the KV cache (see Attention)."""
+        """Returns [B, L, D]; when decoding, self-attention uses the KV cache and cross-attention
+        the encoder keys/values cached by the call that created the cache (see Attention)."""
         cfg = self.config
         y_BLD = nn.with_logical_constraint(y_BLD, layers.ACT_NAMES)
         h_BLD = layers.make_norm(cfg, "pre_self_attn_norm")(y_BLD)
@@ -122,7 +123,12 @@ class DecoderBlock(nn.Module):
         y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
         h_BLD = layers.make_norm(cfg, "pre_cross_attn_norm")(y_BLD)
         h_BLD = layers.Attention(cfg, name="cross_attn")(
-            h_BLD, encoded_BSD, cross_bias_B1LS, deterministic=deterministic
+            h_BLD,
+            encoded_BSD,
+            cross_bias_B1LS,
+            deterministic=deterministic,
+            decode=decode,
+            static_kv=True,
         )
         y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
         h_BLD = layers.make_norm(cfg, "pre_mlp_norm")(y_BLD)
@@ -299,8 +305,8 @@ class T5(nn.Module):
         (apply with `mutable=["cache"]`): the inputs extend the cached targets, at cache slots
         [index, index + L), with the causal relative bias of the cached positions; positions
         None then means the slot numbers. The first decode call creates the cache with S_max = L
-        slots; see `kiln.decoding.init_cache`. Cross-attention recomputes its keys and values
-        from encoded_BSD on every call.
+        slots and stores the cross-attention keys and values of encoded_BSD, which later calls
+        reuse (they read only its shape); see `kiln.decoding.init_cache`.
         """
         cfg = self.config
         encoder_segment_ids_BS, _ = layers.segments_and_positions(
