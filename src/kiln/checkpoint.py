@@ -6,7 +6,9 @@ per process). Saves are asynchronous and committed atomically, so a crash mid-sa
 previous checkpoint as the latest good one.
 """
 
+import json
 import os
+import pathlib
 from typing import Any
 
 import grain
@@ -52,12 +54,13 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
-        """Restores onto the shardings in `abstract_state` (any mesh); rewinds `data_iter`."""
+        """Restores onto the shardings in `abstract_state` (any mesh, any process count);
+        rewinds `data_iter`."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            if data_iter is not None:
+                self._restore_iterator(step, data_iter)
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise KilnError(
                 f"Could not restore checkpoint step {step} from {self.directory}: {e}. The"
@@ -65,6 +68,17 @@ class Checkpointer:
                 " workdir or restore the config the checkpoint was written with."
             ) from e
         return restored["state"]
+
+    def _restore_iterator(self, step: int, data_iter: Any) -> None:
+        """Sets `data_iter` to the saved position. grain writes one file per process; they are
+        all equal (every process computes the whole global batch and keeps its rows), so a run
+        with another process count reads process 0's."""
+        folder = pathlib.Path(self.directory, str(step), "data_iter")
+        own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        files = [own] if own.exists() else sorted(folder.glob("process_0-of-*.json"))
+        if not files:
+            raise FileNotFoundError(f"no iterator state in {folder}")
+        data_iter.set_state(json.loads(files[0].read_text()))
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the `state.params` leaves present in `abstract_params` (a nested dict of

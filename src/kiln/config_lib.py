@@ -349,6 +349,7 @@ def run_sections(
     c.distributed.coordinator_address = ""  # host:port; "" = auto-detect (TPU, SLURM, ...)
     c.distributed.num_processes = 0  # 0 = auto-detect
     c.distributed.process_id = -1  # -1 = auto-detect
+    c.distributed.timeout_s = 300  # give up (with an error) if the processes have not all joined
     return c
 
 

@@ -399,11 +399,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer,
             source,
         )
-        return _loop(run)
+        summary = _loop(run)
     finally:
         ckpt.close()  # Waits for an in-flight save: a crash never loses a committed checkpoint.
         if writer is not None:
             writer.close()
+    _sync("kiln_run_done")  # No process leaves while another still writes (clean shutdown).
+    return summary
 
 
 def _fresh_state(run: _Run) -> train.TrainState:

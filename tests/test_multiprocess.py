@@ -1,0 +1,157 @@
+"""Multi-process runs on JAX's distributed runtime: 2 processes x 4 CPU devices (launched by
+launch/cpu_cluster.sh, collectives over gloo) against 1 process x 8 devices."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from kiln import checkpoint, config_lib, models
+from kiln.errors import KilnError
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "experiments/gpt/pretrain.py:size=tiny"
+TINY = [
+    "--config.data.data_dir=data/tiny",
+    "--config.model.vocab_size=512",
+    "--config.data.seq_len=32",
+    "--config.model.max_len=32",
+    "--config.data.global_batch_size=8",
+    "--config.eval.batches=1",
+    "--config.eval.every=2",
+    "--config.eval.sample_prompt=",
+    "--config.tokenizer.max_sentences=2000",
+    "--config.train.steps=4",
+    "--config.train.log_every=1",
+    "--config.checkpoint.every=2",
+]
+XLA = "--xla_backend_optimization_level=0"  # As tests/conftest.py: the same compiler for both.
+
+
+def _run(processes: int, workdir: str) -> None:
+    if processes == 1:
+        command = [sys.executable, "-m", "kiln.main", "--config", CONFIG, "--workdir", workdir]
+        env = {"XLA_FLAGS": f"{XLA} --xla_force_host_platform_device_count=8"}
+    else:
+        command = ["launch/cpu_cluster.sh", str(processes), CONFIG, workdir]
+        env = {"XLA_FLAGS": XLA, "KILN_DEVICES_PER_PROCESS": str(8 // processes)}
+    result = subprocess.run(
+        [*command, *TINY], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True
+    )
+    logs = [os.path.join(workdir, f) for f in os.listdir(workdir) if f.startswith("process_")]
+    detail = result.stderr[-3000:] + "".join(open(f).read()[-2000:] for f in logs)
+    assert result.returncode == 0, detail
+
+
+def _losses(workdir: str) -> dict[tuple[int, str], float]:
+    """(step, key) -> value of every loss line in metrics.jsonl (the last one when resumed)."""
+    out = {}
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+        row = json.loads(line)
+        for key in ("train/loss", "validation/loss"):
+            if key in row:
+                out[(row["step"], key)] = row[key]
+    return out
+
+
+def _params(workdir: str, step: int = 4) -> dict[str, np.ndarray]:
+    """The checkpoint's parameters, restored onto one device of this process."""
+    config = config_lib.load_json(os.path.join(workdir, "config.json"))
+    model = models.build_model(config.model)
+    example = models.example_inputs(model, 8)
+    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), **example)["params"]))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = checkpoint.abstract_like(shapes, jax.tree.map(lambda _: device, shapes))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        params = ckpt.restore_params(step, abstract)
+    finally:
+        ckpt.close()
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}
+
+
+def _assert_same_run(a: str, b: str, steps=None) -> None:
+    """Per-step losses within 1e-6 and final parameters within float32 reduction-order noise."""
+    losses_a, losses_b = _losses(a), _losses(b)
+    keys = [k for k in losses_a if steps is None or k[0] in steps]
+    assert len(keys) >= (7 if steps is None else 3)
+    for key in keys:
+        assert abs(losses_a[key] - losses_b[key]) <= 1e-6, (key, losses_a[key], losses_b[key])
+    params_a, params_b = _params(a), _params(b)
+    assert params_a.keys() == params_b.keys() and len(params_a) > 5
+    for path, value in params_a.items():
+        np.testing.assert_allclose(value, params_b[path], rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The same 4-step run as 2 processes x 4 devices and as 1 process x 8 devices."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    runs = {n: str(root / f"p{n}") for n in (2, 1)}
+    for n, workdir in runs.items():
+        _run(n, workdir)
+    return runs
+
+
+def test_two_processes_equal_one(straight):
+    two, one = straight[2], straight[1]
+    summary = json.load(open(os.path.join(two, "summary.json")))
+    assert summary["step"] == 4
+    assert not os.path.exists(os.path.join(two, "process_1_summary.json"))
+    # Only process 0 writes metrics: one line per step and eval, no duplicates.
+    steps = [json.loads(line)["step"] for line in open(os.path.join(two, "metrics.jsonl"))]
+    assert steps == [json.loads(line)["step"] for line in open(os.path.join(one, "metrics.jsonl"))]
+    _assert_same_run(two, one)
+    # Not vacuous: another run's parameters differ by far more than the tolerance.
+    first, last = _params(one, 2), _params(one, 4)
+    assert max(np.abs(first[p] - last[p]).max() for p in first) > 1e-4
+
+
+@pytest.mark.parametrize("written_by, resumed_by", [(2, 1), (1, 2)])
+def test_checkpoints_restore_across_process_counts(straight, tmp_path, written_by, resumed_by):
+    """Step 2 of one layout, resumed to step 4 by the other, ends as the other's straight run."""
+    workdir = str(tmp_path / "resumed")
+    shutil.copytree(straight[written_by], workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+    os.remove(os.path.join(workdir, "summary.json"))
+    _run(resumed_by, workdir)
+    _assert_same_run(workdir, straight[resumed_by], steps={3, 4})
+
+
+def test_process_count_must_divide_the_global_batch():
+    config = config_lib.load_config(CONFIG)
+    config.data.global_batch_size = 8
+    with pytest.raises(KilnError, match="not divisible by the 3 processes"):
+        config_lib.validate(config, 6, process_count=3)
+
+
+def test_unreachable_coordinator_fails_clearly(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "kiln.main",
+        "--config",
+        CONFIG,
+        "--workdir",
+        str(tmp_path / "w"),
+        "--config.distributed.initialize=True",
+        "--config.distributed.coordinator_address=localhost:9",  # discard port: nobody there
+        "--config.distributed.num_processes=2",
+        "--config.distributed.process_id=1",
+        "--config.distributed.timeout_s=2",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "kiln: error: The coordinator localhost:9 (process 0) could not be reached" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
