@@ -260,6 +260,8 @@ def _run(args: argparse.Namespace) -> None:
         for i, row in enumerate(rows)
         for j in range(args.num_samples)
     ]
+    if jax.process_index() != 0:  # Multi-host: every process decodes, process 0 reports.
+        return
     if args.humaneval:
         _score_humaneval(problems, outputs, args)
     elif args.output_file:
