@@ -6,12 +6,13 @@ Arguments after the colon: `size` = tiny | small | base | medium | large | 1b, a
 gpt2 (learned positions, LayerNorm, GELU, tied embeddings) | modern (RoPE, RMSNorm, SwiGLU,
 grouped-query attention, no biases). Expected on a 2-core CPU: `size=tiny` runs 400 steps in
 about 2 minutes and brings validation perplexity from ~2100 to ~135.
-`--config.objective.name=prefix_lm` trains a prefix LM instead.
+`--config.objective.name=prefix_lm` trains a prefix LM instead. `get_sweep` is a learning rate x
+seed grid for `python -m kiln.sweep` (4 runs).
 """
 
 import ml_collections
 
-from kiln import config_lib
+from kiln import config_lib, sweep
 
 # (d_model, n_layers, n_heads, d_ff, vocab_size, seq_len, global_batch_size, steps)
 SIZES = {
@@ -53,3 +54,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.eval.sample_prompt = "In the beginning"
     return c
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """Learning rate x seed grid, 4 runs of the `arg` config:
+
+    python -m kiln.sweep --config experiments/gpt/pretrain.py:size=tiny --workdir runs/sweep
+    """
+    del arg  # The same points for every size.
+    return sweep.grid({"optim.lr": [1e-3, 3e-3], "seed": [0, 1]})

@@ -1,0 +1,542 @@
+"""Sweeps: one run per point of an experiment's `get_sweep()`, each into `<workdir>/<point>/`.
+
+  python -m kiln.sweep --config experiments/gpt/pretrain.py:size=tiny --workdir runs/sweep \
+      [--parallel N] [--dry-run | --emit slurm|tpu] [--config.key=value ...]
+
+An experiment file may define `get_sweep(arg)` beside `get_config(arg)`: a list of override
+dicts with dotted keys (`[{"optim.lr": 1e-3, "seed": 0}, ...]`), written with `grid`, `zipped`,
+`random_search` and `concat`. Every point runs as `python -m kiln.main --config <spec> --workdir
+<workdir>/<point_name> --config.<key>=<value> ...` (at most `--parallel` at once, output in the
+point's log.txt); `--config.key=value` flags apply to every point. Re-running skips finished
+points (summary.json at train.steps) and resumes interrupted ones from their checkpoints.
+`--emit` writes a submission script for launch/slurm.sbatch or launch/tpu_vm.sh instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import inspect
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from kiln import config_lib
+from kiln.errors import KilnError
+
+Point = dict[str, Any]
+SCALARS = (bool, int, float, str)
+_TYPE_NAMES = {bool: "a bool (True or False)", int: "an int", float: "a float", str: "a string"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
+_MAX_NAME = 200
+
+
+def _a(value: Any) -> str:
+    """`an int`, `a float`: the type of `value` with its article."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def grid(axes: dict[str, Sequence[Any]]) -> list[Point]:
+    """Cartesian product: `grid({"optim.lr": [1e-3, 3e-3], "seed": [0, 1]})` -> 4 points (the
+    last key varies fastest)."""
+    _check_axes(axes)
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
+
+
+def zipped(axes: dict[str, Sequence[Any]]) -> list[Point]:
+    """Element-wise: `zipped({"optim.lr": [1e-3, 3e-3], "optim.warmup_steps": [10, 50]})` -> 2
+    points. Every axis must have the same length."""
+    _check_axes(axes)
+    lengths = {key: len(values) for key, values in axes.items()}
+    if len(set(lengths.values())) > 1:
+        raise KilnError(f"sweep.zipped needs axes of equal length; got {lengths}.")
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in zip(*axes.values())]
+
+
+def random_search(space: dict[str, Any], n: int, seed: int = 0) -> list[Point]:
+    """`n` points drawn with `seed`: a list is a set of choices; `(lo, hi, "log" | "linear")`
+    draws a float between lo and hi (log-uniform or uniform; int fields take lists)."""
+    if n < 1:
+        raise KilnError(f"sweep.random_search needs n >= 1; got n={n}.")
+    _check_axes(space, tuples=True)
+    rng = random.Random(seed)
+    points = []
+    for _ in range(n):
+        point = {}
+        for key, dim in space.items():
+            if isinstance(dim, tuple):
+                lo, hi, scale = dim
+                if scale == "log":
+                    point[key] = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+                else:
+                    point[key] = rng.uniform(lo, hi)
+            else:
+                point[key] = rng.choice(list(dim))
+        points.append(point)
+    return points
+
+
+def concat(*lists: list[Point]) -> list[Point]:
+    """The points of several sweeps, in order: `concat(grid({...}), grid({...}))`."""
+    return [dict(point) for points in lists for point in points]
+
+
+def _check_axes(axes: dict[str, Any], tuples: bool = False) -> None:
+    if not isinstance(axes, dict) or not axes:
+        raise KilnError(
+            f"a sweep needs a non-empty dict of dotted keys to values; got {axes!r}"
+            ' (e.g. {"optim.lr": [1e-3, 3e-3]}).'
+        )
+    for key, values in axes.items():
+        if tuples and isinstance(values, tuple):
+            ok = (
+                len(values) == 3
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values[:2])
+                and values[2] in ("log", "linear")
+                and values[0] < values[1]
+                and (values[2] == "linear" or values[0] > 0)
+            )
+            if not ok:
+                raise KilnError(
+                    f"sweep axis {key!r}: {values!r} is not (lo, hi, 'log' | 'linear') with"
+                    " lo < hi (and lo > 0 for 'log'), e.g. (1e-4, 1e-2, 'log')."
+                )
+        elif isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
+            raise KilnError(f"sweep axis {key!r} needs a non-empty list of values; got {values!r}.")
+
+
+# Loading and checking the points of an experiment file.
+
+
+def _load_module(path: str) -> Any:
+    if not os.path.exists(path):
+        raise KilnError(f"config file {path!r} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"kiln_sweep_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Dotted key -> default value of every leaf field of `config`."""
+    return _flatten(config.to_dict())
+
+
+def _check_value(key: str, value: Any, default: Any, where: str) -> Any:
+    """`value` as the type of the field (an int for a float field becomes a float)."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()  # np.float64(1e-3), np.int64(2) from np.logspace & co.
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        raise KilnError(
+            f"{where}: {key} is {_a(default)} field ({default!r}); a sweep sets"
+            " only int, float, str and bool fields."
+        )
+    if not ok:
+        raise KilnError(
+            f"{where}: {key}={value!r} is {_a(value)}, but {key} is {_a(default)} field"
+            f" (default {default!r}); give {_TYPE_NAMES[type(default)]}."
+        )
+    return value
+
+
+def _check_key(key: Any, fields: dict[str, Any], where: str) -> None:
+    if not isinstance(key, str) or key not in fields:
+        near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise KilnError(f"{where}: key {key!r} is not in the config.{hint}")
+
+
+def _points(spec: str) -> tuple[ml_collections.ConfigDict, list[Point]]:
+    """The experiment's locked config and its checked sweep points."""
+    path, _, arg = spec.partition(":")
+    module = _load_module(path)
+    get_sweep = getattr(module, "get_sweep", None)
+    if not callable(get_sweep):
+        raise KilnError(
+            f"{path} has no get_sweep(); add one returning a list of override dicts, e.g."
+            ' `return sweep.grid({"optim.lr": [1e-3, 3e-3], "seed": [0, 1]})`.'
+        )
+    config = config_lib.load_config(spec)
+    takes_arg = bool(inspect.signature(get_sweep).parameters)
+    raw = get_sweep(arg or None) if takes_arg else get_sweep()
+    if not isinstance(raw, list | tuple) or not raw:
+        raise KilnError(f"{path}: get_sweep() returned {raw!r}; return a non-empty list of dicts.")
+    fields = _fields(config)
+    points = []
+    for i, point in enumerate(raw):
+        where = f"{path}: sweep point {i} {point!r}"
+        if not isinstance(point, dict):
+            raise KilnError(f"{where} is not a dict of dotted keys to values.")
+        checked = {}
+        for key, value in point.items():
+            _check_key(key, fields, where)
+            checked[key] = _check_value(key, value, fields[key], where)
+        points.append(checked)
+    names(points)  # Two points with the same name would share a workdir.
+    return config, points
+
+
+def points(spec: str) -> list[Point]:
+    """The checked override dicts of `get_sweep()` in the experiment file of `spec`
+    (`path/to/file.py[:args]`): every key a field of the config, every value of its type."""
+    return _points(spec)[1]
+
+
+def format_value(value: Any) -> str:
+    """A value as `--config.key=<value>` takes it (ml_collections parses by the field's type)."""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def point_name(overrides: Point) -> str:
+    """A readable, filesystem-safe workdir name: {"optim.lr": 0.001, "seed": 0} ->
+    `lr=0.001_seed=0` (the full dotted key where two keys end alike)."""
+    if not overrides:
+        return "default"
+    last = [key.rsplit(".", 1)[-1] for key in overrides]
+    parts = []
+    for key, short in zip(overrides, last):
+        label = short if last.count(short) == 1 else key
+        parts.append(f"{label}={format_value(overrides[key])}")
+    name = _UNSAFE.sub("-", "_".join(parts)).strip(".-") or "point"
+    if len(name) > _MAX_NAME:
+        digest = hashlib.md5(name.encode()).hexdigest()[:8]
+        name = f"{name[: _MAX_NAME - 9]}_{digest}"
+    return name
+
+
+def names(points: list[Point]) -> list[str]:
+    """Each point's `point_name`; two points with the same name are an error."""
+    out = [point_name(p) for p in points]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(out):
+        if name in seen:
+            raise KilnError(
+                f"sweep points {seen[name]} {points[seen[name]]!r} and {i} {points[i]!r} both"
+                f" get the workdir name {name!r}; make the points differ (a repeated point?)."
+            )
+        seen[name] = i
+    return out
+
+
+# Running.
+
+
+def _parse_flag(key: str, text: str, default: Any) -> Any:
+    """A `--config.key=text` value typed like the field (as kiln.main will parse it)."""
+    try:
+        if isinstance(default, bool):
+            lowered = text.lower()
+            if lowered not in ("true", "t", "1", "false", "f", "0"):
+                raise ValueError(text)
+            return lowered in ("true", "t", "1")
+        if isinstance(default, int | float):
+            return type(default)(text)
+    except ValueError:
+        raise KilnError(
+            f"--config.{key}={text}: {key} is {_a(default)} field; give"
+            f" {_TYPE_NAMES[type(default)]}."
+        ) from None
+    return text
+
+
+def _common(
+    flags: list[str], config: ml_collections.ConfigDict, points: list[Point]
+) -> dict[str, str]:
+    """`--config.key=value` flags for every point: key -> value text (checked)."""
+    fields, out = _fields(config), {}
+    for flag in flags:
+        key, sep, text = flag.removeprefix("--config.").partition("=")
+        if not flag.startswith("--config.") or not sep:
+            raise KilnError(
+                f"unexpected argument {flag!r}; overrides for every point are --config.key=value."
+            )
+        _check_key(key, fields, f"--config.{key}")
+        if any(key in point for point in points):
+            raise KilnError(
+                f"--config.{key} is also set by get_sweep(); drop the flag or the sweep axis."
+            )
+        if isinstance(fields[key], SCALARS):
+            _parse_flag(key, text, fields[key])
+        out[key] = text
+    return out
+
+
+def _steps(config: ml_collections.ConfigDict, values: dict[str, Any]) -> dict[str, int]:
+    """Stage (or "" for a single run) -> train.steps, with the overrides in `values` applied."""
+    stages = list(config.stages) if "stages" in config else [""]
+    out = {}
+    for stage in stages:
+        key = f"{stage}.train.steps" if stage else "train.steps"
+        section = config[stage] if stage else config
+        out[stage] = int(values.get(key, section.train.steps))
+    return out
+
+
+def _finished(run_dir: str, steps: dict[str, int]) -> bool:
+    """The rule of `pipelines.finished`: summary.json reached train.steps (in every stage)."""
+    for stage, n in steps.items():
+        path = os.path.join(run_dir, stage, "summary.json")
+        try:
+            with open(path) as f:
+                if json.load(f).get("step") != n:
+                    return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def command(spec: str, run_dir: str, flags: Sequence[str]) -> list[str]:
+    """The kiln.main command line of one point (`flags`: its --config.key=value flags)."""
+    return [sys.executable, "-m", "kiln.main", "--config", spec, "--workdir", run_dir, *flags]
+
+
+def _flags(overrides: dict[str, Any]) -> list[str]:
+    return [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
+
+
+@dataclasses.dataclass
+class _Job:
+    name: str
+    run_dir: str
+    flags: list[str]  # --config.key=value: the common flags, then the point's
+    steps: dict[str, int]  # stage ("" for a single run) -> train.steps
+    done: bool = False
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip()
+    except OSError:
+        return "(no log)"
+
+
+def _summary_line(run_dir: str) -> str:
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    for key in ("validation/perplexity", "validation/accuracy", "validation/loss"):
+        if isinstance(summary.get(key), int | float):
+            return f": {key} {summary[key]:.4g}"
+    return ""
+
+
+def _run_all(
+    spec: str, jobs: list[_Job], parallel: int
+) -> tuple[list[tuple[str, int, str]], list[str]]:
+    """Runs the jobs, at most `parallel` at once; returns the failed ones (name, exit code, log)
+    and the names of those that stopped before train.steps (train.stop_after)."""
+    pending, running, failed, stopped = list(jobs), [], [], []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if parallel > 1:  # Runs sharing a GPU: none may take 75% of its memory up front.
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                job = pending.pop(0)
+                os.makedirs(job.run_dir, exist_ok=True)
+                log_path = os.path.join(job.run_dir, "log.txt")
+                cmd = command(spec, job.run_dir, job.flags)
+                with open(log_path, "a") as log:
+                    log.write(f"$ {shlex.join(cmd)}\n")
+                    log.flush()
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                n = len(jobs) - len(pending)
+                print(f"[{n}/{len(jobs)}] {job.name}: started (log {log_path})", flush=True)
+                running.append((job, log_path, proc, time.monotonic()))
+            time.sleep(0.2)
+            for entry in [e for e in running if e[2].poll() is not None]:
+                running.remove(entry)
+                job, log_path, proc, start = entry
+                took = f"{time.monotonic() - start:.0f}s"
+                if proc.returncode:
+                    failed.append((job.name, proc.returncode, log_path))
+                    print(f"{job.name}: FAILED with exit code {proc.returncode} after {took}")
+                elif not _finished(job.run_dir, job.steps):
+                    stopped.append(job.name)
+                    print(f"{job.name}: stopped before train.steps after {took}", flush=True)
+                else:
+                    print(f"{job.name}: done in {took}{_summary_line(job.run_dir)}", flush=True)
+    except KeyboardInterrupt:
+        for _, _, proc, _ in running:
+            proc.terminate()
+        for _, _, proc, _ in running:
+            proc.wait()
+        raise KilnError("interrupted; re-run the same command to resume the sweep.") from None
+    return failed, stopped
+
+
+SLURM = "launch/slurm.sbatch"
+TPU = "launch/tpu_vm.sh"
+
+
+def script(kind: str, spec: str, jobs: list[_Job]) -> str:
+    """A bash script with one launch/slurm.sbatch (`kind="slurm"`) or launch/tpu_vm.sh
+    (`kind="tpu"`, one after another) line per unfinished point."""
+    launcher = {"slurm": SLURM, "tpu": TPU}[kind]
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Sweep of {spec}: one {launcher} run per point.",
+        "# Written by kiln.sweep; run it from the repository root.",
+        "set -euo pipefail",
+        f'if [[ ! -e {launcher} ]]; then echo "run this from the repository root" >&2; exit 2; fi',
+    ]
+    if kind == "tpu":
+        lines += [
+            ': "${TPU_NAME:?set TPU_NAME to the TPU VM name}"',
+            ': "${ZONE:?set ZONE to the TPU VM zone}"',
+        ]
+    for job in jobs:
+        if job.done:
+            lines.append(f"# {job.name}: finished (summary.json at train.steps); skipped")
+        elif kind == "slurm":
+            out = os.path.join(job.run_dir, "slurm-%j.out")
+            head = ["sbatch", f"--job-name={job.name}", f"--output={out}", SLURM]
+            lines.append(shlex.join(["mkdir", "-p", job.run_dir]))  # for --output
+            lines.append(shlex.join([*head, spec, job.run_dir, *job.flags]))
+        else:
+            tail = shlex.join(["--", spec, job.run_dir, *job.flags])
+            lines.append(f'{TPU} --tpu "$TPU_NAME" --zone "$ZONE" {tail}')
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(
+    spec: str,
+    workdir: str,
+    parallel: int = 1,
+    dry_run: bool = False,
+    emit: str = "",
+    flags: Sequence[str] = (),
+) -> int:
+    """Runs (or prints, or writes a script for) every unfinished point; returns the exit code:
+    0, or 1 if a point failed."""
+    if parallel < 1:
+        raise KilnError(f"--parallel={parallel} must be at least 1.")
+    if emit not in ("", "slurm", "tpu"):
+        raise KilnError(f"emit={emit!r}: choose slurm or tpu.")
+    config, pts = _points(spec)
+    fields = _fields(config)
+    common = _common(list(flags), config, pts)
+    typed = {k: _parse_flag(k, v, fields[k]) for k, v in common.items()}
+    jobs = []
+    for name, point in zip(names(pts), pts):
+        run_dir = os.path.join(workdir, name)
+        job = _Job(name, run_dir, [f"--config.{k}={v}" for k, v in common.items()], {})
+        job.flags += _flags(point)
+        job.steps = _steps(config, {**typed, **point})
+        job.done = _finished(run_dir, job.steps)
+        jobs.append(job)
+    todo = [job for job in jobs if not job.done]
+    if dry_run:
+        for job in jobs:
+            cmd = command(spec, job.run_dir, job.flags)
+            print(f"# {job.name}: finished; skipped" if job.done else shlex.join(cmd))
+        return 0
+    os.makedirs(workdir, exist_ok=True)
+    record = {
+        "config": spec,
+        "overrides": common,
+        "points": [{"name": job.name, "overrides": p} for job, p in zip(jobs, pts)],
+    }
+    with open(os.path.join(workdir, "sweep.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    if emit:
+        path = os.path.join(workdir, f"submit_{emit}.sh")
+        with open(path, "w") as f:
+            f.write(script(emit, spec, jobs))
+        os.chmod(path, 0o755)
+        print(f"Wrote {path}: {len(todo)} of {len(jobs)} points to launch. Run: bash {path}")
+        return 0
+    for job in jobs:
+        if job.done:
+            print(f"{job.name}: finished in {job.run_dir}; skipped")
+    failed, stopped = _run_all(spec, todo, parallel)
+    for name, code, log_path in failed:
+        print(f"\nFAILED {name} (exit code {code}); last lines of {log_path}:\n{_tail(log_path)}")
+    if failed:
+        print()
+    print(
+        f"Sweep {workdir}: {len(jobs)} points: {len(todo) - len(failed)} run,"
+        f" {len(jobs) - len(todo)} skipped (finished), {len(failed)} failed"
+        + (f" ({', '.join(f[0] for f in failed)}; re-run to retry them)" if failed else "")
+        + (f", {len(stopped)} stopped early (re-run to continue)" if stopped else "")
+        + f".\nNext: python -m kiln.report {shlex.quote(workdir)}",
+        flush=True,
+    )
+    return 1 if failed else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kiln.sweep",
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        epilog="--config.key=value flags apply to every point.",
+    )
+    p.add_argument("--config", required=True, help="experiments/<file>.py[:args] with get_sweep()")
+    p.add_argument("--workdir", required=True, help="the sweep's folder; one subfolder per point")
+    p.add_argument("--parallel", type=int, default=1, help="points running at once (default 1)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    mode.add_argument(
+        "--emit", choices=("slurm", "tpu"), help="write <workdir>/submit_<kind>.sh, run nothing"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, rest = parser().parse_known_args(argv)
+    try:
+        return run_sweep(
+            args.config,
+            args.workdir,
+            parallel=args.parallel,
+            dry_run=args.dry_run,
+            emit=args.emit or "",
+            flags=rest,
+        )
+    except KilnError as e:
+        print(f"kiln.sweep: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
