@@ -110,3 +110,33 @@ def test_keeps_last_n_plus_every_kth(tmp_path):
     assert sorted(ckpt.all_steps()) == [4, 8, 9]
     assert ckpt.latest_step() == 9
     ckpt.close()
+
+
+class _Position:
+    """A stand-in iterator: records the state it is set to."""
+
+    state = None
+
+    def set_state(self, state: dict) -> None:
+        self.state = state
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_iterator_position_across_process_counts(tmp_path, shared):
+    """A position written by 2 processes: one process reads process 0's when every process
+    held the same position, and refuses when each read its own shard."""
+    folder = tmp_path / "7" / "data_iter"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        (folder / f"process_{i}-of-2.json").write_text(f'{{"next_index": {10 + i}}}')
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    try:
+        position = _Position()
+        if shared:
+            ckpt._restore_iterator(7, position, any_process_count=True)
+            assert position.state == {"next_index": 10}
+        else:
+            with pytest.raises(ValueError, match="2 processes .* resume with that many processes"):
+                ckpt._restore_iterator(7, position, any_process_count=False)
+    finally:
+        ckpt.close()

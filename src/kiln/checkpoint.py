@@ -53,14 +53,21 @@ class Checkpointer:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
+    def restore(
+        self,
+        step: int,
+        abstract_state: Any,
+        data_iter: Any | None = None,
+        any_process_count: bool = True,
+    ) -> Any:
         """Restores onto the shardings in `abstract_state` (any mesh, any process count);
-        rewinds `data_iter`."""
+        rewinds `data_iter`. `any_process_count`: the iterator position is the same in every
+        process (see `_restore_iterator`); False when each process reads its own data shard."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
             if data_iter is not None:
-                self._restore_iterator(step, data_iter)
+                self._restore_iterator(step, data_iter, any_process_count)
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise KilnError(
                 f"Could not restore checkpoint step {step} from {self.directory}: {e}. The"
@@ -69,13 +76,20 @@ class Checkpointer:
             ) from e
         return restored["state"]
 
-    def _restore_iterator(self, step: int, data_iter: Any) -> None:
-        """Sets `data_iter` to the saved position. grain writes one file per process; they are
-        all equal (every process computes the whole global batch and keeps its rows), so a run
-        with another process count reads process 0's."""
+    def _restore_iterator(self, step: int, data_iter: Any, any_process_count: bool) -> None:
+        """Sets `data_iter` to the saved position. grain writes one file per process; unless
+        each process reads its own shard they are all equal (every process computes the whole
+        global batch and keeps its rows), so a run with another process count reads process
+        0's."""
         folder = pathlib.Path(self.directory, str(step), "data_iter")
         own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         files = [own] if own.exists() else sorted(folder.glob("process_0-of-*.json"))
+        if not own.exists() and not any_process_count and files:
+            raise ValueError(
+                f"{folder} holds the data positions of {files[0].stem.split('-of-')[1]} processes"
+                f" that each read their own shard (data.shard_by_process), not"
+                f" {jax.process_count()}; resume with that many processes"
+            )
         if not files:
             raise FileNotFoundError(f"no iterator state in {folder}")
         data_iter.set_state(json.loads(files[0].read_text()))

@@ -263,6 +263,10 @@ def run_sections(
     c.data.data_dir = ""  # "" = the repo's data/ (or $KILN_DATA_DIR)
     c.data.seq_len = seq_len  # tokens per packed row (encoder inputs for t5)
     c.data.global_batch_size = batch  # rows per step, over all processes
+    # True: each process reads and packs only its share of the documents (no redundant work;
+    # the data order then depends on the process count). False: every process computes the
+    # whole global batch and keeps its rows (the same order on any number of processes).
+    c.data.shard_by_process = False
 
     c.objective = ml_collections.ConfigDict()
     # gpt: causal_lm | prefix_lm; bert: mlm; t5: span_corruption | prefix_lm

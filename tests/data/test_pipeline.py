@@ -200,6 +200,35 @@ def test_process_slices_make_up_the_global_batch(tok, docs, process_count):
             np.testing.assert_array_equal(joined, v, err_msg=k)
 
 
+def _documents_read(tok, docs, batches) -> list[int]:
+    """Indices of the documents whose [bos] ... [eos] sequences appear whole in `batches`."""
+    stream = np.concatenate([b["inputs"] for b in batches]).reshape(-1)
+    starts = np.flatnonzero(stream == tok.bos_id)
+    index = {tuple(encoded(tok, d)): i for i, d in enumerate(docs)}
+    return [index[tuple(stream[a:b])] for a, b in itertools.pairwise(starts)]
+
+
+def test_shard_by_process_reads_disjoint_shares(tok, docs):
+    """Process i of 2 packs only its half of each shuffled epoch into its own rows."""
+    kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5, shard_by_process=True)
+    shares = [
+        take(make_train_dataset(docs, tok, process_index=i, process_count=2, **kwargs), 12)
+        for i in range(2)
+    ]
+    assert all(b["inputs"].shape == (4, SEQ_LEN) for share in shares for b in share)
+    read = [_documents_read(tok, docs, share) for share in shares]
+    first_epoch = [r[: len(docs) // 2] for r in read]
+    assert len(read[0]) >= len(docs) // 2 and len(read[1]) >= len(docs) // 2
+    assert not set(first_epoch[0]) & set(first_epoch[1])
+    assert sorted(first_epoch[0] + first_epoch[1]) == list(range(len(docs)))
+    again = take(make_train_dataset(docs, tok, process_index=1, process_count=2, **kwargs), 12)
+    assert_batches_equal(again, shares[1])
+    # One process: the flag changes nothing.
+    one = take(make_train_dataset(docs, tok, **kwargs), 2)
+    plain = take(make_train_dataset(docs, tok, seq_len=SEQ_LEN, global_batch_size=8, seed=5), 2)
+    assert_batches_equal(one, plain)
+
+
 def test_process_slice():
     batch = {"a": np.arange(12).reshape(6, 2), "b": np.arange(6)}
     np.testing.assert_array_equal(process_slice(batch, 1, 3)["a"], [[4, 5], [6, 7]])

@@ -95,6 +95,7 @@ def make_train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     objective: Objective | None = None,
+    shard_by_process: bool = False,
 ) -> grain.IterDataset:
     """An endless, shuffled, packed training stream: this process's rows of each global batch.
 
@@ -111,7 +112,10 @@ def make_train_dataset(
 
     Every process tokenizes and packs the whole global batch, so the data order is independent
     of the number of processes (a run can resume on a different topology) at the cost of
-    ``process_count`` times redundant CPU work, which is small next to a train step.
+    ``process_count`` times redundant CPU work, which is small next to a train step. With
+    ``shard_by_process``, process i reads only documents i, i + n, ... of each shuffled epoch
+    and packs its own ``global_batch_size / n`` rows (objective rng mixed with i): no redundant
+    work, but the data order then depends on the process count.
 
     Its iterators support ``get_state()``/``set_state()`` (``grain.checkpoint.CheckpointSave``).
 
@@ -124,15 +128,29 @@ def make_train_dataset(
     process_slice({"rows": np.zeros(global_batch_size)}, process_index, process_count)  # Checks.
     # grain shuffles epoch e with seed + e: mix the seed so that nearby seeds share no epochs.
     shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-    ds = grain.MapDataset.source(documents).shuffle(seed=shuffle_seed).repeat()
+    ds = grain.MapDataset.source(documents).shuffle(seed=shuffle_seed)
+    rows, shard = global_batch_size, shard_by_process and process_count > 1
+    if shard:
+        if len(documents) < process_count:
+            raise KilnError(
+                f"data.shard_by_process: {len(documents)} training documents cannot be shared by"
+                f" {process_count} processes; turn it off."
+            )
+        ds, rows = ds[process_index::process_count], global_batch_size // process_count
     objective = _objective_for(objective, seq_len)
-    ds = _packed(ds, tokenizer, objective.packed_length(seq_len))
-    ds = ds.batch(global_batch_size, drop_remainder=True)
+    ds = _packed(ds.repeat(), tokenizer, objective.packed_length(seq_len))
+    ds = ds.batch(rows, drop_remainder=True)
     if objective.uses_rng:
         objective_seed = int(np.random.SeedSequence(seed).generate_state(2)[1])
+        if shard:
+            objective_seed = int(
+                np.random.SeedSequence([objective_seed, process_index]).generate_state(1)[0]
+            )
         ds = ds.random_map(objective, seed=objective_seed)
     else:  # No rng, and the iterator state keeps the layout it had before objectives.
         ds = ds.map(functools.partial(objective, rng=None))
+    if shard:
+        return ds
     keep = functools.partial(process_slice, index=process_index, count=process_count)
     return ds.map(keep)
 
