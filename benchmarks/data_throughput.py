@@ -1,0 +1,160 @@
+"""Input pipeline throughput alone, against what the train step consumes, for pre-training configs.
+
+  .venv/bin/python benchmarks/data_throughput.py --configs gpt:small bert:small t5:small
+
+For each `family:size[:style]` of experiments/<family>/pretrain.py: the real training stream
+(`kiln.data.pipeline.make_train_dataset` over the shipped corpus's train split: shuffle,
+tokenize, pack, batch and the config's objective) is drawn on ONE CPU core (the process is
+pinned with sched_setaffinity while it runs), after a few warm-up batches. The train step's
+consumption is measured in the same run by benchmarks/train_throughput.py's `measure` (the real
+jitted step on all cores). Tokens are counted the same way for both (`kiln.flops.step_cost`:
+encoder plus decoder tokens for t5). The tokenizer is trained once per vocabulary size into
+benchmarks/.cache/. Prints a markdown table and appends it, with the machine, to
+benchmarks/RESULTS.md (`--no-append` to skip).
+"""
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import itertools
+import os
+import pathlib
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+
+from kiln import config_lib, flops
+from kiln.data import corpus, objectives, pipeline
+from kiln.data import tokenizer as tokenizer_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / ".cache"
+
+
+def _train_throughput():
+    spec = importlib.util.spec_from_file_location(
+        "train_throughput", ROOT / "benchmarks" / "train_throughput.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def one_core() -> Iterator[None]:
+    """Pins this process to one CPU while the block runs (no-op where unsupported)."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def tokenizer_for(config, documents: list[str]) -> tokenizer_lib.Tokenizer:
+    path = CACHE / f"tokenizer_{config.tokenizer.model_type}_{config.model.vocab_size}.model"
+    if path.exists():
+        return tokenizer_lib.load_tokenizer(path)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return tokenizer_lib.train_tokenizer(
+        documents[:100_000],
+        path,
+        vocab_size=config.model.vocab_size,
+        model_type=config.tokenizer.model_type,
+    )
+
+
+def measure_data(config, batches: int, warmup: int) -> tuple[float, float]:
+    """(tokens/s on one core, seconds) of the training stream."""
+    d, o = config.data, config.objective
+    documents = corpus.read_documents(d.corpus, "train", d.data_dir or None)
+    tok = tokenizer_for(config, documents)
+    objective = objectives.make_objective(
+        o.name,
+        config.model.family,
+        tok,
+        d.seq_len,
+        mask_rate=o.mask_rate,
+        whole_word=o.whole_word,
+        noise_density=o.noise_density,
+        mean_noise_span_length=o.mean_noise_span_length,
+    )
+    with one_core():
+        stream = iter(
+            pipeline.make_train_dataset(
+                documents,
+                tok,
+                seq_len=d.seq_len,
+                global_batch_size=d.global_batch_size,
+                seed=config.seed,
+                objective=objective,
+            )
+        )
+        first = next(stream)
+        for _ in range(warmup - 1):
+            next(stream)
+        start = time.perf_counter()
+        for _ in itertools.islice(stream, batches):
+            pass
+        seconds = time.perf_counter() - start
+    shapes = {k: v.shape for k, v in first.items()}
+    tokens, _ = flops.step_cost(config.model.to_dict(), shapes, d.global_batch_size)
+    return tokens * batches / seconds, seconds
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| config | batch | data tok/s (1 core) | train step tok/s | data / step |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['batch']} | {r['data']:,.0f} | {r['step']:,.0f} |"
+            f" {r['data'] / r['step']:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["gpt:small", "bert:small", "t5:small"])
+    parser.add_argument("--batches", type=int, default=50, help="timed batches of the stream")
+    parser.add_argument("--warmup", type=int, default=5, help="batches drawn before timing")
+    parser.add_argument("--steps", type=int, default=3, help="timed train steps per repeat")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
+    parser.add_argument("--results", default=str(ROOT / "benchmarks/RESULTS.md"))
+    args = parser.parse_args()
+    train_throughput = _train_throughput()
+    rows = []
+    for spec in args.configs:
+        family, size, *style = spec.split(":")
+        arg = f"size={size}" + (f",style={style[0]}" if style else "")
+        config = config_lib.load_config(str(ROOT / f"experiments/{family}/pretrain.py:{arg}"))
+        data, _ = measure_data(config, args.batches, args.warmup)
+        step = train_throughput.measure(spec, args.steps, args.repeats)
+        rows.append(
+            {"config": spec, "batch": step["batch"], "data": data, "step": step["tokens_per_sec"]}
+        )
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    command = shlex.join([".venv/bin/python", "benchmarks/data_throughput.py", *sys.argv[1:]])
+    text = (
+        f"\n## data_throughput, {datetime.date.today()}\n\nMachine:"
+        f" {train_throughput.machine()}. Command: `{command}`. The training stream on one"
+        f" pinned core ({args.batches} batches after {args.warmup} warm-up) against the jitted"
+        " train step on all cores (median of"
+        f" {args.repeats} x {args.steps} steps); target: data >= 10x the step.\n\n{table(rows)}\n"
+    )
+    print(text)
+    if not args.no_append:
+        with open(args.results, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
