@@ -18,10 +18,8 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
-from kiln import config_lib, flops, models, optim, sharding, train
-from kiln.data import objectives, tokenizer
+from kiln import config_lib, fits, flops, models, optim, sharding, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,27 +36,6 @@ def machine() -> str:
         f"{jax.device_count()} x {device.device_kind} ({device.platform}); host {cpu},"
         f" {os.cpu_count()} cores; jax {jax.__version__}, Python {platform.python_version()}"
     )
-
-
-def synthetic_batch(config, rows: int, seed: int) -> dict[str, np.ndarray]:
-    """Random ordinary tokens, one document per row, through the config's real objective."""
-    seq_len, vocab = config.data.seq_len, config.model.vocab_size
-    specials = tokenizer.NUM_SPECIAL_IDS
-    mask_id = tokenizer.EOS_ID + 1 + tokenizer.CONTROL_SYMBOLS.index("[MASK]")
-    name = config.objective.name
-    objective = {
-        "causal_lm": lambda: objectives.CausalLM(),
-        "mlm": lambda: objectives.MaskedLM(mask_id=mask_id, vocab_size=vocab),
-        "span_corruption": lambda: objectives.SpanCorruption(
-            seq_len, tuple(range(specials - 100, specials)), tokenizer.BOS_ID, tokenizer.EOS_ID
-        ),
-    }[name]()
-    length = objective.packed_length(seq_len)
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(specials, vocab, size=(rows, length), dtype=np.int32)
-    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
-    packed = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "positions": positions}
-    return objective(packed, rng)
 
 
 def measure(spec: str, steps: int, repeats: int) -> dict:
@@ -79,7 +56,7 @@ def measure(spec: str, steps: int, repeats: int) -> dict:
     with sharding.activation_rules(mesh):
         state = init()
     batches = [
-        jax.device_put(synthetic_batch(config, rows, i), sharding.batch_sharding(mesh))
+        jax.device_put(fits.synthetic_batch(config, rows, i), sharding.batch_sharding(mesh))
         for i in range(2)
     ]
     state, out = step(state, batches[0])  # compile

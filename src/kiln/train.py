@@ -190,11 +190,17 @@ def jit_steps(
 
 
 def _bound(fn: Callable, mesh: Mesh) -> Callable:
-    """Runs `fn` with the mesh and logical rules active, so activation constraints apply."""
+    """Runs (or lowers) `fn` with the mesh and logical rules active, so activation constraints
+    apply."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> Any:
         with sharding.activation_rules(mesh):
             return fn(*args)
 
+    def lower(*args: Any) -> Any:  # Ahead-of-time: `.lower(...).compile()`, as on a jit.
+        with sharding.activation_rules(mesh):
+            return fn.lower(*args)
+
+    wrapper.lower = lower
     return wrapper

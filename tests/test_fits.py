@@ -1,0 +1,61 @@
+"""kiln.fits: the ahead-of-time memory report of a config's train step."""
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from kiln import config_lib, fits
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+
+def _config(**mesh):
+    config = config_lib.load_config("experiments/gpt/pretrain.py:size=tiny")
+    config.model.vocab_size = 512
+    config.model.max_len = config.data.seq_len = 32
+    config.data.global_batch_size = 8
+    for axis, size in mesh.items():
+        config.mesh[axis] = size
+    return config
+
+
+def test_arguments_are_the_state_and_a_batch_shard_per_device():
+    """AdamW in float32 holds params, mu and nu: 12 bytes a parameter, plus this device's rows
+    of the batch; sharding the parameters over fsdp=8 divides the state by about 8."""
+    config = _config()
+    report = fits.memory_report(config)
+    batch = fits.synthetic_batch(config, 8, 0)
+    batch_bytes = sum(v.nbytes for v in batch.values()) // jax.device_count()
+    state_bytes = 12 * report["parameters"]
+    assert report["mesh"] == (8, 1, 1)
+    assert state_bytes <= report["arguments"] <= state_bytes + batch_bytes + 4096
+    assert report["temporaries"] > 0 and report["aliased"] >= state_bytes  # The donated state.
+    total = report["arguments"] + report["outputs"] + report["temporaries"] - report["aliased"]
+    assert report["estimate"] == total
+    sharded = fits.memory_report(_config(data=1, fsdp=8))
+    assert sharded["parameters"] == report["parameters"]
+    assert sharded["arguments"] < report["arguments"] / 4
+    assert np.isclose(sharded["arguments"], state_bytes / 8, rtol=0.25)
+
+
+def test_cli_prints_the_report():
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln.fits", "--config", "experiments/gpt/pretrain.py:size=tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Train step per device" in result.stdout and "estimate" in result.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "kiln.fits", "--config", "experiments/gpt/pretrain.py:size=huge"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "kiln.fits: error: " in bad.stderr and "size='huge' is unknown" in bad.stderr
