@@ -25,8 +25,8 @@ import sys
 import time
 from collections.abc import Iterator
 
-from kiln import config_lib, flops
-from kiln.data import corpus, objectives, pipeline
+from kiln import config_lib, flops, run
+from kiln.data import corpus, pipeline
 from kiln.data import tokenizer as tokenizer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,19 +71,10 @@ def tokenizer_for(config, documents: list[str]) -> tokenizer_lib.Tokenizer:
 
 def measure_data(config, batches: int, warmup: int) -> tuple[float, float]:
     """(tokens/s on one core, seconds) of the training stream."""
-    d, o = config.data, config.objective
+    d = config.data
     documents = corpus.read_documents(d.corpus, "train", d.data_dir or None)
     tok = tokenizer_for(config, documents)
-    objective = objectives.make_objective(
-        o.name,
-        config.model.family,
-        tok,
-        d.seq_len,
-        mask_rate=o.mask_rate,
-        whole_word=o.whole_word,
-        noise_density=o.noise_density,
-        mean_noise_span_length=o.mean_noise_span_length,
-    )
+    objective = run.make_objective(config, tok)
     with one_core():
         stream = iter(
             pipeline.make_train_dataset(

@@ -140,6 +140,23 @@ def prepare_task_data(
     return Data(tok, prepared.train_iter, prepared.validation, prepared.test, prepared)
 
 
+def make_objective(
+    config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer
+) -> objectives.Objective:
+    """The pre-training objective the `objective` section describes."""
+    o = config.objective
+    return objectives.make_objective(
+        o.name,
+        config.model.family,
+        tok,
+        config.data.seq_len,
+        mask_rate=o.mask_rate,
+        whole_word=o.whole_word,
+        noise_density=o.noise_density,
+        mean_noise_span_length=o.mean_noise_span_length,
+    )
+
+
 def prepare_data(
     config: ml_collections.ConfigDict, workdir: str, source_run: init_from.Source | None = None
 ) -> Data:
@@ -149,17 +166,7 @@ def prepare_data(
     data_dir = d.data_dir or None
     train_docs = corpus.read_documents(d.corpus, "train", data_dir)
     tok = prepare_tokenizer(config, workdir, train_docs, source_run)
-    o = config.objective
-    objective = objectives.make_objective(
-        o.name,
-        config.model.family,
-        tok,
-        d.seq_len,
-        mask_rate=o.mask_rate,
-        whole_word=o.whole_word,
-        noise_density=o.noise_density,
-        mean_noise_span_length=o.mean_noise_span_length,
-    )
+    objective = make_objective(config, tok)
     dataset = pipeline.make_train_dataset(
         train_docs,
         tok,
