@@ -15,31 +15,21 @@ benchmarks/RESULTS.md (`--no-append` to skip).
 
 import argparse
 import contextlib
-import datetime
-import importlib.util
 import itertools
 import os
-import pathlib
 import shlex
 import sys
 import time
 from collections.abc import Iterator
 
-from kiln import config_lib, flops, run
+import common
+import train_throughput
+
+from kiln import flops, run
 from kiln.data import corpus, pipeline
 from kiln.data import tokenizer as tokenizer_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CACHE = ROOT / "benchmarks" / ".cache"
-
-
-def _train_throughput():
-    spec = importlib.util.spec_from_file_location(
-        "train_throughput", ROOT / "benchmarks" / "train_throughput.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+CACHE = common.ROOT / "benchmarks" / ".cache"
 
 
 @contextlib.contextmanager
@@ -119,14 +109,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed train steps per repeat")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks/RESULTS.md"))
+    parser.add_argument("--results", default=str(common.RESULTS))
     args = parser.parse_args()
-    train_throughput = _train_throughput()
     rows = []
     for spec in args.configs:
-        family, size, *style = spec.split(":")
-        arg = f"size={size}" + (f",style={style[0]}" if style else "")
-        config = config_lib.load_config(str(ROOT / f"experiments/{family}/pretrain.py:{arg}"))
+        config = common.load_spec(spec)
         data, _ = measure_data(config, args.batches, args.warmup)
         step = train_throughput.measure(spec, args.steps, args.repeats)
         rows.append(
@@ -134,17 +121,14 @@ def main() -> None:
         )
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     command = shlex.join([".venv/bin/python", "benchmarks/data_throughput.py", *sys.argv[1:]])
-    text = (
-        f"\n## data_throughput, {datetime.date.today()}\n\nMachine:"
-        f" {train_throughput.machine()}. Command: `{command}`. The training stream on one"
-        f" pinned core ({args.batches} batches after {args.warmup} warm-up) against the jitted"
-        " train step on all cores (median of"
-        f" {args.repeats} x {args.steps} steps); target: data >= 10x the step.\n\n{table(rows)}\n"
+    common.record(
+        "data_throughput",
+        f"Command: `{command}`. The training stream on one pinned core ({args.batches} batches"
+        f" after {args.warmup} warm-up) against the jitted train step on all cores (median of"
+        f" {args.repeats} x {args.steps} steps); target: data >= 10x the step.",
+        table(rows),
+        None if args.no_append else args.results,
     )
-    print(text)
-    if not args.no_append:
-        with open(args.results, "a") as f:
-            f.write(text)
 
 
 if __name__ == "__main__":

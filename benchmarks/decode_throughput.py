@@ -15,9 +15,6 @@ Prints a markdown table and appends it, with the machine description, to benchma
 """
 
 import argparse
-import datetime
-import importlib.util
-import pathlib
 import shlex
 import statistics
 import sys
@@ -25,28 +22,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import common
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kiln import config_lib, decoding, models
+from kiln import decoding, models
 from kiln.data import tokenizer
 from kiln.models import t5
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 BOS, EOS = tokenizer.BOS_ID, tokenizer.EOS_ID
 TIE_TOLERANCE = 1e-4  # Logit gap under which two ids count as tied for the greedy check.
-
-
-def _machine() -> str:
-    """`machine()` of train_throughput.py (one description for every benchmark)."""
-    spec = importlib.util.spec_from_file_location(
-        "train_throughput", ROOT / "benchmarks/train_throughput.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.machine()
 
 
 def random_params(model: nn.Module, seed: int) -> Any:
@@ -138,9 +125,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
 
 
 def measure(spec: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    family, size, *style = spec.split(":")
-    arg = f"size={size}" + (f",style={style[0]}" if style else "")
-    config = config_lib.load_config(str(ROOT / f"experiments/{family}/pretrain.py") + ":" + arg)
+    config = common.load_spec(spec)
     model = models.build_model(config.model)
     vocab, max_len = config.model.vocab_size, config.model.max_len
     if prompt_len + new_tokens > max_len or prompt_len < 2:
@@ -228,7 +213,7 @@ def main() -> None:
         help="smoke test: tiny configs, batch 4, 16 + 16 tokens, 1 repeat, --no-append",
     )
     parser.add_argument("--no-append", action="store_true", help="print only")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks/RESULTS.md"))
+    parser.add_argument("--results", default=str(common.RESULTS))
     args = parser.parse_args()
     if args.quick:
         args.configs = [c for c in args.configs if c.split(":")[1] == "tiny"] or ["gpt:tiny"]
@@ -239,16 +224,13 @@ def main() -> None:
         for spec in args.configs
     ]
     command = shlex.join([".venv/bin/python", "benchmarks/decode_throughput.py", *sys.argv[1:]])
-    text = (
-        f"\n## decode_throughput, {datetime.date.today()}\n\nMachine: {_machine()}. Command:"
-        f" `{command}`. Greedy decoding, random parameters; median of {args.repeats}"
-        " calls; compile s = first call - median.\n\n"
-        f"{table(rows)}\n"
+    common.record(
+        "decode_throughput",
+        f"Command: `{command}`. Greedy decoding, random parameters; median of {args.repeats}"
+        " calls; compile s = first call - median.",
+        table(rows),
+        None if args.no_append else args.results,
     )
-    print(text)
-    if not args.no_append:
-        with open(args.results, "a") as f:
-            f.write(text)
 
 
 if __name__ == "__main__":

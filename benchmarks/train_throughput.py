@@ -10,38 +10,17 @@ appends it, with the machine description, to benchmarks/RESULTS.md.
 """
 
 import argparse
-import datetime
-import os
-import pathlib
-import platform
 import statistics
 import time
 
+import common
 import jax
 
 from kiln import config_lib, fits, flops, models, optim, sharding, train
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    device = jax.devices()[0]
-    return (
-        f"{jax.device_count()} x {device.device_kind} ({device.platform}); host {cpu},"
-        f" {os.cpu_count()} cores; jax {jax.__version__}, Python {platform.python_version()}"
-    )
-
 
 def measure(spec: str, steps: int, repeats: int) -> dict:
-    family, size, *style = spec.split(":")
-    arg = f"size={size}" + (f",style={style[0]}" if style else "")
-    config = config_lib.load_config(str(ROOT / f"experiments/{family}/pretrain.py") + ":" + arg)
+    config = common.load_spec(spec)
     mesh_shape = config_lib.validate(config, jax.device_count())
     model = models.build_model(config.model)
     schedule = optim.make_schedule(config.optim, config.train.steps)
@@ -106,19 +85,17 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["gpt:tiny", "gpt:small"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="median over repeats")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks/RESULTS.md"))
+    parser.add_argument("--results", default=str(common.RESULTS))
     args = parser.parse_args()
     rows = [measure(spec, args.steps, args.repeats) for spec in args.configs]
     peak = flops.peak_flops_per_device("float32")
-    text = (
-        f"\n## train_throughput, {datetime.date.today()}\n\nMachine: {machine()}. MFU peak:"
-        f" {peak / 1e9:,.0f} GFLOP/s per device (float32; data sheet on accelerators, a"
-        f" measured jitted matmul on CPUs). Median of {args.repeats} x {args.steps} steps.\n\n"
-        f"{table(rows)}\n"
+    common.record(
+        "train_throughput",
+        f"MFU peak: {peak / 1e9:,.0f} GFLOP/s per device (float32; data sheet on accelerators, a"
+        f" measured jitted matmul on CPUs). Median of {args.repeats} x {args.steps} steps.",
+        table(rows),
+        args.results,
     )
-    print(text)
-    with open(args.results, "a") as f:
-        f.write(text)
 
 
 if __name__ == "__main__":

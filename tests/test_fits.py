@@ -40,22 +40,15 @@ def test_arguments_are_the_state_and_a_batch_shard_per_device():
     assert np.isclose(sharded["arguments"], state_bytes / 8, rtol=0.25)
 
 
+def _fits(size: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "kiln.fits", "--config", f"experiments/gpt/pretrain.py:{size}"]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def test_cli_prints_the_report():
-    result = subprocess.run(
-        [sys.executable, "-m", "kiln.fits", "--config", "experiments/gpt/pretrain.py:size=tiny"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _fits("size=tiny")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Train step per device" in result.stdout and "estimate" in result.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "kiln.fits", "--config", "experiments/gpt/pretrain.py:size=huge"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = _fits("size=huge")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "kiln.fits: error: " in bad.stderr and "size='huge' is unknown" in bad.stderr

@@ -34,10 +34,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from kiln.data.corpus import data_root
+from kiln.data import corpus
 from kiln.errors import KilnError
 
 HUMANEVAL_FILE = "HumanEval.jsonl.gz"
+_SAMPLE_EXAMPLE = '{"task_id": "HumanEval/0", "completion": "    return 1\\n"}'
 PROBLEM_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
 STATUSES = ("passed", "failed", "timeout")
 PROGRAM_FILE = "program.py"
@@ -168,7 +169,7 @@ class Outcome:
 
 def load_humaneval(data_dir: str | os.PathLike | None = None) -> list[Problem]:
     """Return the 164 HumanEval problems from ``HumanEval.jsonl.gz`` in the data folder."""
-    root, origin = data_root(data_dir)
+    root, origin = corpus.data_root(data_dir)
     path = root / HUMANEVAL_FILE
     if not path.is_file():
         raise KilnError(
@@ -185,10 +186,7 @@ def load_humaneval(data_dir: str | os.PathLike | None = None) -> list[Problem]:
 
 def _problem(line: str, path: pathlib.Path, number: int) -> Problem:
     """Parse one JSON line of the HumanEval file into a Problem."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise KilnError(f"{path} line {number} is not valid JSON ({error}).") from None
+    record = corpus.json_object(path, number, line, "a HumanEval record")
     missing = [name for name in PROBLEM_FIELDS if not isinstance(record.get(name), str)]
     if missing:
         raise KilnError(
@@ -428,14 +426,9 @@ def read_samples(path: str | os.PathLike) -> list[dict]:
         for number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise KilnError(f"{path} line {number} is not valid JSON ({error}).") from None
+            sample = corpus.json_object(path, number, line, _SAMPLE_EXAMPLE)
             if not (
-                isinstance(sample, dict)
-                and isinstance(sample.get("task_id"), str)
-                and isinstance(sample.get("completion"), str)
+                isinstance(sample.get("task_id"), str) and isinstance(sample.get("completion"), str)
             ):
                 raise KilnError(
                     f"{path} line {number} must be an object with string fields "

@@ -181,6 +181,16 @@ def save_json(config: ml_collections.ConfigDict, path: str | os.PathLike) -> Non
         f.write(config.to_json(indent=2, sort_keys=True) + "\n")
 
 
+def run_finished(workdir: str | os.PathLike, steps: int) -> bool:
+    """Whether the run in `workdir` finished: its summary.json is at step `steps` (a run that
+    stopped early with train.stop_after, or never ended, has none or an earlier one)."""
+    try:
+        with open(os.path.join(workdir, "summary.json")) as f:
+            return json.load(f).get("step") == steps
+    except (OSError, ValueError):
+        return False
+
+
 def load_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))

@@ -203,20 +203,13 @@ def generate(
     with contextlib.nullcontext() if mesh is None else sharding.activation_rules(mesh):
         for start in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[start : start + batch_size]]
-            if isinstance(model, t5.T5):
-                inputs, limits_B, steps = _t5_inputs(
-                    chunk, batch_size, options.max_new_tokens, bos_id
-                )
-            else:
-                inputs, limits_B, steps = _gpt_inputs(
-                    model, chunk, batch_size, options.max_new_tokens, bos_id
-                )
-            inputs["row_ids"] = np.arange(start, start + batch_size, dtype=np.int32)
+            make_inputs = _t5_inputs if isinstance(model, t5.T5) else _gpt_inputs
+            inputs, limits_B, steps = make_inputs(model, chunk, batch_size, options, bos_id)
+            row_ids_B = np.arange(start, start + batch_size, dtype=np.int32)
             out_BN = _generate_batch(
                 model,
                 params,
-                _place(inputs, mesh),
-                _place(limits_B, mesh),
+                *_place((inputs, limits_B, row_ids_B), mesh),
                 stop_ids_S,
                 knobs,
                 steps=steps,
@@ -252,7 +245,11 @@ def _place(tree: Any, mesh: Mesh | None) -> Any:
 
 
 def _gpt_inputs(
-    model: gpt.GPT, prompts: list[list[int]], batch_size: int, max_new_tokens: int, bos_id: int
+    model: gpt.GPT,
+    prompts: list[list[int]],
+    batch_size: int,
+    options: DecodeOptions,
+    bos_id: int,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """Inputs of `_generate_batch`, row budgets and step count for GPT.
 
@@ -260,6 +257,7 @@ def _gpt_inputs(
     0 per prompt; the loop starts by feeding the last token.
     """
     max_len, n_real = model.config.max_len, len(prompts)
+    max_new_tokens = options.max_new_tokens
     prompts = prompts + [[bos_id]] * (batch_size - n_real)  # Filler rows, budget 0.
     length = _round_up(max(len(p) for p in prompts) - 1, LENGTH_BUCKET)
     tokens_BP, segment_ids_BP, positions_BP = np.zeros((3, batch_size, length), np.int32)
@@ -282,10 +280,15 @@ def _gpt_inputs(
 
 
 def _t5_inputs(
-    prompts: list[list[int]], batch_size: int, max_new_tokens: int, bos_id: int
+    model: t5.T5,
+    prompts: list[list[int]],
+    batch_size: int,
+    options: DecodeOptions,
+    bos_id: int,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """Inputs of `_generate_batch` (right-padded encoder inputs), row budgets, steps for T5."""
-    n_real = len(prompts)
+    del model  # The same signature as `_gpt_inputs`.
+    n_real, max_new_tokens = len(prompts), options.max_new_tokens
     prompts = prompts + [prompts[0]] * (batch_size - n_real)  # Filler rows, budget 0.
     length = _round_up(max(len(p) for p in prompts), LENGTH_BUCKET)
     encoder_inputs_BS, encoder_segment_ids_BS = np.zeros((2, batch_size, length), np.int32)
@@ -308,6 +311,7 @@ def _generate_batch(
     params: Any,
     inputs: dict[str, jax.Array],
     limits_B: jax.Array,
+    row_ids_B: jax.Array,
     stop_ids_S: jax.Array,
     knobs: dict[str, jax.Array],
     *,
@@ -316,8 +320,8 @@ def _generate_batch(
     beams: int,
     mesh: Mesh | None,
 ) -> jax.Array:
-    """Generated ids [B, steps] of one batch (valid up to each row's first stop and limit)."""
-    row_ids_B = inputs.pop("row_ids")
+    """Generated ids [B, steps] of one batch (valid up to each row's first stop and limit);
+    row_ids_B: each row's index in the whole call (its sampling key)."""
     rows = limits_B.shape[0] * beams
     if beams > 1:  # Beam k of prompt b is row b * beams + k.
         inputs = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), inputs)

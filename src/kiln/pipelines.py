@@ -36,14 +36,6 @@ def _resolve(value: str, workdir: str, stages: list[str], done: list[str], key: 
     return os.path.join(workdir, name)
 
 
-def finished(stage_dir: str, config: ml_collections.ConfigDict) -> bool:
-    path = os.path.join(stage_dir, "summary.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("step") == config.train.steps
-
-
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs every unfinished stage in order, then writes comparison.md and comparison.json."""
     import jax
@@ -71,7 +63,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         stage.tokenizer.path = _resolve(
             stage.tokenizer.path, workdir, stages, done, f"{name}.tokenizer.path"
         )
-        if finished(stage_dir, stage):
+        if config_lib.run_finished(stage_dir, stage.train.steps):
             metrics.log(f"Pipeline: stage {name} already finished in {stage_dir}; skipped")
         else:
             metrics.log(f"Pipeline: stage {name} -> {stage_dir}")

@@ -28,12 +28,13 @@ import jax
 import ml_collections
 
 from kiln import checkpoint, code_eval, decoding, finetuning, init_from, models, sharding
-from kiln.data import finetune, tasks
+from kiln.data import corpus, finetune, tasks
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
 
 # Where a HumanEval completion ends: the next top-level statement (Chen et al. 2021).
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+_PROMPT_EXAMPLE = '{"id": "a", "prompt": "In the beginning"}'
 
 
 @dataclasses.dataclass
@@ -155,15 +156,13 @@ def read_prompts(path: str) -> list[dict[str, str]]:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                text = record["prompt"] if "prompt" in record else record["input"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            record = corpus.json_object(path, number, line, _PROMPT_EXAMPLE)
+            text = record.get("prompt", record.get("input"))
+            if text is None:
                 raise KilnError(
-                    f'{path}, line {number}: expected a JSON object with a "prompt" (or'
-                    f' "input") field, e.g. {{"id": "a", "prompt": "In the beginning"}}'
-                    f" ({type(e).__name__}: {e})."
-                ) from None
+                    f'{path}, line {number}: no "prompt" (or "input") string field; write each'
+                    f" line as e.g. {_PROMPT_EXAMPLE}."
+                )
             rows.append({"id": str(record.get("id", len(rows))), "prompt": str(text)})
     if not rows:
         raise KilnError(f"--input-file={path!r} has no prompts.")

@@ -309,16 +309,8 @@ def _steps(config: ml_collections.ConfigDict, values: dict[str, Any]) -> dict[st
 
 
 def _finished(run_dir: str, steps: dict[str, int]) -> bool:
-    """The rule of `pipelines.finished`: summary.json reached train.steps (in every stage)."""
-    for stage, n in steps.items():
-        path = os.path.join(run_dir, stage, "summary.json")
-        try:
-            with open(path) as f:
-                if json.load(f).get("step") != n:
-                    return False
-        except (OSError, ValueError):
-            return False
-    return True
+    """Every stage (or the single run) finished: `config_lib.run_finished`."""
+    return all(config_lib.run_finished(os.path.join(run_dir, s), n) for s, n in steps.items())
 
 
 def command(spec: str, run_dir: str, flags: Sequence[str]) -> list[str]:

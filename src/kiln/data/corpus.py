@@ -258,20 +258,32 @@ def _parse_file_document(path: pathlib.Path, text: str) -> list[tuple[str, ...]]
     return [(split_of(path.name), document)] if document else []
 
 
+def json_object(path: str | os.PathLike, number: int, line: str, example: str) -> dict:
+    """Line `number` of a JSONL file as a dict; a KilnError naming the file and line (and
+    showing `example`, a valid line) if it is not valid JSON or not an object."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise KilnError(
+            f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}). Each line "
+            f"must be one JSON object, e.g. {example}."
+        ) from None
+    if not isinstance(record, dict):
+        raise KilnError(
+            f"{path}, line {number}: expected a JSON object, found {type(record).__name__}. "
+            f"Write each line as e.g. {example}."
+        )
+    return record
+
+
 def _parse_jsonl(path: pathlib.Path, text: str) -> list[tuple[str, ...]]:
     """Return one (split, text) row per JSON line, using its split field or md5 of id/text."""
     rows = []
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KilnError(
-                f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}). "
-                "Each line must be one JSON object with a 'text' field."
-            ) from e
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        record = json_object(path, number, line, '{"text": "..."}')
+        if not isinstance(record.get("text"), str):
             raise KilnError(
                 f"{path}, line {number}: expected a JSON object with a string 'text' field. "
                 "Add one, or convert the file so that each line has it."

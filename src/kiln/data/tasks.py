@@ -50,6 +50,7 @@ GENERATION_METRICS = ("chrf", "bleu", "exact_match")
 DEFAULT_TEMPLATE = "{input}"
 _CLASSIFICATION_FIELDS = ("text", "label")
 _GENERATION_FIELDS = ("input", "target")
+_JSONL_EXAMPLE = '{"text": "...", "label": "..."} or {"input": "...", "target": "..."}'
 
 # (task name, resolved path, mtime_ns, size, kind, labels) -> parsed task.
 _CACHE: dict[tuple, Task] = {}
@@ -358,7 +359,7 @@ def _jsonl_rows(path: pathlib.Path, kind: str) -> list[tuple[int, str, tuple[str
     for number, line in enumerate(corpus._read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
-        record = _json_object(path, number, line)
+        record = corpus.json_object(path, number, line, _JSONL_EXAMPLE)
         fields = _fields_of(path, number, record, kind, rows[0] if rows else None)
         source, target = (record[field] for field in fields)
         if not target.strip():
@@ -375,23 +376,6 @@ def _jsonl_rows(path: pathlib.Path, kind: str) -> list[tuple[int, str, tuple[str
             "per line."
         )
     return rows
-
-
-def _json_object(path: pathlib.Path, number: int, line: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise KilnError(
-            f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}). Each line "
-            'must be one JSON object, e.g. {"text": "...", "label": "..."} or '
-            '{"input": "...", "target": "..."}.'
-        ) from e
-    if not isinstance(record, dict):
-        raise KilnError(
-            f"{path}, line {number}: expected a JSON object, found {type(record).__name__}. "
-            'Write each example as {"text": ..., "label": ...} or {"input": ..., "target": ...}.'
-        )
-    return record
 
 
 def _fields_of(
