@@ -1,4 +1,7 @@
+import json
+import os
 import pathlib
+import threading
 
 import ml_collections
 import pytest
@@ -101,3 +104,27 @@ def test_pipeline_stages_share_the_pretrained_architecture(path, size):
         assert stage.tokenizer.path == "@pretrain" and stage.task.name
         assert stage.init_from.workdir == ("" if name.startswith("scratch") else "@pretrain")
         assert config_lib.validate(stage, 8)
+
+
+def test_write_atomically_never_exposes_a_partial_file(tmp_path):
+    """A reader polling the file while it is rewritten sees one whole version or the other
+    (a multi-process run reads config.json while process 0 rewrites it)."""
+    path = tmp_path / "config.json"
+    versions = [json.dumps({"v": i, "pad": "x" * 200_000}) for i in range(2)]
+    config_lib.write_atomically(path, versions[0])
+    done = threading.Event()
+
+    def rewrite():
+        for i in range(200):
+            config_lib.write_atomically(path, versions[i % 2])
+        done.set()
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    reads = 0
+    while not done.is_set():
+        assert path.read_text() in versions
+        reads += 1
+    writer.join()
+    assert reads > 0
+    assert not [p for p in os.listdir(tmp_path) if p != "config.json"], "temporary file left"

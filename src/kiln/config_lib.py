@@ -176,9 +176,18 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json())
 
 
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` via a temporary file and a rename, so that a concurrent reader
+    (another process of the run, a sweep polling summaries) sees the old file or the new one,
+    never a half-written one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def save_json(config: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
-    with open(path, "w") as f:
-        f.write(config.to_json(indent=2, sort_keys=True) + "\n")
+    write_atomically(path, config.to_json(indent=2, sort_keys=True) + "\n")
 
 
 def run_finished(workdir: str | os.PathLike, steps: int) -> bool:

@@ -538,9 +538,7 @@ def _finish(
         summary["validation/perplexity_at_start"] = first
     if config.eval.sample_prompt and config.model.family == "gpt":
         summary["sample"] = config.eval.sample_prompt + sample_text(run, state.params)
-    if jax.process_index() == 0:
-        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+    _write_summary(run.workdir, summary)
     start = f"{first:.2f} at step 0 -> " if first is not None else ""
     metrics.log(
         f"Done: validation perplexity {start}{summary['validation/perplexity']:.2f} at step"
@@ -550,6 +548,13 @@ def _finish(
     if "sample" in summary:
         metrics.log(f"Sample ({config.decode.strategy}): {summary['sample']!r}")
     return summary
+
+
+def _write_summary(workdir: str, summary: dict[str, Any]) -> None:
+    if jax.process_index() == 0:
+        config_lib.write_atomically(
+            os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2)
+        )
 
 
 def _finish_task(run: _Run, summary: dict[str, Any], test_predictions: list[str]) -> dict:
@@ -566,9 +571,7 @@ def _finish_task(run: _Run, summary: dict[str, Any], test_predictions: list[str]
             for example, pred in zip(task.examples["test"], test_predictions):
                 row = {"id": example.id, "prediction": pred, "target": example.target}
                 f.write(json.dumps(row) + "\n")
-    if jax.process_index() == 0:
-        with open(os.path.join(run.workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+    _write_summary(run.workdir, summary)
     shown = ", ".join(f"{m} {summary[f'test/{m}']:.4g}" for m in task.task.metrics)
     metrics.log(
         f"Done: {task.task.name} at step {summary['step']}: test {shown} (validation "
