@@ -111,6 +111,8 @@ def validate(
             "optim.grad_accum_steps",
         ],
     )
+    if config.train.get("loss_chunks", 0) < 0:
+        _fail("train.loss_chunks", config.train.loss_chunks, "is negative", "Use 0 (off) or more.")
     if m.d_model % m.n_heads:
         _fail(
             "model.d_model",
@@ -342,6 +344,9 @@ def run_sections(
     c.train.steps = steps
     c.train.log_every = 20  # steps between metrics lines
     c.train.stop_after = 0  # end this session at this step (with a checkpoint); 0 = at train.steps
+    # > 0: the LM loss is fused with the output projection in this many sequence chunks, so the
+    # [batch, length, vocab] logits never exist at once (less memory at large vocabularies).
+    c.train.loss_chunks = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 100  # steps between validation evaluations (also at the start and the end)

@@ -54,7 +54,13 @@ def memory_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     mesh = sharding.make_mesh(config.mesh)
     abstract, shardings = train.state_shardings(model, optimizer, mesh, config.data.seq_len)
     train_step, _ = train.jit_steps(
-        model, optimizer, schedule, config.optim.grad_accum_steps, shardings, mesh
+        model,
+        optimizer,
+        schedule,
+        config.optim.grad_accum_steps,
+        shardings,
+        mesh,
+        loss_chunks=config.train.loss_chunks,
     )
     rows = config.data.global_batch_size
     batch = {

@@ -389,7 +389,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         metrics.log(f"Mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} devices")
         abstract, shardings = train.state_shardings(model, optimizer, mesh, config.data.seq_len)
         train_step, eval_step = train.jit_steps(
-            model, optimizer, schedule, config.optim.grad_accum_steps, shardings, mesh
+            model,
+            optimizer,
+            schedule,
+            config.optim.grad_accum_steps,
+            shardings,
+            mesh,
+            loss_chunks=config.train.loss_chunks,
         )
         writer = metrics.MetricsWriter(workdir)
         run = _Run(

@@ -27,14 +27,32 @@ class TrainState:
 LABEL_KEYS = ("targets", "weights")
 
 
-def apply_model(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:
+def apply_model(
+    model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, **kwargs: Any
+) -> Any:
     """Logits for a batch; every key but targets/weights is a model argument. Dropout iff rng."""
     return model.apply(
         {"params": params},
         **{k: v for k, v in batch.items() if k not in LABEL_KEYS},
         deterministic=rng is None,
         rngs=None if rng is None else {"dropout": rng},
+        **kwargs,
     )
+
+
+def loss_sums(
+    model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, loss_chunks: int = 0
+) -> dict[str, jax.Array]:
+    """`losses.cross_entropy_sums` of the model on a batch; with `loss_chunks` (and token
+    targets), fused with the output projection in that many sequence chunks, so the full
+    logits never exist (`losses.fused_cross_entropy_sums`)."""
+    if loss_chunks and batch["targets"].ndim == 2:
+        head = apply_model(model, params, batch, rng, head_inputs=True)
+        return losses.fused_cross_entropy_sums(
+            *head, batch["targets"], batch["weights"], loss_chunks
+        )
+    logits = apply_model(model, params, batch, rng)
+    return losses.cross_entropy_sums(logits, batch["targets"], batch["weights"])
 
 
 def init_state(
@@ -92,14 +110,13 @@ def _microbatches(batch: Batch, count: int) -> Batch:
 
 
 def accumulate_grads(
-    model: nn.Module, params: Any, batch: Batch, rng: jax.Array, count: int
+    model: nn.Module, params: Any, batch: Batch, rng: jax.Array, count: int, loss_chunks: int = 0
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Summed gradients and loss sums over `count` microbatches (one pass when count == 1)."""
 
     def grads_of(micro: Batch, micro_rng: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
         def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            logits = apply_model(model, p, micro, micro_rng)
-            sums = losses.cross_entropy_sums(logits, micro["targets"], micro["weights"])
+            sums = loss_sums(model, p, micro, micro_rng, loss_chunks)
             return sums["loss_sum"], sums
 
         return jax.grad(loss_fn, has_aux=True)(params)
@@ -126,10 +143,14 @@ def train_step(
     optimizer: optax.GradientTransformation,
     schedule: Callable[[jax.Array], jax.Array],
     grad_accum_steps: int,
+    loss_chunks: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on the mean token loss over the whole global batch."""
+    """One optimizer step on the mean token loss over the whole global batch (`loss_chunks`:
+    see `loss_sums`)."""
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, sums = accumulate_grads(model, state.params, batch, rng, grad_accum_steps)
+    grads, sums = accumulate_grads(
+        model, state.params, batch, rng, grad_accum_steps, loss_chunks
+    )
     # Dividing the summed gradient by all tokens of the global batch makes k microbatches
     # exactly equivalent to one big batch, whatever the padding in each microbatch.
     denominator = jnp.maximum(sums["weight_sum"], 1.0)
@@ -165,8 +186,10 @@ def jit_steps(
     grad_accum_steps: int,
     shardings: TrainState,
     mesh: Mesh,
+    loss_chunks: int = 0,
 ) -> tuple[Callable, Callable]:
-    """The train step (state donated) and eval step, jitted with explicit shardings."""
+    """The train step (state donated) and eval step, jitted with explicit shardings;
+    `loss_chunks` > 0 fuses the train loss with the output projection (see `loss_sums`)."""
     batch = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
     step = jax.jit(
@@ -176,6 +199,7 @@ def jit_steps(
             optimizer=optimizer,
             schedule=schedule,
             grad_accum_steps=grad_accum_steps,
+            loss_chunks=loss_chunks,
         ),
         in_shardings=(shardings, batch),
         out_shardings=(shardings, replicated),

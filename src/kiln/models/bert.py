@@ -20,7 +20,9 @@ class MlmHead(nn.Module):
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, token_embed: layers.Embed) -> jax.Array:
+    def __call__(
+        self, x_BLD: jax.Array, token_embed: layers.Embed, head_inputs: bool = False
+    ) -> jax.Array | layers.HeadInputs:
         cfg = self.config
         # A logical name may occur once per array; the output axis shards like an MLP's.
         h_BLD = layers.Dense(
@@ -38,6 +40,8 @@ class MlmHead(nn.Module):
             (cfg.vocab_size,),
             cfg.param_dtype,
         )
+        if head_inputs:
+            return layers.HeadInputs(h_BLD, token_embed.table(), bias_V)
         return token_embed.attend(h_BLD) + bias_V.astype(jnp.float32)
 
 
@@ -104,7 +108,8 @@ class BERT(nn.Module):
         token_type_ids: jax.Array | None = None,
         *,
         deterministic: bool = True,
-    ) -> jax.Array:
+        head_inputs: bool = False,
+    ) -> jax.Array | layers.HeadInputs:
         """Returns float32 masked-LM logits [B, L, V] at every position.
 
         Argument names match the batch keys of the masked-LM objective (`kiln.data.objectives`).
@@ -116,9 +121,12 @@ class BERT(nn.Module):
           token_type_ids: segment A/B ids [B, L] when `type_vocab_size` > 0 (None means all 0);
             ignored otherwise.
           deterministic: disables dropout; otherwise the "dropout" rng collection is used.
+          head_inputs: return what the logits are made of instead (`layers.HeadInputs`).
         """
         x_BLD = self.encode(
             inputs, segment_ids, positions, token_type_ids, deterministic=deterministic
         )
+        if head_inputs:
+            return self.mlm_head(x_BLD, self.token_embed, head_inputs=True)
         logits_BLV = self.mlm_head(x_BLD, self.token_embed).astype(jnp.float32)
         return nn.with_logical_constraint(logits_BLV, ("act_batch", "act_length", "act_vocab"))

@@ -89,6 +89,7 @@ class GPT(nn.Module):
                 deterministic=deterministic,
                 decode=decode,
                 cache_index=cache_index,
+                causal=not decode and prefix_mask is None,
             )
         if cfg.norm_position == "pre":
             x_BLD = self.final_norm(x_BLD)
@@ -103,7 +104,8 @@ class GPT(nn.Module):
         *,
         deterministic: bool = True,
         decode: bool = False,
-    ) -> jax.Array:
+        head_inputs: bool = False,
+    ) -> jax.Array | layers.HeadInputs:
         """Returns float32 next-token logits [B, L, V].
 
         Argument names match the batch keys of the decoder objectives (`kiln.data.objectives`).
@@ -120,6 +122,8 @@ class GPT(nn.Module):
             [index, index + L), and attend to every earlier slot of their segment; positions
             None then means the slot numbers. The first decode call creates the cache with
             S_max = L slots; see `kiln.decoding.init_cache`. Causal only (no prefix_mask).
+          head_inputs: return what the logits are made of instead (`layers.HeadInputs`), for
+            `losses.fused_cross_entropy_sums`.
         """
         x_BLD = self.hidden(
             inputs,
@@ -129,6 +133,10 @@ class GPT(nn.Module):
             deterministic=deterministic,
             decode=decode,
         )
+        if head_inputs:
+            if self.config.tie_embeddings:
+                return layers.HeadInputs(x_BLD, self.token_embed.table())
+            return layers.HeadInputs(x_BLD, self.lm_head.transposed_kernel())
         if self.config.tie_embeddings:
             logits_BLV = self.token_embed.attend(x_BLD)
         else:

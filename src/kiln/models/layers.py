@@ -6,6 +6,7 @@ K kv heads, G query groups (H // K), E head_dim, F d_ff, V vocab.
 
 import dataclasses
 import math
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,6 +27,15 @@ _NORM_POSITIONS = ("pre", "post")
 
 # Logical names of the [B, L, D] activations between blocks.
 ACT_NAMES = ("act_batch", "act_length", "act_embed")
+
+
+class HeadInputs(NamedTuple):
+    """What a language model's logits are made of: x . table^T + bias, in the compute dtype;
+    `losses.fused_cross_entropy_sums` takes these instead of the logits."""
+
+    x_BLD: jax.Array
+    table_VD: jax.Array
+    bias_V: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +141,11 @@ class Dense(nn.Module):
             y = y + bias.astype(self.dtype)
         return y
 
+    def transposed_kernel(self) -> jax.Array:
+        """The [D, V] kernel of an output projection as a [V, D] table, in the compute dtype
+        (for `HeadInputs`; the module must have been called once, e.g. by `init`)."""
+        return nn.unbox(self.get_variable("params", "kernel")).T.astype(self.dtype)
+
 
 def _dense(
     cfg: TransformerConfig,
@@ -196,6 +211,10 @@ class Embed(nn.Module):
 
     def __call__(self, ids_BL: jax.Array) -> jax.Array:
         return jnp.take(self.embedding, ids_BL, axis=0).astype(self.dtype)
+
+    def table(self) -> jax.Array:
+        """The table [num_embeddings, D] in the compute dtype."""
+        return self.embedding.astype(self.dtype)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Float32 logits x @ embedding.T."""
@@ -352,6 +371,7 @@ class Attention(nn.Module):
         decode: bool = False,
         cache_index: jax.Array | None = None,
         static_kv: bool = False,
+        causal: bool = False,
     ) -> jax.Array:
         """Attends queries from xq to keys/values from xkv.
 
@@ -372,6 +392,8 @@ class Attention(nn.Module):
           static_kv: with decode, for cross-attention: the call that creates the cache stores
             the keys/values of xkv as `cross_key` / `cross_value` [B, S, K, E]; later calls read
             them and ignore xkv (the encoder output does not change while decoding).
+          causal: `bias` masks every key after its query (causal self-attention over L = S),
+            so key blocks wholly in the future are skipped (`causal_blocks`).
 
         Returns:
           Output [B, L, D] in the compute dtype.
@@ -397,24 +419,27 @@ class Attention(nn.Module):
         if decode and not static_kv:
             k_BSKE, v_BSKE = self._cached_kv(k_BSKE, v_BSKE, cache_index)
 
-        # Query head n uses kv head n // G.
-        b, length = q_BLHE.shape[:2]
-        q_BLKGE = q_BLHE.reshape(b, length, k, h // k, e)
-        # Logits and softmax in float32: in bf16 the exp overflows sooner and the row sums lose
-        # precision (8 mantissa bits), which biases the attention weights.
-        logits_BKGLS = jnp.einsum(
-            "blkge,bske->bkgls", q_BLKGE, k_BSKE, preferred_element_type=jnp.float32
-        )
-        logits_BHLS = logits_BKGLS.reshape(b, h, length, -1)
-        if cfg.scale_attention:
-            logits_BHLS = logits_BHLS / math.sqrt(e)
-        if bias is not None:
-            logits_BHLS = logits_BHLS + bias.astype(jnp.float32)
-        probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1)
-        probs_BHLS = nn.Dropout(cfg.dropout)(probs_BHLS, deterministic=deterministic)
-        probs_BKGLS = probs_BHLS.reshape(logits_BKGLS.shape).astype(cfg.dtype)
-        out_BLKGE = jnp.einsum("bkgls,bske->blkge", probs_BKGLS, v_BSKE.astype(cfg.dtype))
-        out_BLHE = out_BLKGE.reshape(b, length, h, e)
+        scale = 1 / math.sqrt(e) if cfg.scale_attention else 1.0
+        dropout_active = cfg.dropout > 0 and not deterministic
+        if use_dot_product_attention() and not dropout_active:
+            out_BLHE = jax.nn.dot_product_attention(
+                q_BLHE.astype(cfg.dtype),
+                k_BSKE.astype(cfg.dtype),
+                v_BSKE.astype(cfg.dtype),
+                bias=None if bias is None else bias.astype(cfg.dtype),
+                scale=scale,
+            )
+        else:
+            dropout = nn.Dropout(cfg.dropout)
+            out_BLHE = _blockwise_attention(
+                q_BLHE * jnp.asarray(scale, q_BLHE.dtype),
+                k_BSKE,
+                v_BSKE,
+                bias,
+                causal_blocks(q_BLHE.shape[1], k_BSKE.shape[1]) if causal else 1,
+                lambda p: dropout(p, deterministic=deterministic),
+                cfg.dtype,
+            )
         return _dense(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), std_out, "out")(
             out_BLHE
         )
@@ -433,6 +458,67 @@ class Attention(nn.Module):
         key.value = _write_slots(key.value, k_BLKE, index)
         value.value = _write_slots(value.value, v_BLKE, index)
         return key.value, value.value
+
+
+def use_dot_product_attention() -> bool:
+    """Whether attention goes through `jax.nn.dot_product_attention` (cuDNN's fused kernel
+    where it applies, else XLA's): on GPUs. Elsewhere kiln's own blockwise attention, faster
+    on CPUs (benchmarks/RESULTS.md); both compute the same function."""
+    return jax.default_backend() == "gpu"
+
+
+def causal_blocks(length: int, kv_length: int) -> int:
+    """Query blocks for causal attention: up to 8 blocks of at least 64 queries, so that the
+    strictly-future key blocks (up to 7/16 of the scores) are never computed; 1 when the
+    lengths differ (decoding) or the sequence is short."""
+    if length != kv_length:
+        return 1
+    return next((n for n in (8, 4, 2) if length % n == 0 and length // n >= 64), 1)
+
+
+def _slice_bias(bias: jax.Array | None, queries: slice, keys: int) -> jax.Array | None:
+    """bias [..., L or 1, S or 1] restricted to the query rows `queries` and the first `keys`."""
+    if bias is None:
+        return None
+    if bias.shape[-2] > 1:
+        bias = bias[..., queries, :]
+    return bias[..., :keys] if bias.shape[-1] > 1 else bias
+
+
+def _blockwise_attention(
+    q_BLHE: jax.Array,
+    k_BSKE: jax.Array,
+    v_BSKE: jax.Array,
+    bias: jax.Array | None,
+    blocks: int,
+    dropout: Any,
+    dtype: Dtype,
+) -> jax.Array:
+    """softmax(q k^T + bias) v with grouped kv heads; q already scaled. With `blocks` > 1
+    (causal only), query block i attends to the keys of blocks 0..i only."""
+    b, length, h, e = q_BLHE.shape
+    k = k_BSKE.shape[2]
+    size = length // blocks
+    outs = []
+    for i in range(blocks):
+        rows = slice(i * size, (i + 1) * size) if blocks > 1 else slice(None)
+        keys = (i + 1) * size if blocks > 1 else k_BSKE.shape[1]
+        # Query head n uses kv head n // G.
+        q_BLKGE = q_BLHE[:, rows].reshape(b, -1, k, h // k, e)
+        # Logits and softmax in float32: in bf16 the exp overflows sooner and the row sums
+        # lose precision (8 mantissa bits), which biases the attention weights.
+        logits_BKGLS = jnp.einsum(
+            "blkge,bske->bkgls", q_BLKGE, k_BSKE[:, :keys], preferred_element_type=jnp.float32
+        )
+        logits_BHLS = logits_BKGLS.reshape(b, h, q_BLKGE.shape[1], keys)
+        block_bias = _slice_bias(bias, rows, keys)
+        if block_bias is not None:
+            logits_BHLS = logits_BHLS + block_bias.astype(jnp.float32)
+        probs_BHLS = dropout(jax.nn.softmax(logits_BHLS, axis=-1))
+        probs_BKGLS = probs_BHLS.reshape(logits_BKGLS.shape).astype(dtype)
+        out_BLKGE = jnp.einsum("bkgls,bske->blkge", probs_BKGLS, v_BSKE[:, :keys].astype(dtype))
+        outs.append(out_BLKGE.reshape(b, -1, h, e))
+    return outs[0] if blocks == 1 else jnp.concatenate(outs, axis=1)
 
 
 class TransformerBlock(nn.Module):
@@ -454,6 +540,7 @@ class TransformerBlock(nn.Module):
         deterministic: bool = True,
         decode: bool = False,
         cache_index: jax.Array | None = None,
+        causal: bool = False,
     ) -> jax.Array:
         """Returns the block's output [B, L, D].
 
@@ -465,6 +552,7 @@ class TransformerBlock(nn.Module):
           deterministic: disables dropout.
           decode: self-attention reads and extends the KV cache (see `Attention`).
           cache_index: int32 scalar, the first cache slot of this call when decoding.
+          causal: the bias is causal (see `Attention`).
         """
         cfg = self.config
         pre = cfg.norm_position == "pre"
@@ -486,6 +574,7 @@ class TransformerBlock(nn.Module):
             deterministic=deterministic,
             decode=decode,
             cache_index=cache_index,
+            causal=causal,
         )
         x_BLD = x_BLD + dropout(h_BLD)
         x_BLD = x_BLD if pre else norm(x_BLD, "attn")

@@ -119,6 +119,7 @@ class DecoderBlock(nn.Module):
             deterministic=deterministic,
             decode=decode,
             cache_index=cache_index,
+            causal=not decode,
         )
         y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
         h_BLD = layers.make_norm(cfg, "pre_cross_attn_norm")(y_BLD)
@@ -298,8 +299,10 @@ class T5(nn.Module):
         *,
         deterministic: bool = True,
         decode: bool = False,
-    ) -> jax.Array:
-        """Float32 logits [B, L, V] of the decoder inputs [B, L] given the encoder output.
+        head_inputs: bool = False,
+    ) -> jax.Array | layers.HeadInputs:
+        """Float32 logits [B, L, V] of the decoder inputs [B, L] given the encoder output
+        (with head_inputs, what they are made of: `layers.HeadInputs`).
 
         With decode, the decoder's self-attention keeps a KV cache in the "cache" collection
         (apply with `mutable=["cache"]`): the inputs extend the cached targets, at cache slots
@@ -325,6 +328,10 @@ class T5(nn.Module):
             deterministic=deterministic,
             decode=decode,
         )
+        if head_inputs and cfg.tie_embeddings:
+            return layers.HeadInputs(y_BLD * cfg.d_model**-0.5, self.token_embed.table())
+        if head_inputs:
+            return layers.HeadInputs(y_BLD, self.lm_head.transposed_kernel())
         if cfg.tie_embeddings:
             # T5 rescales before the tied projection, as the embedding is also the input table.
             logits_BLV = self.token_embed.attend(y_BLD * cfg.d_model**-0.5)
@@ -343,7 +350,8 @@ class T5(nn.Module):
         decoder_positions: jax.Array | None = None,
         *,
         deterministic: bool = True,
-    ) -> jax.Array:
+        head_inputs: bool = False,
+    ) -> jax.Array | layers.HeadInputs:
         """Returns float32 logits [B, L, V] for the decoder inputs (teacher forcing).
 
         Argument names match the batch keys of the span-corruption objective.
@@ -356,6 +364,7 @@ class T5(nn.Module):
           encoder_positions: position within the example [B, S]; None means arange(S).
           decoder_positions: position within the example [B, L]; None means arange(L).
           deterministic: disables dropout; otherwise the "dropout" rng collection is used.
+          head_inputs: return what the logits are made of instead (`layers.HeadInputs`).
         """
         encoded_BSD = self.encode(
             encoder_inputs, encoder_segment_ids, encoder_positions, deterministic=deterministic
@@ -367,4 +376,5 @@ class T5(nn.Module):
             decoder_segment_ids,
             decoder_positions,
             deterministic=deterministic,
+            head_inputs=head_inputs,
         )
