@@ -60,6 +60,12 @@ def hf_flax_step(family: str, shape: dict, batch: dict):
     import optax
     import transformers
 
+    _clip = jnp.clip  # transformers 4.57.6's Flax T5 still passes a_max=, gone from jax 0.10.
+
+    def clip(x, min=None, max=None, a_min=None, a_max=None):  # noqa: A002
+        return _clip(x, a_min if min is None else min, a_max if max is None else max)
+
+    jnp.clip = clip
     cls = {
         "gpt": transformers.FlaxGPT2LMHeadModel,
         "bert": transformers.FlaxBertForMaskedLM,

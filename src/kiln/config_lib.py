@@ -17,6 +17,7 @@ MODEL_CHOICES = {
     "mlp": ("gelu", "relu", "swiglu", "geglu"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
+    "remat": ("none", "dots", "full"),
 }
 
 
@@ -65,7 +66,7 @@ def decode_options(config: ml_collections.ConfigDict, max_new_tokens: int | None
 
 def _check_choices(config: ml_collections.ConfigDict) -> None:
     for key, choices in MODEL_CHOICES.items():
-        value = config.model[key]
+        value = config.model.get(key, choices[0])
         if value not in choices:
             _fail(f"model.{key}", value, "is not supported", f"Use one of {list(choices)}.")
 
@@ -262,6 +263,9 @@ def model_section(family: str, **fields: Any) -> ml_collections.ConfigDict:
     m.rope_theta = 10_000.0
     m.dtype = "float32"  # compute dtype: float32 | bfloat16
     m.param_dtype = "float32"
+    # Recompute in the backward pass what each block does not keep: none | dots (keep the
+    # matmul outputs) | full (keep the block inputs). Memory for compute; same parameters.
+    m.remat = "none"
     for key, value in fields.items():
         m[key] = value
     return m

@@ -19,7 +19,7 @@ from kiln import checkpoint, config_lib, models
 from kiln.errors import KilnError
 
 # Model fields a fine-tune may set differently from the run it starts from.
-MAY_DIFFER = ("dropout", "dtype", "param_dtype")
+MAY_DIFFER = ("dropout", "dtype", "param_dtype", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ def resolve(init_cfg: ml_collections.ConfigDict, where: str = "init_from.") -> S
 
 
 def check_architecture(own: ml_collections.ConfigDict, source: Source) -> None:
-    """Fails with the list of differing model keys (dropout and dtypes may differ)."""
+    """Fails with the list of differing model keys (dropout, dtypes and remat may differ)."""
     mine = {k: v for k, v in config_lib.to_dict(own).items() if k not in MAY_DIFFER}
     theirs = {k: v for k, v in source.config.model.to_dict().items() if k not in MAY_DIFFER}
     if mine.get("family") != theirs.get("family"):

@@ -10,13 +10,18 @@ import jax.numpy as jnp
 def cross_entropy_sums(
     logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array
 ) -> dict[str, jax.Array]:
-    """Weighted sums of token cross-entropy and of correct argmax predictions, in float32."""
+    """Weighted sums of token cross-entropy and of correct predictions (the target's logit is
+    the row maximum), in float32."""
     logits_BLV = logits_BLV.astype(jnp.float32)
     weights_BL = weights_BL.astype(jnp.float32)
-    log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+    # One max serves the stable log-sum-exp and the accuracy (no separate argmax pass).
+    max_BL1 = jax.lax.stop_gradient(jnp.max(logits_BLV, axis=-1, keepdims=True))
+    log_z_BL = (max_BL1 + jnp.log(jnp.sum(jnp.exp(logits_BLV - max_BL1), axis=-1, keepdims=True)))[
+        ..., 0
+    ]
     target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
     nll_BL = log_z_BL - target_logit_BL
-    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
+    correct_BL = (target_logit_BL >= max_BL1[..., 0]).astype(jnp.float32)
     return {
         "loss_sum": jnp.sum(nll_BL * weights_BL),
         "correct_sum": jnp.sum(correct_BL * weights_BL),

@@ -34,6 +34,8 @@ TOKENIZER_FILE = "tokenizer.model"
 # Sections that define what a run computes: a resumed run may change anything else (steps,
 # learning rate, evaluation, checkpointing, mesh) but not these.
 RUN_IDENTITY = ("seed", "model", "tokenizer", "data", "objective", "task")
+# Model fields that change how, not what, the run computes: a resumed run may change them.
+HOW_NOT_WHAT = ("remat",)
 
 
 @dataclasses.dataclass
@@ -58,6 +60,9 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         old, new = config_lib.load_json(path).to_dict(), config_lib.to_dict(config)
+        for run_config in (old, new):
+            for key in HOW_NOT_WHAT:
+                run_config.get("model", {}).pop(key, None)
         changed = config_lib.diff(
             {k: old.get(k) for k in RUN_IDENTITY}, {k: new.get(k) for k in RUN_IDENTITY}
         )

@@ -148,9 +148,7 @@ def train_step(
     """One optimizer step on the mean token loss over the whole global batch (`loss_chunks`:
     see `loss_sums`)."""
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, sums = accumulate_grads(
-        model, state.params, batch, rng, grad_accum_steps, loss_chunks
-    )
+    grads, sums = accumulate_grads(model, state.params, batch, rng, grad_accum_steps, loss_chunks)
     # Dividing the summed gradient by all tokens of the global batch makes k microbatches
     # exactly equivalent to one big batch, whatever the padding in each microbatch.
     denominator = jnp.maximum(sums["weight_sum"], 1.0)

@@ -59,7 +59,8 @@ class BERT(nn.Module):
         if cfg.type_vocab_size > 0:
             self.type_embed = layers.Embed(cfg.type_vocab_size, names=("type_vocab", "embed"), **kw)
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = [layers.TransformerBlock(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
+        block = layers.rematerialized(layers.TransformerBlock, cfg, layers.BLOCK_STATIC_ARGS)
+        self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
         # Post-LN normalises the embedding sum (as BERT does); pre-LN normalises the output.
         norm_name = "embed_norm" if cfg.norm_position == "post" else "final_norm"
         self.norm = layers.make_norm(cfg, norm_name)
@@ -95,7 +96,9 @@ class BERT(nn.Module):
 
         rope_positions_BL = positions_BL if cfg.position == "rope" else None
         for block in self.blocks:
-            x_BLD = block(x_BLD, bias_B1LL, rope_positions_BL, deterministic=deterministic)
+            # Every argument, positionally (see `layers.rematerialized`): not decoding, no cache,
+            # bidirectional.
+            x_BLD = block(x_BLD, bias_B1LL, rope_positions_BL, deterministic, False, None, False)
         if cfg.norm_position == "pre":
             x_BLD = self.norm(x_BLD)
         return nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)

@@ -33,7 +33,8 @@ class GPT(nn.Module):
             self.position_embed = layers.Embed(cfg.max_len, names=("max_len", "embed"), **kw)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.cache_slots = layers.CacheSlots()  # Decode mode only (the "cache" collection).
-        self.blocks = [layers.TransformerBlock(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
+        block = layers.rematerialized(layers.TransformerBlock, cfg, layers.BLOCK_STATIC_ARGS)
+        self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
         if cfg.norm_position == "pre":  # Post-LN blocks already end in a norm.
             self.final_norm = layers.make_norm(cfg, "final_norm")
         if not cfg.tie_embeddings:
@@ -86,10 +87,10 @@ class GPT(nn.Module):
                 x_BLD,
                 bias_B1LS,
                 rope_positions_BL,
-                deterministic=deterministic,
-                decode=decode,
-                cache_index=cache_index,
-                causal=not decode and prefix_mask is None,
+                deterministic,
+                decode,
+                cache_index,
+                not decode and prefix_mask is None,  # causal
             )
         if cfg.norm_position == "pre":
             x_BLD = self.final_norm(x_BLD)

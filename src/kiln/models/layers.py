@@ -24,6 +24,11 @@ _POSITIONS = ("learned", "rope", "none")
 _NORMS = ("layernorm", "rmsnorm")
 _MLPS = ("gelu", "relu", "swiglu", "geglu")
 _NORM_POSITIONS = ("pre", "post")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+}
 
 # Logical names of the [B, L, D] activations between blocks.
 ACT_NAMES = ("act_batch", "act_length", "act_embed")
@@ -65,6 +70,10 @@ class TransformerConfig:
     relative_max_distance: int = 128  # T5: distances beyond this share the last bucket.
     n_decoder_layers: int = 0  # T5 decoder depth; 0: n_layers.
     scale_attention: bool = True  # Divide attention logits by sqrt(head_dim); T5 does not.
+    # Recompute in the backward pass what a block does not keep: "none" keeps everything,
+    # "dots" keeps the matmul outputs only, "full" keeps only the block inputs. Same parameters
+    # and the same function; less memory for more compute.
+    remat: str = "none"
 
     def __post_init__(self):
         def check(key: str, ok: bool, want: str):
@@ -80,6 +89,7 @@ class TransformerConfig:
         check("n_kv_heads", kv_ok, f"a divisor of n_heads={self.n_heads}")
         check("dropout", 0.0 <= self.dropout < 1.0, "a rate in [0, 1)")
         check("norm_position", self.norm_position in _NORM_POSITIONS, f"one of {_NORM_POSITIONS}")
+        check("remat", self.remat in REMAT_POLICIES, f"one of {tuple(REMAT_POLICIES)}")
         check("type_vocab_size", self.type_vocab_size >= 0, "0 (no token types) or more")
         check("n_decoder_layers", self.n_decoder_layers >= 0, "0 (same as n_layers) or more")
         # T5 bucketing: per direction (half the buckets when bidirectional), exact buckets for
@@ -103,6 +113,16 @@ def _init(std: float, names: tuple[str, ...]) -> nn.initializers.Initializer:
     return nn.with_logical_partitioning(nn.initializers.normal(std), names)
 
 
+def matmul(x: jax.Array, kernel: jax.Array, n_in: int = 1) -> jax.Array:
+    """x . kernel contracting x's last `n_in` axes with kernel's first `n_in`, as one 2-D
+    matmul [rows, in] x [in, out]: XLA's CPU backend runs the 2-D form (and its gradients)
+    up to 1.7x faster than the same dot_general on [B, L, ...] operands."""
+    batch_shape, out_shape = x.shape[: x.ndim - n_in], kernel.shape[n_in:]
+    x_2d = x.reshape(math.prod(batch_shape), -1)
+    y_2d = jnp.dot(x_2d, kernel.reshape(x_2d.shape[1], -1))
+    return y_2d.reshape(*batch_shape, *out_shape)
+
+
 class Dense(nn.Module):
     """y = x . kernel (+ bias), contracting the last `n_in` axes of x; kernel = in + out dims.
 
@@ -124,12 +144,7 @@ class Dense(nn.Module):
         kernel = self.param(
             "kernel", _init(self.std, self.names), (*in_shape, *self.features), self.param_dtype
         )
-        contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            ((contract_x, tuple(range(self.n_in))), ((), ())),
-        )
+        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.n_in)
         if self.use_bias:
             bias_names = self.names[self.n_in :]
             bias = self.param(
@@ -218,10 +233,10 @@ class Embed(nn.Module):
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Float32 logits x @ embedding.T."""
+        x_ND = x_BLD.astype(self.dtype).reshape(-1, x_BLD.shape[-1])
         table_VD = self.embedding.astype(self.dtype)
-        return jnp.einsum(
-            "bld,vd->blv", x_BLD.astype(self.dtype), table_VD, preferred_element_type=jnp.float32
-        )
+        logits_NV = jnp.einsum("nd,vd->nv", x_ND, table_VD, preferred_element_type=jnp.float32)
+        return logits_NV.reshape(*x_BLD.shape[:-1], -1)
 
 
 def apply_rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
@@ -521,6 +536,20 @@ def _blockwise_attention(
     return outs[0] if blocks == 1 else jnp.concatenate(outs, axis=1)
 
 
+def rematerialized(block: type[nn.Module], cfg: TransformerConfig, static: tuple[int, ...]):
+    """`block` under `cfg.remat` (itself for "none"); `static` are the positions of the
+    Python-valued arguments of its __call__, self being 0, and callers must pass every
+    argument up to the last of them positionally. Parameter names are unchanged."""
+    if cfg.remat == "none":
+        return block
+    return nn.remat(block, policy=REMAT_POLICIES[cfg.remat], static_argnums=static)
+
+
+# Positions of TransformerBlock.__call__'s Python-valued arguments (deterministic, decode,
+# causal), self being 0.
+BLOCK_STATIC_ARGS = (4, 5, 7)
+
+
 class TransformerBlock(nn.Module):
     """Self-attention then MLP, each a residual branch; pre-LN or post-LN per the config.
 
@@ -536,13 +565,13 @@ class TransformerBlock(nn.Module):
         x_BLD: jax.Array,
         bias: jax.Array,
         positions_BL: jax.Array | None = None,
-        *,
         deterministic: bool = True,
         decode: bool = False,
         cache_index: jax.Array | None = None,
         causal: bool = False,
     ) -> jax.Array:
-        """Returns the block's output [B, L, D].
+        """Returns the block's output [B, L, D]. Pass every argument, positionally: under
+        `remat` keyword arguments would be traced (see `rematerialized`).
 
         Args:
           x_BLD: inputs.

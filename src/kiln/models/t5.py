@@ -102,13 +102,13 @@ class DecoderBlock(nn.Module):
         encoded_BSD: jax.Array,
         self_bias_BHLS: jax.Array,
         cross_bias_B1LS: jax.Array,
-        *,
         deterministic: bool = True,
         decode: bool = False,
         cache_index: jax.Array | None = None,
     ) -> jax.Array:
         """Returns [B, L, D]; when decoding, self-attention uses the KV cache and cross-attention
-        the encoder keys/values cached by the call that created the cache (see Attention)."""
+        the encoder keys/values cached by the call that created the cache (see Attention). Pass
+        every argument positionally (see `layers.rematerialized`)."""
         cfg = self.config
         y_BLD = nn.with_logical_constraint(y_BLD, layers.ACT_NAMES)
         h_BLD = layers.make_norm(cfg, "pre_self_attn_norm")(y_BLD)
@@ -166,9 +166,11 @@ class Encoder(nn.Module):
             max_distance=cfg.relative_max_distance,
         )
         x_BSD = nn.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
+        block = layers.rematerialized(layers.TransformerBlock, cfg, layers.BLOCK_STATIC_ARGS)
         for i in range(cfg.n_layers):
-            x_BSD = layers.TransformerBlock(cfg, name=f"block_{i}")(
-                x_BSD, bias_BHSS, deterministic=deterministic
+            # Every argument, positionally (see `layers.rematerialized`); bidirectional.
+            x_BSD = block(cfg, name=f"block_{i}")(
+                x_BSD, bias_BHSS, None, deterministic, False, None, False
             )
         x_BSD = layers.make_norm(cfg, "final_norm")(x_BSD)
         x_BSD = nn.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
@@ -223,15 +225,17 @@ class Decoder(nn.Module):
         cross_mask_B1LS = layers.padding_mask(segment_ids_BL, encoder_segment_ids_BS)
         cross_bias_B1LS = layers.mask_to_bias(cross_mask_B1LS)
         y_BLD = nn.Dropout(cfg.dropout)(y_BLD, deterministic=deterministic)
+        # DecoderBlock's Python-valued arguments: deterministic, decode (self is 0).
+        block = layers.rematerialized(DecoderBlock, cfg, (5, 6))
         for i in range(cfg.n_decoder_layers or cfg.n_layers):
-            y_BLD = DecoderBlock(cfg, name=f"block_{i}")(
+            y_BLD = block(cfg, name=f"block_{i}")(
                 y_BLD,
                 encoded_BSD,
                 self_bias_BHLS,
                 cross_bias_B1LS,
-                deterministic=deterministic,
-                decode=decode,
-                cache_index=cache_index,
+                deterministic,
+                decode,
+                cache_index,
             )
         y_BLD = layers.make_norm(cfg, "final_norm")(y_BLD)
         y_BLD = nn.Dropout(cfg.dropout)(y_BLD, deterministic=deterministic)
