@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PIPELINE ?= bert_wn_lexname
 RUNS ?= runs
 
-.PHONY: quickstart test lint format clean
+.PHONY: quickstart test bench lint format clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests
+
+# kiln against transformers (Flax, PyTorch) and MaxText, same shapes, interleaved; prints the
+# table and appends it to benchmarks/RESULTS.md. First run creates the peers' virtualenvs
+# under benchmarks/.cache/ (a few GB, several minutes).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/peers.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests experiments benchmarks

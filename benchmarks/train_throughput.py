@@ -10,6 +10,8 @@ appends it, with the machine description, to benchmarks/RESULTS.md.
 """
 
 import argparse
+import ast
+import resource
 import statistics
 import time
 
@@ -19,8 +21,21 @@ import jax
 from kiln import config_lib, fits, flops, models, optim, sharding, train
 
 
-def measure(spec: str, steps: int, repeats: int) -> dict:
+def apply_overrides(config, overrides: list[str]) -> None:
+    """`section.key=value` strings (values parsed as Python literals, else strings)."""
+    for item in overrides:
+        dotted, _, raw = item.partition("=")
+        section, key = dotted.split(".")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        config[section][key] = value
+
+
+def measure(spec: str, steps: int, repeats: int, overrides: list[str] = ()) -> dict:
     config = common.load_spec(spec)
+    apply_overrides(config, overrides)
     mesh_shape = config_lib.validate(config, jax.device_count())
     model = models.build_model(config.model)
     schedule = optim.make_schedule(config.optim, config.train.steps)
@@ -29,7 +44,13 @@ def measure(spec: str, steps: int, repeats: int) -> dict:
     seq_len, rows = config.data.seq_len, config.data.global_batch_size
     _, shardings = train.state_shardings(model, optimizer, mesh, seq_len)
     step, _ = train.jit_steps(
-        model, optimizer, schedule, config.optim.grad_accum_steps, shardings, mesh
+        model,
+        optimizer,
+        schedule,
+        config.optim.grad_accum_steps,
+        shardings,
+        mesh,
+        loss_chunks=config.train.loss_chunks,
     )
     init = jax.jit(lambda: train.init_state(model, optimizer, 0, seq_len), out_shardings=shardings)
     with sharding.activation_rules(mesh):
@@ -63,19 +84,29 @@ def measure(spec: str, steps: int, repeats: int) -> dict:
         "step_ms": 1000 * step_time,
         "tokens_per_sec": tokens / step_time,
         "mfu": step_flops / step_time / peak,
+        "peak_memory": peak_memory(),
     }
+
+
+def peak_memory() -> str:
+    """The accelerator's peak bytes in use where it reports them, else the host's peak RSS."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return f"{stats['peak_bytes_in_use'] / 2**30:.1f} GiB device"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB host RSS"
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| config | parameters | batch | mesh (d,f,t) | dtype | step ms | tokens/s | MFU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | parameters | batch | mesh (d,f,t) | dtype | step ms | tokens/s | MFU |"
+        " peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['mesh']} |"
             f" {r['dtype']} | {r['step_ms']:.1f} | {r['tokens_per_sec']:,.0f} |"
-            f" {100 * r['mfu']:.1f}% |"
+            f" {100 * r['mfu']:.1f}% | {r['peak_memory']} |"
         )
     return "\n".join(lines)
 
@@ -86,13 +117,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="median over repeats")
     parser.add_argument("--results", default=str(common.RESULTS))
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="overrides for every config: model.dtype=bfloat16 ..."
+    )
     args = parser.parse_args()
-    rows = [measure(spec, args.steps, args.repeats) for spec in args.configs]
-    peak = flops.peak_flops_per_device("float32")
+    rows = [measure(spec, args.steps, args.repeats, args.set) for spec in args.configs]
+    dtypes = sorted({r["dtype"] for r in rows})
+    peaks = ", ".join(f"{flops.peak_flops_per_device(d) / 1e9:,.0f} ({d})" for d in dtypes)
     common.record(
         "train_throughput",
-        f"MFU peak: {peak / 1e9:,.0f} GFLOP/s per device (float32; data sheet on accelerators, a"
-        f" measured jitted matmul on CPUs). Median of {args.repeats} x {args.steps} steps.",
+        f"MFU peak GFLOP/s per device: {peaks} (data sheet on accelerators, a measured jitted"
+        f" matmul on CPUs). Median of {args.repeats} x {args.steps} steps."
+        + (f" Overrides: {' '.join(args.set)}." if args.set else ""),
         table(rows),
         args.results,
     )

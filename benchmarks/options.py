@@ -1,0 +1,111 @@
+"""Each performance option's effect on step time and memory, in one process, interleaved.
+
+  .venv/bin/python benchmarks/options.py [--families gpt t5] [--rounds 4] [--no-append]
+
+At the peers.py shape (4 layers, d_model 256, seq_len 256, vocab 8192, batch 16, float32),
+compiles kiln's train step once per option and runs the variants in turns (A B C A B C ...):
+
+- default: what kiln does (blockwise causal attention, 2-D matmuls, plain loss, no remat);
+- one attention block: causal attention over every key (the future blocks are computed and
+  masked, as before blockwise attention);
+- remat=dots / remat=full: `model.remat`;
+- loss_chunks=8: `train.loss_chunks`, the loss fused with the output projection.
+
+Prints step ms (median over rounds) and the compiled step's temporary memory (XLA's
+memory_analysis: what the options change), appends the table to benchmarks/RESULTS.md.
+"""
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from unittest import mock
+
+import common
+import jax
+import peers
+
+from kiln import checkpoint, fits, models, optim, sharding, train
+from kiln.models import layers
+
+VARIANTS: dict[str, tuple[dict, Callable | None]] = {
+    "default": ({}, None),
+    "one attention block": ({}, lambda length, kv_length: 1),
+    "remat=dots": ({"remat": "dots"}, None),
+    "remat=full": ({"remat": "full"}, None),
+    "loss_chunks=8": ({"loss_chunks": 8}, None),
+}
+
+
+def compile_variant(family: str, overrides: dict, blocks: Callable | None):
+    """(step, state, batch, temporary bytes) of kiln's train step with these overrides."""
+    config = peers.kiln_config(family)
+    if "remat" in overrides:
+        config.model.remat = overrides["remat"]
+    model = models.build_model(config.model)
+    schedule = optim.make_schedule(config.optim, config.train.steps)
+    optimizer = optim.make_optimizer(config.optim, config.train.steps)
+    mesh = sharding.make_mesh(config.mesh)
+    abstract, shardings = train.state_shardings(model, optimizer, mesh, config.data.seq_len)
+    step, _ = train.jit_steps(
+        model, optimizer, schedule, 1, shardings, mesh, overrides.get("loss_chunks", 0)
+    )
+    batch = jax.device_put(
+        fits.synthetic_batch(config, peers.SHAPE["batch"], 0), sharding.batch_sharding(mesh)
+    )
+    with mock.patch.object(layers, "causal_blocks", blocks or layers.causal_blocks):
+        with sharding.activation_rules(mesh):
+            init = jax.jit(
+                lambda: train.init_state(model, optimizer, 0, config.data.seq_len),
+                out_shardings=shardings,
+            )
+            state = init()
+        compiled = step.lower(checkpoint.abstract_like(abstract, shardings), batch).compile()
+        state, out = step(state, batch)  # traces (and caches) under the patch
+        jax.block_until_ready(out)
+    return step, state, batch, compiled.memory_analysis().temp_size_in_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=["gpt", "t5"], choices=peers.FAMILIES)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
+    parser.add_argument("--no-append", action="store_true", help="print only")
+    args = parser.parse_args()
+    lines = [
+        "| family | option | step ms | vs default | temporaries MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for family in args.families:
+        runs = {}
+        for name, (overrides, blocks) in VARIANTS.items():
+            print(f"[{family}] compiling {name} ...", flush=True)
+            runs[name] = [*compile_variant(family, overrides, blocks), []]
+        for r in range(args.rounds):
+            for run in runs.values():
+                step, state, batch, _, times = run
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    state, out = step(state, batch)
+                jax.block_until_ready(out)
+                times.append((time.perf_counter() - start) / args.steps)
+                run[1] = state
+            print(f"[{family}] round {r + 1}/{args.rounds}", flush=True)
+        base = statistics.median(runs["default"][4])
+        for name, (*_, temp, times) in runs.items():
+            ms = statistics.median(times)
+            lines.append(
+                f"| {family} | {name} | {1000 * ms:.0f} | {ms / base:.2f} | {temp / 2**20:,.0f} |"
+            )
+    common.record(
+        "options",
+        f"Shape {peers.SHAPE}, float32. Median of {args.rounds} interleaved rounds x"
+        f" {args.steps} steps; temporaries = the compiled step's scratch memory.",
+        "\n".join(lines),
+        None if args.no_append else str(common.RESULTS),
+    )
+
+
+if __name__ == "__main__":
+    main()
