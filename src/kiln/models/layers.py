@@ -513,26 +513,34 @@ def _blockwise_attention(
     (causal only), query block i attends to the keys of blocks 0..i only."""
     b, length, h, e = q_BLHE.shape
     k = k_BSKE.shape[2]
+    g = h // k
     size = length // blocks
+    # Batched matmuls over one leading axis (B * K): XLA's CPU backend runs these (and their
+    # gradients) ~1.5x faster than the same einsum over [B, K, G, L, S].
+    k_NSE = jnp.swapaxes(k_BSKE, 1, 2).reshape(b * k, -1, e)
+    v_NSE = jnp.swapaxes(v_BSKE, 1, 2).reshape(b * k, -1, e).astype(dtype)
     outs = []
     for i in range(blocks):
         rows = slice(i * size, (i + 1) * size) if blocks > 1 else slice(None)
         keys = (i + 1) * size if blocks > 1 else k_BSKE.shape[1]
-        # Query head n uses kv head n // G.
-        q_BLKGE = q_BLHE[:, rows].reshape(b, -1, k, h // k, e)
+        # Query head n uses kv head n // G: [B, L, K, G, E] -> [B * K, G * L, E].
+        q_BLKGE = q_BLHE[:, rows].reshape(b, -1, k, g, e)
+        n_queries = q_BLKGE.shape[1]
+        q_NQE = jnp.transpose(q_BLKGE, (0, 2, 3, 1, 4)).reshape(b * k, g * n_queries, e)
         # Logits and softmax in float32: in bf16 the exp overflows sooner and the row sums
         # lose precision (8 mantissa bits), which biases the attention weights.
-        logits_BKGLS = jnp.einsum(
-            "blkge,bske->bkgls", q_BLKGE, k_BSKE[:, :keys], preferred_element_type=jnp.float32
+        logits_NQS = jnp.einsum(
+            "nqe,nse->nqs", q_NQE, k_NSE[:, :keys], preferred_element_type=jnp.float32
         )
-        logits_BHLS = logits_BKGLS.reshape(b, h, q_BLKGE.shape[1], keys)
+        logits_BHLS = logits_NQS.reshape(b, h, n_queries, keys)
         block_bias = _slice_bias(bias, rows, keys)
         if block_bias is not None:
             logits_BHLS = logits_BHLS + block_bias.astype(jnp.float32)
         probs_BHLS = dropout(jax.nn.softmax(logits_BHLS, axis=-1))
-        probs_BKGLS = probs_BHLS.reshape(logits_BKGLS.shape).astype(dtype)
-        out_BLKGE = jnp.einsum("bkgls,bske->blkge", probs_BKGLS, v_BSKE[:, :keys].astype(dtype))
-        outs.append(out_BLKGE.reshape(b, -1, h, e))
+        probs_NQS = probs_BHLS.reshape(b * k, g * n_queries, keys).astype(dtype)
+        out_NQE = jnp.einsum("nqs,nse->nqe", probs_NQS, v_NSE[:, :keys])
+        out_BKGLE = out_NQE.reshape(b, k, g, n_queries, e)
+        outs.append(jnp.transpose(out_BKGLE, (0, 3, 1, 2, 4)).reshape(b, n_queries, h, e))
     return outs[0] if blocks == 1 else jnp.concatenate(outs, axis=1)
 
 
