@@ -43,15 +43,7 @@ def measure(spec: str, steps: int, repeats: int, overrides: list[str] = ()) -> d
     mesh = sharding.make_mesh(config.mesh)
     seq_len, rows = config.data.seq_len, config.data.global_batch_size
     _, shardings = train.state_shardings(model, optimizer, mesh, seq_len)
-    step, _ = train.jit_steps(
-        model,
-        optimizer,
-        schedule,
-        config.optim.grad_accum_steps,
-        shardings,
-        mesh,
-        loss_chunks=config.train.loss_chunks,
-    )
+    step, _ = train.jit_steps_for(config, model, optimizer, schedule, shardings, mesh)
     init = jax.jit(lambda: train.init_state(model, optimizer, 0, seq_len), out_shardings=shardings)
     with sharding.activation_rules(mesh):
         state = init()

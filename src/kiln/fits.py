@@ -53,15 +53,7 @@ def memory_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     optimizer = optim.make_optimizer(config.optim, config.train.steps, config.model.n_layers)
     mesh = sharding.make_mesh(config.mesh)
     abstract, shardings = train.state_shardings(model, optimizer, mesh, config.data.seq_len)
-    train_step, _ = train.jit_steps(
-        model,
-        optimizer,
-        schedule,
-        config.optim.grad_accum_steps,
-        shardings,
-        mesh,
-        loss_chunks=config.train.loss_chunks,
-    )
+    train_step, _ = train.jit_steps_for(config, model, optimizer, schedule, shardings, mesh)
     rows = config.data.global_batch_size
     batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))

@@ -393,14 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mesh = sharding.make_mesh(config.mesh)
         metrics.log(f"Mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} devices")
         abstract, shardings = train.state_shardings(model, optimizer, mesh, config.data.seq_len)
-        train_step, eval_step = train.jit_steps(
-            model,
-            optimizer,
-            schedule,
-            config.optim.grad_accum_steps,
-            shardings,
-            mesh,
-            loss_chunks=config.train.loss_chunks,
+        train_step, eval_step = train.jit_steps_for(
+            config, model, optimizer, schedule, shardings, mesh
         )
         writer = metrics.MetricsWriter(workdir)
         run = _Run(

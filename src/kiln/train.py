@@ -211,6 +211,26 @@ def jit_steps(
     return _bound(step, mesh), _bound(evaluate, mesh)
 
 
+def jit_steps_for(
+    config: Any,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    shardings: TrainState,
+    mesh: Mesh,
+) -> tuple[Callable, Callable]:
+    """`jit_steps` with the run config's microbatches and loss chunks."""
+    return jit_steps(
+        model,
+        optimizer,
+        schedule,
+        config.optim.grad_accum_steps,
+        shardings,
+        mesh,
+        loss_chunks=config.train.loss_chunks,
+    )
+
+
 def _bound(fn: Callable, mesh: Mesh) -> Callable:
     """Runs (or lowers) `fn` with the mesh and logical rules active, so activation constraints
     apply."""
