@@ -80,12 +80,15 @@ def _params(workdir: str, step: int = 4) -> dict[str, np.ndarray]:
 
 
 def _assert_same_run(a: str, b: str, steps=None) -> None:
-    """Per-step losses within 1e-6 and final parameters within float32 reduction-order noise."""
+    """Per-step losses within 1e-6 relative (a loss of 6 is only resolved to ~5e-7 in float32,
+    and the two layouts reduce in different orders) and final parameters within float32
+    reduction-order noise."""
     losses_a, losses_b = _losses(a), _losses(b)
     keys = [k for k in losses_a if steps is None or k[0] in steps]
     assert len(keys) >= (7 if steps is None else 3)
     for key in keys:
-        assert abs(losses_a[key] - losses_b[key]) <= 1e-6, (key, losses_a[key], losses_b[key])
+        bound = 1e-6 * max(1.0, abs(losses_b[key]))
+        assert abs(losses_a[key] - losses_b[key]) <= bound, (key, losses_a[key], losses_b[key])
     params_a, params_b = _params(a), _params(b)
     assert params_a.keys() == params_b.keys() and len(params_a) > 5
     for path, value in params_a.items():
