@@ -9,7 +9,7 @@ import platform
 import jax
 import ml_collections
 
-from kiln import config_lib
+from kiln import config_lib, models, optim, sharding, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -34,6 +34,22 @@ def load_spec(spec: str) -> ml_collections.ConfigDict:
     family, size, *style = spec.split(":")
     arg = f"size={size}" + (f",style={style[0]}" if style else "")
     return config_lib.load_config(str(ROOT / f"experiments/{family}/pretrain.py") + ":" + arg)
+
+
+def kiln_train_step(config: ml_collections.ConfigDict) -> tuple:
+    """kiln's jitted, donated train step for `config` over every local device, and a fresh
+    state: (step, state, mesh, abstract state, state shardings)."""
+    model = models.build_model(config.model)
+    schedule = optim.make_schedule(config.optim, config.train.steps)
+    optimizer = optim.make_optimizer(config.optim, config.train.steps)
+    mesh = sharding.make_mesh(config.mesh)
+    seq_len = config.data.seq_len
+    abstract, shardings = train.state_shardings(model, optimizer, mesh, seq_len)
+    step, _ = train.jit_steps_for(config, model, optimizer, schedule, shardings, mesh)
+    init = jax.jit(lambda: train.init_state(model, optimizer, 0, seq_len), out_shardings=shardings)
+    with sharding.activation_rules(mesh):
+        state = init()
+    return step, state, mesh, abstract, shardings
 
 
 def record(name: str, description: str, table: str, results: str | None = str(RESULTS)) -> None:

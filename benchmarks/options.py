@@ -25,7 +25,7 @@ import common
 import jax
 import peers
 
-from kiln import checkpoint, fits, models, optim, sharding, train
+from kiln import checkpoint, fits, sharding
 from kiln.models import layers
 
 VARIANTS: dict[str, tuple[dict, Callable | None]] = {
@@ -40,28 +40,16 @@ VARIANTS: dict[str, tuple[dict, Callable | None]] = {
 def compile_variant(family: str, overrides: dict, blocks: Callable | None):
     """(step, state, batch, temporary bytes) of kiln's train step with these overrides."""
     config = peers.kiln_config(family)
-    if "remat" in overrides:
-        config.model.remat = overrides["remat"]
-    model = models.build_model(config.model)
-    schedule = optim.make_schedule(config.optim, config.train.steps)
-    optimizer = optim.make_optimizer(config.optim, config.train.steps)
-    mesh = sharding.make_mesh(config.mesh)
-    abstract, shardings = train.state_shardings(model, optimizer, mesh, config.data.seq_len)
-    step, _ = train.jit_steps(
-        model, optimizer, schedule, 1, shardings, mesh, overrides.get("loss_chunks", 0)
-    )
+    config.model.remat = overrides.get("remat", config.model.remat)
+    config.train.loss_chunks = overrides.get("loss_chunks", config.train.loss_chunks)
+    step, state, mesh, abstract, shardings = common.kiln_train_step(config)
     batch = jax.device_put(
         fits.synthetic_batch(config, peers.SHAPE["batch"], 0), sharding.batch_sharding(mesh)
     )
+    # Attention's block count is read while tracing: lower and run the step under the patch.
     with mock.patch.object(layers, "causal_blocks", blocks or layers.causal_blocks):
-        with sharding.activation_rules(mesh):
-            init = jax.jit(
-                lambda: train.init_state(model, optimizer, 0, config.data.seq_len),
-                out_shardings=shardings,
-            )
-            state = init()
         compiled = step.lower(checkpoint.abstract_like(abstract, shardings), batch).compile()
-        state, out = step(state, batch)  # traces (and caches) under the patch
+        state, out = step(state, batch)
         jax.block_until_ready(out)
     return step, state, batch, compiled.memory_analysis().temp_size_in_bytes
 

@@ -141,25 +141,14 @@ def kiln_step(family: str, shape: dict, batch: dict):
     import jax
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import common
     import peers
 
-    from kiln import models, optim, sharding, train
+    from kiln import sharding
 
     config = peers.kiln_config(family, shape)
-    model = models.build_model(config.model)
-    schedule = optim.make_schedule(config.optim, config.train.steps)
-    optimizer = optim.make_optimizer(config.optim, config.train.steps)
-    mesh = sharding.make_mesh(config.mesh)
-    _, shardings = train.state_shardings(model, optimizer, mesh, config.data.seq_len)
-    step, _ = train.jit_steps(
-        model, optimizer, schedule, 1, shardings, mesh, loss_chunks=int(os.environ.get("LC", "0"))
-    )
-    init = jax.jit(
-        lambda: train.init_state(model, optimizer, 0, config.data.seq_len),
-        out_shardings=shardings,
-    )
-    with sharding.activation_rules(mesh):
-        state = [init()]
+    step, first_state, mesh, _, _ = common.kiln_train_step(config)
+    state = [first_state]
     device_batch = jax.device_put(dict(batch), sharding.batch_sharding(mesh))
     params = sum(x.size for x in jax.tree.leaves(state[0].params))
 

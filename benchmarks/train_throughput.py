@@ -18,7 +18,7 @@ import time
 import common
 import jax
 
-from kiln import config_lib, fits, flops, models, optim, sharding, train
+from kiln import config_lib, fits, flops, sharding
 
 
 def apply_overrides(config, overrides: list[str]) -> None:
@@ -37,16 +37,8 @@ def measure(spec: str, steps: int, repeats: int, overrides: list[str] = ()) -> d
     config = common.load_spec(spec)
     apply_overrides(config, overrides)
     mesh_shape = config_lib.validate(config, jax.device_count())
-    model = models.build_model(config.model)
-    schedule = optim.make_schedule(config.optim, config.train.steps)
-    optimizer = optim.make_optimizer(config.optim, config.train.steps)
-    mesh = sharding.make_mesh(config.mesh)
-    seq_len, rows = config.data.seq_len, config.data.global_batch_size
-    _, shardings = train.state_shardings(model, optimizer, mesh, seq_len)
-    step, _ = train.jit_steps_for(config, model, optimizer, schedule, shardings, mesh)
-    init = jax.jit(lambda: train.init_state(model, optimizer, 0, seq_len), out_shardings=shardings)
-    with sharding.activation_rules(mesh):
-        state = init()
+    step, state, mesh, _, _ = common.kiln_train_step(config)
+    rows = config.data.global_batch_size
     batches = [
         jax.device_put(fits.synthetic_batch(config, rows, i), sharding.batch_sharding(mesh))
         for i in range(2)

@@ -7,21 +7,27 @@ import jax
 import jax.numpy as jnp
 
 
+def _token_terms(
+    logits_BLV: jax.Array, targets_BL: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per token of float32 logits: cross-entropy, correctness (the target's logit is the row
+    maximum; one max serves this and the stable log-sum-exp, no argmax pass) and the softmax."""
+    max_BL1 = jax.lax.stop_gradient(jnp.max(logits_BLV, axis=-1, keepdims=True))
+    exp_BLV = jnp.exp(logits_BLV - max_BL1)
+    sum_BL1 = jnp.sum(exp_BLV, axis=-1, keepdims=True)
+    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    nll_BL = (max_BL1 + jnp.log(sum_BL1))[..., 0] - target_logit_BL
+    correct_BL = (target_logit_BL >= max_BL1[..., 0]).astype(jnp.float32)
+    return nll_BL, correct_BL, exp_BLV / sum_BL1
+
+
 def cross_entropy_sums(
     logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array
 ) -> dict[str, jax.Array]:
     """Weighted sums of token cross-entropy and of correct predictions (the target's logit is
     the row maximum), in float32."""
-    logits_BLV = logits_BLV.astype(jnp.float32)
     weights_BL = weights_BL.astype(jnp.float32)
-    # One max serves the stable log-sum-exp and the accuracy (no separate argmax pass).
-    max_BL1 = jax.lax.stop_gradient(jnp.max(logits_BLV, axis=-1, keepdims=True))
-    log_z_BL = (max_BL1 + jnp.log(jnp.sum(jnp.exp(logits_BLV - max_BL1), axis=-1, keepdims=True)))[
-        ..., 0
-    ]
-    target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-    nll_BL = log_z_BL - target_logit_BL
-    correct_BL = (target_logit_BL >= max_BL1[..., 0]).astype(jnp.float32)
+    nll_BL, correct_BL, _ = _token_terms(logits_BLV.astype(jnp.float32), targets_BL)
     return {
         "loss_sum": jnp.sum(nll_BL * weights_BL),
         "correct_sum": jnp.sum(correct_BL * weights_BL),
@@ -65,15 +71,10 @@ def _chunk_terms(x_BCD, table_VD, bias_V, targets_BC, weights_BC):
     """Per-token nll and correctness of one chunk, and the gradients of their weighted sum."""
     logits = jnp.einsum("bcd,vd->bcv", x_BCD, table_VD, preferred_element_type=jnp.float32)
     logits = logits + bias_V.astype(jnp.float32)
-    max_BC1 = jnp.max(logits, axis=-1, keepdims=True)
-    exp_BCV = jnp.exp(logits - max_BC1)
-    sum_BC1 = jnp.sum(exp_BCV, axis=-1, keepdims=True)
-    target_BC = jnp.take_along_axis(logits, targets_BC[..., None], axis=-1)[..., 0]
-    nll_BC = (max_BC1 + jnp.log(sum_BC1))[..., 0] - target_BC
-    correct_BC = (target_BC >= max_BC1[..., 0]).astype(jnp.float32)
+    nll_BC, correct_BC, softmax_BCV = _token_terms(logits, targets_BC)
     # d nll / d logits = softmax - one_hot(target), times the weight.
     one_hot_BCV = targets_BC[..., None] == jnp.arange(table_VD.shape[0])
-    dlogits_BCV = (exp_BCV / sum_BC1 - one_hot_BCV) * weights_BC[..., None]
+    dlogits_BCV = (softmax_BCV - one_hot_BCV) * weights_BC[..., None]
     dx_BCD = jnp.einsum("bcv,vd->bcd", dlogits_BCV, table_VD.astype(jnp.float32))
     dtable_VD = jnp.einsum("bcv,bcd->vd", dlogits_BCV, x_BCD.astype(jnp.float32))
     return nll_BC, correct_BC, dx_BCD, dtable_VD, jnp.sum(dlogits_BCV, axis=(0, 1))
