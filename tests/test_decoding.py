@@ -162,6 +162,9 @@ def test_eos_stops_a_row(model):
     for row, prompt in zip(out, prompts, strict=True):  # Other rows stop at their own eos.
         full = _reference(model, prompt)
         assert row == (full[: full.index(eos_id)] if eos_id in full else full)
+    # A stop id besides eos ends rows the same way, as does any of several.
+    assert _greedy(model, prompts, stop_ids=(eos_id,)) == out
+    assert _greedy(model, prompts, stop_ids=(NO_EOS + 1, eos_id)) == out
 
 
 @ALL
@@ -561,3 +564,12 @@ def test_bad_options_fail_clearly():
         decoding.decode_options(top_p=0.0, num_beams=0)
     with pytest.raises(KilnError, match="temperature=-1.0 must be >= 0"):
         decoding.DecodeOptions(temperature=-1.0)
+
+
+def test_cut_at_stops():
+    from kiln.sample import cut_at_stops
+
+    text = "    return x\n\ndef g():\n    pass\nprint(1)"
+    assert cut_at_stops(text, ["\nprint", "\ndef"]) == "    return x\n"  # the earliest one
+    assert cut_at_stops(text, ["\nclass"]) == text  # absent: unchanged
+    assert cut_at_stops(text, ["", "\nprint"]) == "    return x\n\ndef g():\n    pass"

@@ -239,6 +239,8 @@ def test_finetune_of_each_family_scores_its_task(family, task, metric, tmp_path,
         assert 0 < summary["test/copy_input_chrf"] <= 100
     if family == "gpt":
         _check_sample_cli_continues_like_recomputation(source, capsys)
+        if task == "kjv2web":  # Once is enough.
+            _check_humaneval_cli(source, tmp_path, capsys)
     if not finetuning.uses_head(config, finetuning.load(config)):
         _check_sample_cli_reproduces_predictions(tmp_path, task, rows)
 
@@ -286,6 +288,25 @@ def _check_sample_cli_continues_like_recomputation(source: str, capsys):
     argv = ["--workdir", source, "--prompt", "In the beginning", "--max-new-tokens", "6"]
     assert sample.main(argv) == 0
     assert capsys.readouterr().out == f"--- 0\nIn the beginning{tok.decode(ids[prompt_len:])}\n"
+    # --stop-id ends the row at the first occurrence of that id (not printed).
+    generated = ids[prompt_len:]
+    stop_at = generated.index(generated[-1])
+    assert sample.main([*argv, "--stop-id", str(generated[-1])]) == 0
+    want = f"--- 0\nIn the beginning{tok.decode(generated[:stop_at])}\n"
+    assert capsys.readouterr().out == want
+
+
+def _check_humaneval_cli(source: str, tmp_path, capsys):
+    """`kiln.sample --humaneval` generates for the first problems, runs each program against
+    its tests and reports pass@1 as the fraction of programs that passed."""
+    out = tmp_path / "humaneval.jsonl"
+    argv = ["--workdir", source, "--humaneval", "--problems", "2", "--max-new-tokens", "8"]
+    assert sample.main([*argv, "--k", "1", "--output-file", str(out)]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
+    assert all(isinstance(r["completion"], str) and r["status"] for r in rows)
+    passed = sum(r["passed"] for r in rows) / len(rows)
+    assert f"HumanEval: 2 problems x 1 samples: pass@1 {passed:.4f}" in capsys.readouterr().out
 
 
 def test_finetune_config_on_user_jsonl_data(bert_source, tmp_path):

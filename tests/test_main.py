@@ -57,9 +57,13 @@ def test_two_step_run_writes_the_workdir(tmp_path):
     assert "tok/s" in result.stdout and "MFU" in result.stdout
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert", "t5"])
-def test_resume_is_bit_identical(tmp_path, family):
+@pytest.mark.parametrize("family, first_session", [("gpt", []), ("bert", []), ("t5", ["scan"])])
+def test_resume_is_bit_identical(tmp_path, family, first_session):
+    """A run stopped at step 2 and resumed equals the straight run bit for bit. The t5 case
+    writes its first checkpoint with scanned layers and resumes unrolled (checkpoints are
+    interchangeable): equal up to float reduction order."""
     config = f"experiments/{family}/pretrain.py:size=tiny"
+    scan = ["--config.model.scan_layers=true"] if "scan" in first_session else []
     flags = [
         *SMALL_RUN,
         "--config.train.steps=4",
@@ -70,7 +74,7 @@ def test_resume_is_bit_identical(tmp_path, family):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     result = kiln_main(straight, *flags, config=config)
     assert result.returncode == 0, result.stderr[-3000:]
-    first = kiln_main(resumed, *flags, "--config.train.stop_after=2", config=config)
+    first = kiln_main(resumed, *flags, *scan, "--config.train.stop_after=2", config=config)
     assert first.returncode == 0, first.stderr[-3000:]
     assert not (resumed / "summary.json").exists()
     second = kiln_main(resumed, *flags, config=config)
@@ -82,12 +86,15 @@ def test_resume_is_bit_identical(tmp_path, family):
 
     a, b = losses(straight), losses(resumed)
     assert set(b) == {1, 2, 3, 4} and set(a) == {1, 2, 3, 4}
-    for step, loss in b.items():  # same batches and same dropout/masking, bit for bit
-        assert loss == a[step], step
+    rtol = 1e-6 if scan else 0.0
+    for step, loss in b.items():  # same batches and same dropout/masking
+        np.testing.assert_allclose(loss, a[step], rtol=rtol, atol=0, err_msg=f"step {step}")
     summary = json.loads((straight / "summary.json").read_text())
-    assert (
-        summary["validation/loss"]
-        == json.loads((resumed / "summary.json").read_text())["validation/loss"]
+    np.testing.assert_allclose(
+        summary["validation/loss"],
+        json.loads((resumed / "summary.json").read_text())["validation/loss"],
+        rtol=rtol,
+        atol=0,
     )
     assert np.isfinite(summary["validation/perplexity"]) and summary["validation/tokens"] > 0
     from kiln import checkpoint
@@ -100,7 +107,9 @@ def test_resume_is_bit_identical(tmp_path, family):
 
     import jax
 
-    jax.tree.map(np.testing.assert_array_equal, params(straight), params(resumed))
+    want, got = params(straight), params(resumed)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=rtol), want, got)
 
 
 def test_changed_model_in_existing_workdir_fails(tmp_path):

@@ -241,3 +241,15 @@ def test_remat_trains_like_no_remat(plain_runs, family, remat):
     the same losses and parameters as keeping every activation."""
     params, losses, _ = run_steps((2, 2, 2), family=family, dropout=0.1, remat=remat)
     _assert_same_run((params, losses), plain_runs(family))
+
+
+@pytest.mark.parametrize(
+    "family, remat", [("gpt", "none"), ("gpt", "dots"), ("bert", "none"), ("t5", "full")]
+)
+def test_scanned_layers_train_like_unrolled(plain_runs, family, remat):
+    """model.scan_layers (one lax.scan over the blocks, with dropout and a remat policy) gives
+    the same losses and the same parameter tree and values as the unrolled blocks."""
+    params, losses, _ = run_steps(
+        (2, 2, 2), family=family, dropout=0.1, remat=remat, scan_layers=True
+    )
+    _assert_same_run((params, losses), plain_runs(family))

@@ -266,6 +266,9 @@ def model_section(family: str, **fields: Any) -> ml_collections.ConfigDict:
     # Recompute in the backward pass what each block does not keep: none | dots (keep the
     # matmul outputs) | full (keep the block inputs). Memory for compute; same parameters.
     m.remat = "none"
+    # One lax.scan over the blocks instead of unrolling them: compile time independent of depth.
+    # Same function, parameter tree and checkpoints (a run may resume with the other setting).
+    m.scan_layers = False
     for key, value in fields.items():
         m[key] = value
     return m

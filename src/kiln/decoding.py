@@ -491,9 +491,10 @@ def _beam_loop(
     Rows R = B * K (K = beams). Each step extends the K live beams of a prompt and ranks the
     2K best candidates by log-probability. Those among the first K that end (a stop id, or the
     prompt's limit reached) enter the K-best finished list by penalized score; the K best that
-    do not end stay live, and the cache rows are reordered to their parents. With K = 1 this is
-    greedy decoding. A prompt is done when its worst finished score
-    is at least the best score a live beam could still reach (log-probabilities only fall).
+    do not end stay live, and the cache rows are reordered to their parents. With K = 1 and
+    length_penalty 0 this is greedy decoding (a penalty > 0 may prefer a longer continuation).
+    A prompt is done when its worst finished score is at least the best score a live beam could
+    still reach (log-probabilities only fall).
     """
     b, k = limits_B.shape[0], beams
     seqs_BKN = jnp.zeros((b, k, steps + 1), jnp.int32)
@@ -520,7 +521,8 @@ def _beam_loop(
 
         stop_BC = jnp.isin(token_BC, stop_ids_S)
         at_limit_B1 = (step + 1 >= limits_B)[:, None]
-        # Only the K best candidates may end (so one beam is greedy); the others stay live.
+        # Only the K best candidates may end (so one beam with length_penalty 0 is greedy); the
+        # others stay live.
         top_k_C = jnp.arange(2 * k) < k
         ends_BC = (stop_BC | at_limit_B1) & top_k_C & jnp.isfinite(logp_BC) & ~done_B[:, None]
         length_BC = jnp.where(stop_BC, step, step + 1)  # The stop id is not counted.

@@ -19,7 +19,7 @@ from kiln import checkpoint, config_lib, models
 from kiln.errors import KilnError
 
 # Model fields a fine-tune may set differently from the run it starts from.
-MAY_DIFFER = ("dropout", "dtype", "param_dtype", "remat")
+MAY_DIFFER = ("dropout", "dtype", "param_dtype", "remat", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ TOKENIZER_FILE = "tokenizer.model"
 # learning rate, evaluation, checkpointing, mesh) but not these.
 RUN_IDENTITY = ("seed", "model", "tokenizer", "data", "objective", "task")
 # Model fields that change how, not what, the run computes: a resumed run may change them.
-HOW_NOT_WHAT = ("remat",)
+HOW_NOT_WHAT = ("remat", "scan_layers")
 
 
 @dataclasses.dataclass

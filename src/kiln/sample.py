@@ -8,7 +8,8 @@
 Prompts are formatted as the run was trained: a fine-tune on a generation task applies its
 template (and GPT's [SEP]); a pre-trained GPT continues `bos + prompt`, a pre-trained T5 decodes
 from `prompt + eos` (`--raw` skips the template). Decoding options are the flags of
-`kiln.decoding.DecodeOptions`; `--stop` strings cut the generated text. Parameters are restored
+`kiln.decoding.DecodeOptions` (`--stop-id` ends a row at a token id besides eos); `--stop`
+strings cut the generated text. Parameters are restored
 onto a mesh of every local device, rows sharded over it (`kiln.decoding.generate`).
 """
 
@@ -191,6 +192,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--num-samples", type=int, default=1, help="generations per prompt")
     p.add_argument("--stop", action="append", default=[], help="cut the text at this string")
+    p.add_argument(
+        "--stop-id", action="append", type=int, default=[], help="a token id that ends a row"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per decoding call")
     p.add_argument("--raw", action="store_true", help="no task template: the text as it is")
     p.add_argument(
@@ -223,6 +227,7 @@ def _run(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         num_beams=args.num_beams,
         length_penalty=args.length_penalty,
+        stop_ids=args.stop_id,
         seed=args.seed,
     )
     if args.num_samples < 1:

@@ -95,10 +95,15 @@ class BERT(nn.Module):
         x_BLD = self.embed_dropout(x_BLD, deterministic=deterministic)
 
         rope_positions_BL = positions_BL if cfg.position == "rope" else None
-        for block in self.blocks:
-            # Every argument, positionally (see `layers.rematerialized`): not decoding, no cache,
-            # bidirectional.
-            x_BLD = block(x_BLD, bias_B1LL, rope_positions_BL, deterministic, False, None, False)
+        x_BLD = layers.apply_blocks(
+            self,
+            self.blocks,
+            x_BLD,
+            # Every argument (see `layers.rematerialized`): not decoding, no cache, bidirectional.
+            (bias_B1LL, rope_positions_BL, deterministic, False, None, False),
+            scan=cfg.scan_layers,
+            dropout_rng=cfg.dropout > 0 and not deterministic,
+        )
         if cfg.norm_position == "pre":
             x_BLD = self.norm(x_BLD)
         return nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)

@@ -82,16 +82,15 @@ class GPT(nn.Module):
         x_BLD = self.embed_dropout(x_BLD, deterministic=deterministic)
 
         rope_positions_BL = positions_BL if cfg.position == "rope" else None
-        for block in self.blocks:
-            x_BLD = block(
-                x_BLD,
-                bias_B1LS,
-                rope_positions_BL,
-                deterministic,
-                decode,
-                cache_index,
-                not decode and prefix_mask is None,  # causal
-            )
+        causal = not decode and prefix_mask is None
+        x_BLD = layers.apply_blocks(
+            self,
+            self.blocks,
+            x_BLD,
+            (bias_B1LS, rope_positions_BL, deterministic, decode, cache_index, causal),
+            scan=cfg.scan_layers and not decode,
+            dropout_rng=cfg.dropout > 0 and not deterministic and not decode,
+        )
         if cfg.norm_position == "pre":
             x_BLD = self.final_norm(x_BLD)
         return nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)

@@ -6,6 +6,7 @@ K kv heads, G query groups (H // K), E head_dim, F d_ff, V vocab.
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -74,6 +75,9 @@ class TransformerConfig:
     # "dots" keeps the matmul outputs only, "full" keeps only the block inputs. Same parameters
     # and the same function; less memory for more compute.
     remat: str = "none"
+    # Run the blocks of a stack as one lax.scan (one layer compiled, whatever the depth) instead
+    # of unrolled; the same function and parameter tree (see `apply_blocks`).
+    scan_layers: bool = False
 
     def __post_init__(self):
         def check(key: str, ok: bool, want: str):
@@ -551,6 +555,45 @@ def rematerialized(block: type[nn.Module], cfg: TransformerConfig, static: tuple
     if cfg.remat == "none":
         return block
     return nn.remat(block, policy=REMAT_POLICIES[cfg.remat], static_argnums=static)
+
+
+def apply_blocks(
+    parent: nn.Module,
+    blocks: Sequence[nn.Module],
+    x: jax.Array,
+    args: tuple,
+    *,
+    scan: bool,
+    dropout_rng: bool,
+) -> jax.Array:
+    """`x` through `blocks` (children of `parent`, one class) in order, as `block(x, *args)`.
+
+    `scan`: one `lax.scan` over the blocks' parameters, stacked inside the step (one layer
+    compiled, whatever the depth; one extra copy of the blocks' parameters and gradients while
+    the step runs). The parameter tree is block_0, block_1, ... either way.
+    `dropout_rng`: dropout is active; layer i then draws its masks from key i of a split of one
+    `parent` key, scanned or not, so both run the same function. Not for decoding.
+    """
+    if parent.is_initializing() or not (scan or dropout_rng):
+        for block in blocks:
+            x = block(x, *args)
+        return x
+    params = nn.meta.unbox(parent.variables["params"])
+    per_layer = [params[block.name] for block in blocks]
+    keys = jax.random.split(parent.make_rng("dropout"), len(blocks)) if dropout_rng else None
+    layer = blocks[0].clone(parent=None, name=None)
+
+    def apply_layer(x, params_and_key):
+        layer_params, key = params_and_key
+        rngs = {} if key is None else {"dropout": key}
+        return layer.apply({"params": layer_params}, x, *args, rngs=rngs), None
+
+    if scan:
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer)
+        return jax.lax.scan(apply_layer, x, (stacked, keys))[0]
+    for i, layer_params in enumerate(per_layer):
+        x, _ = apply_layer(x, (layer_params, None if keys is None else keys[i]))
+    return x
 
 
 # Positions of TransformerBlock.__call__'s Python-valued arguments (deterministic, decode,

@@ -167,11 +167,15 @@ class Encoder(nn.Module):
         )
         x_BSD = nn.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
         block = layers.rematerialized(layers.TransformerBlock, cfg, layers.BLOCK_STATIC_ARGS)
-        for i in range(cfg.n_layers):
-            # Every argument, positionally (see `layers.rematerialized`); bidirectional.
-            x_BSD = block(cfg, name=f"block_{i}")(
-                x_BSD, bias_BHSS, None, deterministic, False, None, False
-            )
+        x_BSD = layers.apply_blocks(
+            self,
+            [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)],
+            x_BSD,
+            # Every argument (see `layers.rematerialized`); bidirectional.
+            (bias_BHSS, None, deterministic, False, None, False),
+            scan=cfg.scan_layers,
+            dropout_rng=cfg.dropout > 0 and not deterministic,
+        )
         x_BSD = layers.make_norm(cfg, "final_norm")(x_BSD)
         x_BSD = nn.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
         return nn.with_logical_constraint(x_BSD, layers.ACT_NAMES)
@@ -227,16 +231,14 @@ class Decoder(nn.Module):
         y_BLD = nn.Dropout(cfg.dropout)(y_BLD, deterministic=deterministic)
         # DecoderBlock's Python-valued arguments: deterministic, decode (self is 0).
         block = layers.rematerialized(DecoderBlock, cfg, (5, 6))
-        for i in range(cfg.n_decoder_layers or cfg.n_layers):
-            y_BLD = block(cfg, name=f"block_{i}")(
-                y_BLD,
-                encoded_BSD,
-                self_bias_BHLS,
-                cross_bias_B1LS,
-                deterministic,
-                decode,
-                cache_index,
-            )
+        y_BLD = layers.apply_blocks(
+            self,
+            [block(cfg, name=f"block_{i}") for i in range(cfg.n_decoder_layers or cfg.n_layers)],
+            y_BLD,
+            (encoded_BSD, self_bias_BHLS, cross_bias_B1LS, deterministic, decode, cache_index),
+            scan=cfg.scan_layers and not decode,
+            dropout_rng=cfg.dropout > 0 and not deterministic and not decode,
+        )
         y_BLD = layers.make_norm(cfg, "final_norm")(y_BLD)
         y_BLD = nn.Dropout(cfg.dropout)(y_BLD, deterministic=deterministic)
         return nn.with_logical_constraint(y_BLD, layers.ACT_NAMES)
