@@ -74,6 +74,7 @@ def measure_data(config, batches: int, warmup: int) -> tuple[float, float]:
                 global_batch_size=d.global_batch_size,
                 seed=config.seed,
                 objective=objective,
+                streams=d.streams,
             )
         )
         first = next(stream)

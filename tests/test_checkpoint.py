@@ -1,5 +1,7 @@
 """Checkpoint round trips: onto another mesh, with the data iterator, and retention."""
 
+import json
+
 import jax
 import ml_collections
 import numpy as np
@@ -121,22 +123,30 @@ class _Position:
         self.state = state
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_iterator_position_across_process_counts(tmp_path, shared):
-    """A position written by 2 processes: one process reads process 0's when every process
-    held the same position, and refuses when each read its own shard."""
+def test_iterator_position_across_process_counts(tmp_path):
+    """Positions written by 2 processes, read by 1: the packing streams' positions are gathered
+    from both files; an iterator without streams (the same position everywhere) reads process
+    0's."""
     folder = tmp_path / "7" / "data_iter"
     folder.mkdir(parents=True)
-    for i in range(2):
-        (folder / f"process_{i}-of-2.json").write_text(f'{{"next_index": {10 + i}}}')
     ckpt = checkpoint.Checkpointer(tmp_path)
     try:
+        for i in range(2):
+            streams = {str(2 * i + j): {"next_index": 10 * i + j} for j in range(2)}
+            (folder / f"process_{i}-of-2.json").write_text(json.dumps({"streams": streams}))
         position = _Position()
-        if shared:
-            ckpt._restore_iterator(7, position, any_process_count=True)
-            assert position.state == {"next_index": 10}
-        else:
-            with pytest.raises(ValueError, match="2 processes .* resume with that many processes"):
-                ckpt._restore_iterator(7, position, any_process_count=False)
+        ckpt._restore_iterator(7, position)
+        assert position.state == {
+            "streams": {
+                "0": {"next_index": 0},
+                "1": {"next_index": 1},
+                "2": {"next_index": 10},
+                "3": {"next_index": 11},
+            }
+        }
+        for i in range(2):
+            (folder / f"process_{i}-of-2.json").write_text(f'{{"next_index": {10 + i}}}')
+        ckpt._restore_iterator(7, position)
+        assert position.state == {"next_index": 10}
     finally:
         ckpt.close()

@@ -46,6 +46,8 @@ def test_tiny_config_validates():
         ({"model__n_kv_heads": 3}, "model.n_kv_heads"),
         ({"data__seq_len": 4096}, "data.seq_len"),
         ({"data__global_batch_size": 12}, "data.global_batch_size"),
+        ({"data__streams": 3}, "data.streams"),
+        ({"data__streams": -1}, "data.streams"),
         ({"optim__grad_accum_steps": 3}, "data.global_batch_size"),
         ({"model__norm": "batchnorm"}, "model.norm"),
         ({"model__dropout": 1.5}, "model.dropout"),

@@ -36,7 +36,9 @@ TINY = [
 XLA = "--xla_backend_optimization_level=0"  # As tests/conftest.py: the same compiler for both.
 
 
-def _run(processes: int, workdir: str) -> None:
+def _run(processes: int, workdir: str) -> str:
+    """Runs the tiny config on `processes` processes x 8 / processes devices; process 0's
+    output."""
     if processes == 1:
         command = [sys.executable, "-m", "kiln.main", "--config", CONFIG, "--workdir", workdir]
         env = {"XLA_FLAGS": f"{XLA} --xla_force_host_platform_device_count=8"}
@@ -49,6 +51,7 @@ def _run(processes: int, workdir: str) -> None:
     logs = [os.path.join(workdir, f) for f in os.listdir(workdir) if f.startswith("process_")]
     detail = result.stderr[-3000:] + "".join(open(f).read()[-2000:] for f in logs)
     assert result.returncode == 0, detail
+    return result.stdout
 
 
 def _losses(workdir: str) -> dict[tuple[int, str], float]:
@@ -128,7 +131,12 @@ def test_checkpoints_restore_across_process_counts(straight, tmp_path, written_b
     shutil.copytree(straight[written_by], workdir)
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
     os.remove(os.path.join(workdir, "summary.json"))
-    _run(resumed_by, workdir)
+    output = _run(resumed_by, workdir)
+    assert "resuming from this workdir's checkpoint at step 2" in output
+    # Really resumed: steps 1 and 2 were not trained again (their metrics lines are the copied
+    # ones), and steps 3 and 4 were.
+    steps = [json.loads(line).get("step") for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps.count(1) == 1 and steps.count(3) == 2, steps
     _assert_same_run(workdir, straight[resumed_by], steps={3, 4})
 
 

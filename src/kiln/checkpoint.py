@@ -53,46 +53,40 @@ class Checkpointer:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(
-        self,
-        step: int,
-        abstract_state: Any,
-        data_iter: Any | None = None,
-        any_process_count: bool = True,
-    ) -> Any:
+    def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
         """Restores onto the shardings in `abstract_state` (any mesh, any process count);
-        rewinds `data_iter`. `any_process_count`: the iterator position is the same in every
-        process (see `_restore_iterator`); False when each process reads its own data shard."""
+        rewinds `data_iter` (see `_restore_iterator`)."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
             if data_iter is not None:
-                self._restore_iterator(step, data_iter, any_process_count)
+                self._restore_iterator(step, data_iter)
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise KilnError(
                 f"Could not restore checkpoint step {step} from {self.directory}: {e}. The"
-                " checkpoint does not match this run's model/optimizer config; start in a new"
-                " workdir or restore the config the checkpoint was written with."
+                " checkpoint does not match this run's model/optimizer/data config; start in a"
+                " new workdir or restore the config the checkpoint was written with."
             ) from e
         return restored["state"]
 
-    def _restore_iterator(self, step: int, data_iter: Any, any_process_count: bool) -> None:
-        """Sets `data_iter` to the saved position. grain writes one file per process; unless
-        each process reads its own shard they are all equal (every process computes the whole
-        global batch and keeps its rows), so a run with another process count reads process
-        0's."""
+    def _restore_iterator(self, step: int, data_iter: Any) -> None:
+        """Sets `data_iter` to the saved position. grain writes one file per process. With
+        another process count than the writer's, the positions of the packing streams
+        (`kiln.data.pipeline`) are gathered from all of them, each process taking its own
+        streams'; an iterator without streams has the same position in every process."""
         folder = pathlib.Path(self.directory, str(step), "data_iter")
         own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        files = [own] if own.exists() else sorted(folder.glob("process_0-of-*.json"))
-        if not own.exists() and not any_process_count and files:
-            raise ValueError(
-                f"{folder} holds the data positions of {files[0].stem.split('-of-')[1]} processes"
-                f" that each read their own shard (data.shard_by_process), not"
-                f" {jax.process_count()}; resume with that many processes"
-            )
-        if not files:
+        if own.exists():
+            data_iter.set_state(json.loads(own.read_text()))
+            return
+        states = [json.loads(f.read_text()) for f in sorted(folder.glob("process_*-of-*.json"))]
+        if not states:
             raise FileNotFoundError(f"no iterator state in {folder}")
-        data_iter.set_state(json.loads(files[0].read_text()))
+        if all("streams" in state for state in states):
+            streams = {k: v for state in states for k, v in state["streams"].items()}
+            data_iter.set_state({"streams": streams})
+        else:
+            data_iter.set_state(states[0])
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the `state.params` leaves present in `abstract_params` (a nested dict of

@@ -84,7 +84,7 @@ def validate(
 ) -> tuple[int, int, int]:
     """Checks cross-field rules; returns the resolved (data, fsdp, tensor) mesh shape."""
     from kiln import sharding  # Local import: sharding imports jax, config parsing need not.
-    from kiln.data import objectives
+    from kiln.data import objectives, pipeline
 
     m, d = config.model, config.data
     _check_choices(config)
@@ -112,6 +112,8 @@ def validate(
             "optim.grad_accum_steps",
         ],
     )
+    if "streams" in d:
+        pipeline.resolve_streams(d.streams, d.global_batch_size)
     if config.train.get("loss_chunks", 0) < 0:
         _fail("train.loss_chunks", config.train.loss_chunks, "is negative", "Use 0 (off) or more.")
     if m.d_model % m.n_heads:
@@ -291,10 +293,11 @@ def run_sections(
     c.data.data_dir = ""  # "" = the repo's data/ (or $KILN_DATA_DIR)
     c.data.seq_len = seq_len  # tokens per packed row (encoder inputs for t5)
     c.data.global_batch_size = batch  # rows per step, over all processes
-    # True: each process reads and packs only its share of the documents (no redundant work;
-    # the data order then depends on the process count). False: every process computes the
-    # whole global batch and keeps its rows (the same order on any number of processes).
-    c.data.shard_by_process = False
+    # Packing streams the global batch is split into (each fills an equal share of its rows
+    # from every streams-th document). A process reads and packs only the streams holding its
+    # rows: with a process count dividing it no document is read twice. The data order depends
+    # on it, never on the process count. 0 = gcd(global_batch_size, 8).
+    c.data.streams = 0
 
     c.objective = ml_collections.ConfigDict()
     # gpt: causal_lm | prefix_lm; bert: mlm; t5: span_corruption | prefix_lm

@@ -181,7 +181,7 @@ def prepare_data(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         objective=objective,
-        shard_by_process=d.shard_by_process,
+        streams=d.streams,
     )
 
     def eval_batches(split: str) -> list[dict[str, np.ndarray]]:
@@ -438,12 +438,7 @@ def _initial_state(run: _Run) -> train.TrainState:
     if latest is not None:
         metrics.log(f"Restore: resuming from this workdir's checkpoint at step {latest}")
         target = checkpoint.abstract_like(run.abstract, run.shardings)
-        return run.ckpt.restore(
-            latest,
-            target,
-            data_iter=run.data.train_iter,
-            any_process_count=not run.config.data.shard_by_process,
-        )
+        return run.ckpt.restore(latest, target, data_iter=run.data.train_iter)
     if run.source is None:
         metrics.log("Restore: no checkpoint in this workdir; initialising from scratch")
         return _fresh_state(run)

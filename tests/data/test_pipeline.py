@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from kiln.data.objectives import CausalLM, causal_lm, make_objective
-from kiln.data.pipeline import make_eval_batches, make_train_dataset, process_slice
+from kiln.data.pipeline import (
+    make_eval_batches,
+    make_train_dataset,
+    process_slice,
+    resolve_streams,
+)
 from kiln.data.tokenizer import Tokenizer, train_tokenizer
 from kiln.errors import KilnError
 
@@ -183,9 +188,11 @@ def test_resume_through_orbax_checkpoint(tok, docs, tmp_path):
     assert_batches_equal([next(fresh) for _ in range(5)], reference[4:9])
 
 
-@pytest.mark.parametrize("process_count", [2, 4])
-def test_process_slices_make_up_the_global_batch(tok, docs, process_count):
-    kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5)
+@pytest.mark.parametrize("process_count, streams", [(2, 1), (4, 1), (2, 4), (4, 4), (4, 2)])
+def test_process_slices_make_up_the_global_batch(tok, docs, process_count, streams):
+    """Whatever the process count (dividing the streams, equal to them, or more), the
+    processes' rows put together are the one-process global batch."""
+    kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5, streams=streams)
     full = take(make_train_dataset(docs, tok, **kwargs), 3)
     slices = [
         take(
@@ -208,25 +215,92 @@ def _documents_read(tok, docs, batches) -> list[int]:
     return [index[tuple(stream[a:b])] for a, b in itertools.pairwise(starts)]
 
 
-def test_shard_by_process_reads_disjoint_shares(tok, docs):
-    """Process i of 2 packs only its half of each shuffled epoch into its own rows."""
-    kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5, shard_by_process=True)
+class _SpyTokenizer:
+    """Records every text it encodes."""
+
+    def __init__(self, tok: Tokenizer):
+        self._tok, self.read = tok, set()
+        self.bos_id, self.eos_id = tok.bos_id, tok.eos_id
+
+    def encode(self, text: str) -> list[int]:
+        self.read.add(text)
+        return self._tok.encode(text)
+
+
+def test_each_process_reads_only_its_streams(tok):
+    """2 processes, 2 streams, within the first epoch: process i tokenizes only documents i,
+    i + 2, ... of the shuffled corpus (no document is read by both, read-ahead included) and
+    packs them into its own rows."""
+    docs = make_documents(2000, seed=2)
+    kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5, streams=2, process_count=2)
+    spies = [_SpyTokenizer(tok) for _ in range(2)]
     shares = [
-        take(make_train_dataset(docs, tok, process_index=i, process_count=2, **kwargs), 12)
-        for i in range(2)
+        take(make_train_dataset(docs, spies[i], process_index=i, **kwargs), 6) for i in (0, 1)
     ]
     assert all(b["inputs"].shape == (4, SEQ_LEN) for share in shares for b in share)
-    read = [_documents_read(tok, docs, share) for share in shares]
-    first_epoch = [r[: len(docs) // 2] for r in read]
-    assert len(read[0]) >= len(docs) // 2 and len(read[1]) >= len(docs) // 2
-    assert not set(first_epoch[0]) & set(first_epoch[1])
-    assert sorted(first_epoch[0] + first_epoch[1]) == list(range(len(docs)))
-    again = take(make_train_dataset(docs, tok, process_index=1, process_count=2, **kwargs), 12)
-    assert_batches_equal(again, shares[1])
-    # One process: the flag changes nothing.
-    one = take(make_train_dataset(docs, tok, **kwargs), 2)
-    plain = take(make_train_dataset(docs, tok, seq_len=SEQ_LEN, global_batch_size=8, seed=5), 2)
-    assert_batches_equal(one, plain)
+    packed = [{docs[i] for i in _documents_read(tok, docs, share)} for share in shares]
+    assert len(packed[0]) > 10 and len(packed[1]) > 10 and not packed[0] & packed[1]
+    assert not spies[0].read & spies[1].read
+    assert packed[0] <= spies[0].read and packed[1] <= spies[1].read
+    # Process 0's rows are the first half of the one-process global batch.
+    one = take(
+        make_train_dataset(docs, tok, seq_len=SEQ_LEN, global_batch_size=8, seed=5, streams=2), 6
+    )
+    assert_batches_equal([process_slice(b, 0, 2) for b in one], shares[0])
+
+
+def test_streams_change_the_order_but_not_the_rows_shape(tok, docs):
+    kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5)
+    one, four = (
+        take(make_train_dataset(docs, tok, **kwargs), 2),
+        take(make_train_dataset(docs, tok, streams=4, **kwargs), 2),
+    )
+    assert one[0]["inputs"].shape == four[0]["inputs"].shape == (8, SEQ_LEN)
+    assert not np.array_equal(one[0]["inputs"], four[0]["inputs"])
+    assert_batches_equal(take(make_train_dataset(docs, tok, streams=4, **kwargs), 2), four)
+
+
+@pytest.mark.parametrize("objective_name, family", [("causal_lm", "gpt"), ("mlm", "bert")])
+def test_resume_across_process_counts(tok, docs, objective_name, family):
+    """Positions saved by 2 processes (4 streams) restore a 1-process iterator, and the other
+    way round, to the same continuation as an uninterrupted run (masks included)."""
+    objective = make_objective(objective_name, family, tok, SEQ_LEN)
+    kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5, streams=4, objective=objective)
+    reference = take(make_train_dataset(docs, tok, **kwargs), 7)
+    parts = [
+        iter(make_train_dataset(docs, tok, process_index=i, process_count=2, **kwargs))
+        for i in (0, 1)
+    ]
+    for it in parts:
+        for _ in range(4):
+            next(it)
+    saved = [json.loads(json.dumps(it.get_state())) for it in parts]
+    merged = {"streams": {k: v for state in saved for k, v in state["streams"].items()}}
+    one = iter(make_train_dataset(docs, tok, **kwargs))
+    one.set_state(merged)
+    assert_batches_equal([next(one) for _ in range(3)], reference[4:7])
+
+    it = iter(make_train_dataset(docs, tok, **kwargs))
+    for _ in range(4):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    second = iter(make_train_dataset(docs, tok, process_index=1, process_count=2, **kwargs))
+    second.set_state(state)  # Takes its own streams' positions from the whole.
+    want = [process_slice(b, 1, 2) for b in reference[4:7]]
+    assert_batches_equal([next(second) for _ in range(3)], want)
+
+
+def test_streams_must_divide_the_global_batch(tok, docs):
+    assert (
+        resolve_streams(0, 256) == 8 and resolve_streams(0, 12) == 4 and resolve_streams(0, 6) == 2
+    )
+    assert resolve_streams(3, 6) == 3
+    with pytest.raises(
+        KilnError, match=r"data\.streams=3 does not divide data\.global_batch_size=8"
+    ):
+        make_train_dataset(docs, tok, seq_len=SEQ_LEN, global_batch_size=8, seed=0, streams=3)
+    with pytest.raises(KilnError, match="cannot fill data.streams=8"):
+        make_train_dataset(docs[:5], tok, seq_len=SEQ_LEN, global_batch_size=8, seed=0, streams=8)
 
 
 def test_process_slice():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import grain
@@ -68,12 +69,17 @@ class _PackedIterDataset(grain.IterDataset):
         return _PackedIterator(self._parent.__iter__())
 
 
-def _packed(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int) -> grain.IterDataset:
-    """Tokenized ``[bos] + ids + [eos]`` documents, concatenated and split into rows."""
+def _packed(
+    documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, streams: int = 1
+) -> grain.IterDataset:
+    """Tokenized ``[bos] + ids + [eos]`` documents, concatenated and split into rows; one of
+    ``streams`` read side by side (they share the reading threads)."""
     if seq_len < 2:
         raise KilnError(f"data.seq_len={seq_len} is too small: use at least 2 (e.g. 512).")
     ds = documents.map(functools.partial(_encode, tokenizer=tokenizer))
-    ds = ds.to_iter_dataset(_READ_OPTIONS)
+    threads = max(1, _READ_OPTIONS.num_threads // streams)
+    buffer = max(16, _READ_OPTIONS.prefetch_buffer_size // streams)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
     return _PackedIterDataset(ds, seq_len)
 
 
@@ -83,6 +89,56 @@ def _objective_for(objective: Objective | None, seq_len: int) -> Objective:
     if built_for != seq_len:
         raise ValueError(f"The objective was built for seq_len={built_for}, not {seq_len}.")
     return objective or CausalLM()
+
+
+DEFAULT_STREAMS = 8  # data.streams = 0 means gcd(global_batch_size, DEFAULT_STREAMS).
+
+
+def resolve_streams(streams: int, global_batch_size: int) -> int:
+    """The number of packing streams: `streams`, or for 0 gcd(global batch, DEFAULT_STREAMS)."""
+    resolved = streams or math.gcd(global_batch_size, DEFAULT_STREAMS)
+    if streams < 0 or global_batch_size % resolved:
+        raise KilnError(
+            f"data.streams={streams} does not divide data.global_batch_size={global_batch_size}:"
+            " use a divisor of the global batch (each stream fills an equal share of its rows),"
+            " or 0 for the default."
+        )
+    return resolved
+
+
+class _StreamsIterator(grain.DatasetIterator):
+    """This process's rows of each global batch, cut from the streams that hold them."""
+
+    def __init__(self, streams: dict[int, grain.DatasetIterator], start: int, rows: int):
+        super().__init__(list(streams.values()))
+        self._streams, self._start, self._rows = streams, start, rows
+
+    def __next__(self) -> Batch:
+        parts = [next(it) for it in self._streams.values()]
+        batch = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+        return {k: v[self._start : self._start + self._rows] for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return {"streams": {str(s): it.get_state() for s, it in self._streams.items()}}
+
+    def set_state(self, state: dict) -> None:
+        missing = [s for s in self._streams if str(s) not in state["streams"]]
+        if missing:
+            raise KeyError(f"the saved data position has no state for streams {missing}")
+        for s, it in self._streams.items():
+            it.set_state(state["streams"][str(s)])
+
+
+class _StreamsDataset(grain.IterDataset):
+    """Zips the packing streams a process reads into its rows of each global batch."""
+
+    def __init__(self, streams: dict[int, grain.IterDataset], start: int, rows: int):
+        super().__init__(list(streams.values()))
+        self._streams, self._start, self._rows = streams, start, rows
+
+    def __iter__(self) -> _StreamsIterator:
+        iterators = {s: ds.__iter__() for s, ds in self._streams.items()}
+        return _StreamsIterator(iterators, self._start, self._rows)
 
 
 def make_train_dataset(
@@ -95,64 +151,65 @@ def make_train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     objective: Objective | None = None,
-    shard_by_process: bool = False,
+    streams: int = 1,
 ) -> grain.IterDataset:
     """An endless, shuffled, packed training stream: this process's rows of each global batch.
 
-    Documents are shuffled with ``seed`` (reshuffled every epoch), encoded as ``[bos] + ids +
-    [eos]``, concatenated and split into rows of ``seq_len`` tokens (a document that does not fit
-    continues in the next row; ``segment_ids`` start at 1 in each row, ``positions`` restart at
-    each segment), batched into global batches and passed through ``objective`` (default
-    :class:`~kiln.data.objectives.CausalLM`; rows hold ``objective.packed_length(seq_len)`` raw
-    tokens). Each process keeps its :func:`process_slice` of every global batch.
+    Documents are shuffled with ``seed`` (reshuffled every epoch) and dealt round-robin to
+    ``streams`` packing streams (:func:`resolve_streams`; stream s takes documents s, s + S, ...
+    of the shuffled sequence). In each stream they are encoded as ``[bos] + ids + [eos]``,
+    concatenated and split into rows of ``seq_len`` tokens (a document that does not fit
+    continues in the stream's next row; ``segment_ids`` start at 1 in each row, ``positions``
+    restart at each segment) and batched ``global_batch_size / streams`` rows at a time, then
+    passed through ``objective`` (default :class:`~kiln.data.objectives.CausalLM`; rows hold
+    ``objective.packed_length(seq_len)`` raw tokens). Global batch i is stream 0's batch i,
+    then stream 1's, ...
 
-    A random objective gets a generator that grain derives from ``seed`` and the batch's index
-    in the stream, which is part of the iterator state: masks are the same on every process and
-    after a restore.
+    Each process reads, tokenizes and packs only the streams that hold its
+    :func:`process_slice` of the global batch: with a process count that divides ``streams``
+    no document is read twice, and the data order depends on ``streams`` but never on the
+    process count.
 
-    Every process tokenizes and packs the whole global batch, so the data order is independent
-    of the number of processes (a run can resume on a different topology) at the cost of
-    ``process_count`` times redundant CPU work, which is small next to a train step. With
-    ``shard_by_process``, process i reads only documents i, i + n, ... of each shuffled epoch
-    and packs its own ``global_batch_size / n`` rows (objective rng mixed with i): no redundant
-    work, but the data order then depends on the process count.
-
-    Its iterators support ``get_state()``/``set_state()`` (``grain.checkpoint.CheckpointSave``).
+    A random objective gets a generator that grain derives from ``seed``, the stream and the
+    batch's index in the stream, which is part of the iterator state: masks are the same on any
+    number of processes and after a restore. The iterator's state holds each of its streams'
+    positions (``get_state()``/``set_state()``, ``grain.checkpoint.CheckpointSave``).
 
     Raises:
-        KilnError: On no documents, a bad sequence length or a batch size that the processes
-            cannot split evenly.
+        KilnError: On no documents, a bad sequence length, a batch size that the processes
+            cannot split evenly or streams that do not divide it.
     """
     if not documents:
         raise KilnError("No training documents: check the data source of this run.")
     process_slice({"rows": np.zeros(global_batch_size)}, process_index, process_count)  # Checks.
+    n_streams = resolve_streams(streams, global_batch_size)
+    if len(documents) < n_streams:
+        raise KilnError(
+            f"{len(documents)} training documents cannot fill data.streams={n_streams} packing"
+            " streams: lower data.streams."
+        )
+    objective = _objective_for(objective, seq_len)
     # grain shuffles epoch e with seed + e: mix the seed so that nearby seeds share no epochs.
     shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-    ds = grain.MapDataset.source(documents).shuffle(seed=shuffle_seed)
-    rows, shard = global_batch_size, shard_by_process and process_count > 1
-    if shard:
-        if len(documents) < process_count:
-            raise KilnError(
-                f"data.shard_by_process: {len(documents)} training documents cannot be shared by"
-                f" {process_count} processes; turn it off."
-            )
-        ds, rows = ds[process_index::process_count], global_batch_size // process_count
-    objective = _objective_for(objective, seq_len)
-    ds = _packed(ds.repeat(), tokenizer, objective.packed_length(seq_len))
-    ds = ds.batch(rows, drop_remainder=True)
-    if objective.uses_rng:
-        objective_seed = int(np.random.SeedSequence(seed).generate_state(2)[1])
-        if shard:
-            objective_seed = int(
-                np.random.SeedSequence([objective_seed, process_index]).generate_state(1)[0]
-            )
-        ds = ds.random_map(objective, seed=objective_seed)
-    else:  # No rng, and the iterator state keeps the layout it had before objectives.
-        ds = ds.map(functools.partial(objective, rng=None))
-    if shard:
-        return ds
-    keep = functools.partial(process_slice, index=process_index, count=process_count)
-    return ds.map(keep)
+    shuffled = grain.MapDataset.source(documents).shuffle(seed=shuffle_seed)
+    objective_seed = int(np.random.SeedSequence(seed).generate_state(2)[1])
+    stream_rows = global_batch_size // n_streams
+
+    def stream(s: int) -> grain.IterDataset:
+        ds = shuffled[s::n_streams] if n_streams > 1 else shuffled
+        ds = _packed(ds.repeat(), tokenizer, objective.packed_length(seq_len), n_streams)
+        ds = ds.batch(stream_rows, drop_remainder=True)
+        if not objective.uses_rng:  # No rng: the iterator state keeps its layout.
+            return ds.map(functools.partial(objective, rng=None))
+        seed_s = objective_seed
+        if n_streams > 1:
+            seed_s = int(np.random.SeedSequence([objective_seed, s]).generate_state(1)[0])
+        return ds.random_map(objective, seed=seed_s)
+
+    rows = global_batch_size // process_count
+    first, last = process_index * rows, (process_index + 1) * rows - 1
+    mine = range(first // stream_rows, last // stream_rows + 1)
+    return _StreamsDataset({s: stream(s) for s in mine}, first % stream_rows, rows)
 
 
 def make_eval_batches(
