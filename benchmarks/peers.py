@@ -39,6 +39,7 @@ import common
 import numpy as np
 
 from kiln import fits, flops
+from kiln.data import objectives
 
 CACHE = common.ROOT / "benchmarks" / ".cache"
 SHAPE = {
@@ -264,13 +265,19 @@ def bench_family(family: str, systems: dict[str, str], rounds: int, steps: int, 
     batch = fits.synthetic_batch(config, SHAPE["batch"], seed=0)
     batch_file, shape_file = os.path.join(tmp, f"{family}.npz"), os.path.join(tmp, "shape.json")
     np.savez(batch_file, **batch)
+    # The peers' models score every position: the same targets, scattered back (bert).
+    dense = {k: v for k, v in batch.items() if k != "predict_positions"}
+    dense["targets"], dense["weights"] = objectives.dense_predictions(batch)
+    dense_file = os.path.join(tmp, f"{family}_dense.npz")
+    np.savez(dense_file, **dense)
     with open(shape_file, "w") as f:
         json.dump(SHAPE, f)
     workers, results = [], []
     for system, python in systems.items():
         print(f"[{family}] starting {system} ...", flush=True)
         try:
-            workers.append(Worker(system, python, family, shape_file, batch_file))
+            data = batch_file if system == "kiln" else dense_file
+            workers.append(Worker(system, python, family, shape_file, data))
         except RuntimeError as e:
             results.append(Result(system, skipped=str(e)))
     for r in range(rounds):

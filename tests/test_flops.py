@@ -49,3 +49,24 @@ def test_forward_flops_agree_with_xla_cost_analysis():
     ours = flops.train_flops_per_token(model, seq_len) / 3 * rows * seq_len
     # XLA also counts softmax, norms and activations; matmuls dominate.
     assert 0.9 < xla["flops"] / ours < 1.3, (xla["flops"], ours)
+
+
+def test_bert_head_counted_at_predicted_positions_only():
+    """With `predict_positions` the head is counted at those positions only: the difference
+    from scoring every position is its matmuls on the others, and XLA's count of the forward
+    pass that predicts at those positions agrees with the formula."""
+    config = config_lib.load_config("experiments/bert/pretrain.py:size=tiny")
+    model = {**config.model.to_dict(), "dropout": 0.0}
+    rows, seq_len, predicted = 2, 64, 10
+    d, vocab = model["d_model"], model["vocab_size"]
+    shapes = {"inputs": (rows, seq_len)}
+    _, dense = flops.step_cost(model, shapes, rows)
+    _, sparse = flops.step_cost(model, {**shapes, "predict_positions": (rows, predicted)}, rows)
+    assert dense - sparse == 3 * rows * (seq_len - predicted) * 2 * (d * vocab + d * d)
+    module = models.build_model(model)
+    tokens, chosen = np.zeros((rows, seq_len), np.int32), np.zeros((rows, predicted), np.int32)
+    params = module.init(jax.random.PRNGKey(0), inputs=tokens)["params"]
+    forward = jax.jit(lambda p, t, c: module.apply({"params": p}, t, predict_positions=c))
+    xla = forward.lower(params, tokens, chosen).compile().cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+    assert 0.9 < xla["flops"] / (sparse / 3) < 1.3, (xla["flops"], sparse / 3)

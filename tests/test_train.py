@@ -253,3 +253,29 @@ def test_scanned_layers_train_like_unrolled(plain_runs, family, remat):
         (2, 2, 2), family=family, dropout=0.1, remat=remat, scan_layers=True
     )
     _assert_same_run((params, losses), plain_runs(family))
+
+
+def sparse_encoder_batch(seed: int) -> dict[str, np.ndarray]:
+    """`encoder_batch` with its labels given at the weighted positions only (padded with
+    position 0 and weight 0), as the masked-LM objective gives them."""
+    batch = encoder_batch(seed)
+    rows = len(batch["inputs"])
+    width = int(batch["weights"].sum(1).max()) + 2
+    positions, targets, weights = (np.zeros((rows, width), dtype) for dtype in ("i4", "i4", "f4"))
+    for r in range(rows):
+        chosen = np.flatnonzero(batch["weights"][r])
+        positions[r, : len(chosen)] = chosen
+        targets[r, : len(chosen)] = batch["targets"][r, chosen]
+        weights[r, : len(chosen)] = 1.0
+    return {**batch, "predict_positions": positions, "targets": targets, "weights": weights}
+
+
+@pytest.mark.parametrize("loss_chunks", [0, 3])
+def test_predicting_at_masked_positions_trains_like_every_position(plain_runs, loss_chunks):
+    """BERT's head at the masked positions only (plain or fused loss) gives the losses and
+    parameters of scoring every position with weights."""
+    batches = [sparse_encoder_batch(i) for i in range(3)]
+    params, losses, _ = run_steps(
+        (2, 2, 2), family="bert", dropout=0.1, batches=batches, loss_chunks=loss_chunks
+    )
+    _assert_same_run((params, losses), plain_runs("bert"))

@@ -7,7 +7,9 @@ and the weighted sum of values. Every attention is counted as the full product: 
 attention is not halved (as in PaLM's appendix B), so the formula is the same for every family
 and every peer. Per family:
 - gpt, bert: every token passes through n_layers blocks and attends to seq_len keys (bert adds
-  the d_model x d_model transform of its MLM head).
+  the d_model x d_model transform of its MLM head). When the batch names the positions the loss
+  needs (`predict_positions`, bert's masked tokens), the head is counted at those only, for
+  every system measured on that batch: the other positions' logits are work no loss uses.
 - t5: encoder tokens pass through the encoder blocks and attend to the encoder length; decoder
   tokens pass through the decoder blocks (self-attention, cross-attention, MLP), attend to the
   decoder length and the encoder length, and are projected onto the vocabulary.
@@ -43,26 +45,36 @@ def _mlp_params(model: dict) -> int:
     return model["d_model"] * model["d_ff"] * (3 if model["mlp"] in ("swiglu", "geglu") else 2)
 
 
+def _head_params(model: dict) -> int:
+    """Matmul parameters of the output head (bert: its d x d transform too)."""
+    d = model["d_model"]
+    return d * model["vocab_size"] + (d * d if model["family"] == "bert" else 0)
+
+
 def matmul_params(model: dict) -> int:
     """Matmul parameters per decoder/encoder token (embedding lookups excluded).
 
     For t5 this is the decoder side (self- and cross-attention, MLP, output projection).
     """
-    d, vocab = model["d_model"], model["vocab_size"]
     block = _attention_params(model) + _mlp_params(model)
     if model["family"] == "t5":
         layers = model.get("n_decoder_layers") or model["n_layers"]
-        return layers * (block + _attention_params(model)) + d * vocab
-    head = d * vocab + (d * d if model["family"] == "bert" else 0)
-    return model["n_layers"] * block + head
+        return layers * (block + _attention_params(model)) + _head_params(model)
+    return model["n_layers"] * block + _head_params(model)
 
 
-def train_flops_per_step(model: dict, rows: int, length: int, decoder_length: int = 0) -> float:
-    """Model FLOPs of one train step over `rows` sequences (t5: also `decoder_length`)."""
+def train_flops_per_step(
+    model: dict, rows: int, length: int, decoder_length: int = 0, predicted: int | None = None
+) -> float:
+    """Model FLOPs of one train step over `rows` sequences (t5: also `decoder_length`);
+    `predicted`: the head runs at that many positions per row only (bert's masked positions)."""
     d = model["d_model"]
     if model["family"] != "t5":
         forward = 2 * matmul_params(model) + 4 * model["n_layers"] * length * d
-        return 3.0 * rows * length * forward
+        total = rows * length * forward
+        if predicted is not None:
+            total -= rows * (length - predicted) * 2 * _head_params(model)
+        return 3.0 * total
     encoder = 2 * model["n_layers"] * (_attention_params(model) + _mlp_params(model))
     encoder += 4 * model["n_layers"] * length * d
     decoder_layers = model.get("n_decoder_layers") or model["n_layers"]
@@ -107,4 +119,5 @@ def step_cost(model: dict, shapes: dict[str, tuple[int, ...]], rows: int) -> tup
     length = shapes["inputs"][1]
     if len(shapes.get("targets", (rows, length))) == 1:  # A classifier: no vocabulary logits.
         model = {**model, "vocab_size": 0}
-    return rows * length, train_flops_per_step(model, rows, length)
+    predicted = shapes["predict_positions"][1] if "predict_positions" in shapes else None
+    return rows * length, train_flops_per_step(model, rows, length, predicted=predicted)

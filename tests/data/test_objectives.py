@@ -13,6 +13,7 @@ from kiln.data.objectives import (
     PrefixLM,
     SpanCorruption,
     causal_lm,
+    dense_predictions,
     make_objective,
 )
 from kiln.data.tokenizer import CONTROL_SYMBOLS, NUM_SPECIAL_IDS
@@ -343,17 +344,27 @@ def test_mlm_statistics():
     objective = make_objective("mlm", "bert", StubTokenizer(), 4096)
     assert objective.packed_length(4096) == 4096
     out = objective(batch, rng)
-    assert_int32_batch(
-        out, {"inputs", "segment_ids", "positions", "targets", "weights"}, (64, 4096)
-    )
+    cap = round(0.15 * 4096)  # The most a row can select: the predictions' static width.
+    predictions = {k: out.pop(k) for k in ("predict_positions", "targets", "weights")}
+    assert_int32_batch(predictions, {"predict_positions", "targets", "weights"}, (64, cap))
+    assert_int32_batch(out, {"inputs", "segment_ids", "positions"}, (64, 4096))
     tokens, seg = batch["tokens"], batch["segment_ids"]
-    np.testing.assert_array_equal(out["targets"], tokens)
     np.testing.assert_array_equal(out["segment_ids"], seg)
     np.testing.assert_array_equal(out["positions"], batch["positions"])
 
+    # Real predictions first, at ascending (so distinct) positions, with the original tokens;
+    # padding after them, at position 0 with target 0.
+    position, real = predictions["predict_positions"], predictions["weights"] == 1
+    assert set(np.unique(predictions["weights"])) == {0.0, 1.0}
+    assert np.all(real[:, :-1] >= real[:, 1:]) and np.all(np.diff(position)[real[:, 1:]] > 0)
+    assert np.all(position[~real] == 0) and np.all(predictions["targets"][~real] == 0)
+    gathered = np.take_along_axis(tokens, position, axis=1)
+    np.testing.assert_array_equal(predictions["targets"][real], gathered[real])
+    targets, weights = dense_predictions({**out, **predictions})
+    np.testing.assert_array_equal(targets[weights == 1], tokens[weights == 1])
+
     candidate = (tokens >= NUM_SPECIAL_IDS) & (seg != 0)
-    selected = out["weights"] == 1
-    assert set(np.unique(out["weights"])) == {0.0, 1.0}
+    selected = weights == 1
     assert candidate.sum() >= 100_000 and (~candidate & (seg != 0)).sum() > 10_000
     assert not (selected & ~candidate).any(), "special tokens and padding are never selected"
     assert abs(selected.sum() / candidate.sum() - 0.15) < 0.005

@@ -8,7 +8,7 @@ import grain
 import numpy as np
 import pytest
 
-from kiln.data.objectives import CausalLM, causal_lm, make_objective
+from kiln.data.objectives import CausalLM, causal_lm, dense_predictions, make_objective
 from kiln.data.pipeline import (
     make_eval_batches,
     make_train_dataset,
@@ -387,8 +387,14 @@ def check_shapes(batch: dict, objective) -> None:
             assert v.shape == (BATCH, SEQ_LEN if k.startswith("encoder") else decoder_length), k
     else:
         extra = {"prefix_mask"} if objective.name == "prefix_lm" else set()
+        predictions = {"predict_positions", "targets", "weights"} & set(batch)
+        if "predict_positions" in batch:  # mlm: C = round(mask_rate * L) predictions per row.
+            extra, width = {"predict_positions"}, round(0.15 * SEQ_LEN)
+        else:
+            predictions, width = set(), SEQ_LEN
         assert set(batch) == DECODER_KEYS | extra
-        assert all(v.shape == (BATCH, SEQ_LEN) for v in batch.values())
+        for k, v in batch.items():
+            assert v.shape == (BATCH, width if k in predictions else SEQ_LEN), k
     for k, v in batch.items():
         assert v.dtype == (np.float32 if k == "weights" else np.int32), k
 
@@ -396,8 +402,12 @@ def check_shapes(batch: dict, objective) -> None:
 def raw_rows(batch: dict, objective, tok: Tokenizer) -> list[np.ndarray]:
     """The packed rows of raw tokens that the objective transformed (padding dropped)."""
     if objective.family != "encoder_decoder":
-        key = "targets" if objective.name == "mlm" else "inputs"
-        return [row[seg != 0] for row, seg in zip(batch[key], batch["segment_ids"])]
+        if objective.name == "mlm":
+            targets, weights = dense_predictions(batch)
+            rows = np.where(weights == 1, targets, batch["inputs"])  # Unselected: unchanged.
+        else:
+            rows = batch["inputs"]
+        return [row[seg != 0] for row, seg in zip(rows, batch["segment_ids"])]
     rows = []
     for b in range(len(batch["targets"])):
         inputs = batch["encoder_inputs"][b][batch["encoder_segment_ids"][b] != 0]

@@ -116,6 +116,19 @@ def _np_gelu_tanh(x):
 
 
 @STYLES
+def test_predicting_at_chosen_positions_equals_every_position(cfg):
+    """predict_positions runs the head at those positions only (repeats and padding at 0
+    included): the full logits there."""
+    apply, params = _apply(cfg), _params(cfg)
+    full = np.asarray(apply(params, TOKENS, SEG, POS))
+    chosen = np.array([[0, 3, 7, 11, 0], [15, 2, 2, 9, 4]], np.int32)
+    sparse = np.asarray(apply(params, TOKENS, SEG, POS, None, chosen))
+    assert sparse.shape == (2, 5, cfg.vocab_size)
+    want = np.take_along_axis(full, chosen[:, :, None], axis=1)
+    np.testing.assert_allclose(sparse, want, rtol=1e-5, atol=1e-5)
+
+
+@STYLES
 def test_mlm_head_is_tied_to_the_token_embedding(cfg):
     variables = jax.tree.map(lambda a: a + 0.1 * jnp.ones_like(a), _params(cfg))  # Biases != 0.
     p = jax.tree.map(np.asarray, variables["params"])

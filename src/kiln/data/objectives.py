@@ -132,7 +132,11 @@ class MaskedLM(Objective):
     begins with ``▁`` or follows a non-candidate (segment start, special token); continuation
     pieces belong to the previous word. Each selected token independently becomes ``mask_id``
     (``mask_token_fraction``), a uniform ordinary token (``random_token_fraction``) or stays.
-    ``targets`` are the original tokens; ``weights`` are 1 exactly on the selected tokens.
+    Token masking (a known count per row) gives the selected positions as ``predict_positions``
+    [B, C] (C = round(mask_rate * L), ascending, padded with 0), their original tokens as
+    ``targets`` and ``weights`` 1 (0 on padding), so the model predicts at those C positions
+    only; whole-word masking gives ``targets`` (the original tokens) and ``weights`` (1 exactly
+    on the selected tokens) at every position [B, L].
     """
 
     name: ClassVar[str] = "mlm"
@@ -161,13 +165,15 @@ class MaskedLM(Objective):
         inputs = np.where(
             to_mask, np.int32(self.mask_id), np.where(to_random, random_tokens, tokens)
         )
-        return {
+        out = {
             "inputs": inputs.astype(np.int32),
             "segment_ids": segment_ids,
             "positions": np.asarray(batch["positions"], dtype=np.int32),
-            "targets": tokens,
-            "weights": selected.astype(np.float32),
         }
+        if self.word_start is None:  # At most round(mask_rate * L) per row: a static count.
+            cap = max(1, int(np.rint(self.mask_rate * tokens.shape[1])))
+            return {**out, **_predictions(tokens, selected, cap)}
+        return {**out, "targets": tokens, "weights": selected.astype(np.float32)}
 
     def _select_words(
         self,
@@ -336,6 +342,34 @@ def _segment_runs(segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     lengths = np.diff(np.append(first, flat.size))
     offset = np.arange(flat.size) - first[run]
     return run.reshape(segment_ids.shape), offset.reshape(segment_ids.shape), lengths
+
+
+def _predictions(tokens: np.ndarray, selected: np.ndarray, cap: int) -> Batch:
+    """The selected positions of each row, ascending, padded to ``cap`` (``predict_positions``,
+    0 for padding), their tokens (``targets``) and 1 / 0 for real / padding (``weights``)."""
+    if int(selected.sum(axis=1).max(initial=0)) > cap:
+        raise ValueError(f"More than {cap} selected tokens in a row.")
+    order = np.argsort(~selected, axis=1, kind="stable")[:, :cap]
+    real = np.take_along_axis(selected, order, axis=1)
+    return {
+        "predict_positions": np.where(real, order, 0).astype(np.int32),
+        "targets": np.where(real, np.take_along_axis(tokens, order, axis=1), 0).astype(np.int32),
+        "weights": real.astype(np.float32),
+    }
+
+
+def dense_predictions(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, weights) [B, L] of a batch, scattering ``predict_positions`` predictions back
+    to their positions (for code that scores every position, such as the peer benchmarks)."""
+    if "predict_positions" not in batch:
+        return batch["targets"], batch["weights"]
+    targets = np.zeros(batch["inputs"].shape, np.int32)
+    weights = np.zeros(batch["inputs"].shape, np.float32)
+    rows, slots = np.nonzero(batch["weights"] > 0)
+    positions = batch["predict_positions"][rows, slots]
+    targets[rows, positions] = batch["targets"][rows, slots]
+    weights[rows, positions] = 1.0
+    return targets, weights
 
 
 def _select_exactly(candidate: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:

@@ -114,11 +114,13 @@ class BERT(nn.Module):
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
+        predict_positions: jax.Array | None = None,
         *,
         deterministic: bool = True,
         head_inputs: bool = False,
     ) -> jax.Array | layers.HeadInputs:
-        """Returns float32 masked-LM logits [B, L, V] at every position.
+        """Returns float32 masked-LM logits [B, L, V] at every position, or [B, C, V] at
+        `predict_positions` only.
 
         Argument names match the batch keys of the masked-LM objective (`kiln.data.objectives`).
 
@@ -128,12 +130,18 @@ class BERT(nn.Module):
           positions: position of each token in its document [B, L]; None means arange(L).
           token_type_ids: segment A/B ids [B, L] when `type_vocab_size` > 0 (None means all 0);
             ignored otherwise.
+          predict_positions: [B, C] the positions the loss needs (the masked-LM objective's
+            selected tokens, padded): the head, whose vocabulary projection dominates a small
+            BERT's FLOPs, then runs on those C rows only, as in the original BERT.
           deterministic: disables dropout; otherwise the "dropout" rng collection is used.
           head_inputs: return what the logits are made of instead (`layers.HeadInputs`).
         """
         x_BLD = self.encode(
             inputs, segment_ids, positions, token_type_ids, deterministic=deterministic
         )
+        if predict_positions is not None:
+            x_BLD = jnp.take_along_axis(x_BLD, predict_positions[:, :, None], axis=1)
+            x_BLD = nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)
         if head_inputs:
             return self.mlm_head(x_BLD, self.token_embed, head_inputs=True)
         logits_BLV = self.mlm_head(x_BLD, self.token_embed).astype(jnp.float32)

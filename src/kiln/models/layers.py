@@ -238,6 +238,9 @@ class Embed(nn.Module):
     def attend(self, x_BLD: jax.Array) -> jax.Array:
         """Float32 logits x @ embedding.T."""
         x_ND = x_BLD.astype(self.dtype).reshape(-1, x_BLD.shape[-1])
+        # Without this constraint XLA's SPMD partitioner produced wrong gradients for BERT's
+        # head at its masked positions on a (2, 2, 2) data x fsdp x tensor mesh (test_train.py).
+        x_ND = nn.with_logical_constraint(x_ND, ("act_batch", "act_embed"))
         table_VD = self.embedding.astype(self.dtype)
         logits_NV = jnp.einsum("nd,vd->nv", x_ND, table_VD, preferred_element_type=jnp.float32)
         return logits_NV.reshape(*x_BLD.shape[:-1], -1)
