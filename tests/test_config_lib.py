@@ -47,6 +47,8 @@ def test_tiny_config_validates():
         ({"data__seq_len": 4096}, "data.seq_len"),
         ({"data__global_batch_size": 12}, "data.global_batch_size"),
         ({"data__streams": 3}, "data.streams"),
+        ({"model__scan_layers": True, "optim__name": "adafactor"}, "model.scan_layers"),
+        ({"model__scan_layers": True, "optim__layer_decay": 0.8}, "model.scan_layers"),
         ({"data__streams": -1}, "data.streams"),
         ({"optim__grad_accum_steps": 3}, "data.global_batch_size"),
         ({"model__norm": "batchnorm"}, "model.norm"),

@@ -7,6 +7,7 @@ import pytest
 
 from kiln import models, optim, sharding, train
 from kiln.data import objectives
+from kiln.models import layers
 
 MODEL = {
     "family": "gpt",
@@ -247,12 +248,21 @@ def test_remat_trains_like_no_remat(plain_runs, family, remat):
     "family, remat", [("gpt", "none"), ("gpt", "dots"), ("bert", "none"), ("t5", "full")]
 )
 def test_scanned_layers_train_like_unrolled(plain_runs, family, remat):
-    """model.scan_layers (one lax.scan over the blocks, with dropout and a remat policy) gives
-    the same losses and the same parameter tree and values as the unrolled blocks."""
-    params, losses, _ = run_steps(
+    """model.scan_layers (one lax.scan over the blocks, with dropout and a remat policy; the
+    train state holds each stack's parameters stacked) gives the same losses, and once
+    unstacked the same parameter tree and values, as the unrolled blocks."""
+    params, losses, state = run_steps(
         (2, 2, 2), family=family, dropout=0.1, remat=remat, scan_layers=True
     )
-    _assert_same_run((params, losses), plain_runs(family))
+    stack = params["encoder"] if family == "t5" else params
+    assert layers.STACKED in stack and "block_0" not in stack
+    # The optimizer's moments are stacked alike; the layer axis is never sharded.
+    opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+    assert any(f"'{layers.STACKED}'" in p and "opt_state" in p for p in opt_paths)
+    for leaf in jax.tree.leaves(state.params):
+        if leaf.ndim and leaf.shape[0] == 2 and leaf.sharding.spec:
+            assert leaf.sharding.spec[0] is None
+    _assert_same_run((layers.unstack_blocks(params), losses), plain_runs(family))
 
 
 def sparse_encoder_batch(seed: int) -> dict[str, np.ndarray]:

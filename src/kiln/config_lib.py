@@ -112,6 +112,14 @@ def validate(
             "optim.grad_accum_steps",
         ],
     )
+    if m.get("scan_layers") and (config.optim.name == "adafactor" or config.optim.layer_decay != 1):
+        _fail(
+            "model.scan_layers",
+            True,
+            "holds each stack's parameters stacked, which Adafactor (whose statistics and update"
+            " clipping follow parameter shapes) and optim.layer_decay (per block) do not support",
+            "Use optim.name=adamw or sgd and optim.layer_decay=1, or model.scan_layers=False.",
+        )
     if "streams" in d:
         pipeline.resolve_streams(d.streams, d.global_batch_size)
     if config.train.get("loss_chunks", 0) < 0:
@@ -269,7 +277,8 @@ def model_section(family: str, **fields: Any) -> ml_collections.ConfigDict:
     # matmul outputs) | full (keep the block inputs). Memory for compute; same parameters.
     m.remat = "none"
     # One lax.scan over the blocks instead of unrolling them: compile time independent of depth.
-    # Same function, parameter tree and checkpoints (a run may resume with the other setting).
+    # The train state holds each stack's parameters stacked; checkpoints stay per-layer, so a
+    # run may resume or fine-tune with the other setting. Same function; adamw or sgd only.
     m.scan_layers = False
     for key, value in fields.items():
         m[key] = value

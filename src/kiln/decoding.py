@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kiln import sharding
 from kiln.errors import KilnError
-from kiln.models import gpt, t5
+from kiln.models import gpt, layers, t5
 
 LENGTH_BUCKET = 16
 STRATEGIES = ("greedy", "sample", "beam")
@@ -187,6 +187,7 @@ def generate(
         return [[] for _ in prompts]
     params = nn.meta.unbox(params)
     params = params["params"] if "params" in params else params
+    params = layers.unstack_blocks(params)  # Held stacked under model.scan_layers.
     beams = options.num_beams if options.strategy == "beam" else 1
     if mesh is not None:  # Prompt rows (and so beam rows) divide over the batch shards.
         shards = int(np.prod([mesh.shape[a] for a in sharding.batch_sharding(mesh).spec[0]]))

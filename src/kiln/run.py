@@ -1,6 +1,7 @@
 """One training run end to end: tokenizer -> data -> model -> restore -> loop -> summary."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -432,21 +433,34 @@ def _fresh_state(run: _Run) -> train.TrainState:
         return init()
 
 
+def _to_disk(run: _Run, state: train.TrainState) -> train.TrainState:
+    """The state in the checkpoints' per-layer layout (a copy only under model.scan_layers)."""
+    return jax.jit(train.on_disk)(state) if run.model.config.scan_layers else state
+
+
+def _from_disk(run: _Run, state: train.TrainState) -> train.TrainState:
+    """A restored per-layer state in this run's layout, on its shardings."""
+    if not run.model.config.scan_layers:
+        return state
+    to_memory = functools.partial(train.in_memory, model=run.model)
+    return jax.jit(to_memory, out_shardings=run.shardings)(state)
+
+
 def _initial_state(run: _Run) -> train.TrainState:
     """Restore order (logged): this workdir's latest checkpoint > init_from > scratch."""
     latest = run.ckpt.latest_step()
     if latest is not None:
         metrics.log(f"Restore: resuming from this workdir's checkpoint at step {latest}")
-        target = checkpoint.abstract_like(run.abstract, run.shardings)
-        return run.ckpt.restore(latest, target, data_iter=run.data.train_iter)
+        target = train.on_disk(checkpoint.abstract_like(run.abstract, run.shardings))
+        return _from_disk(run, run.ckpt.restore(latest, target, data_iter=run.data.train_iter))
     if run.source is None:
         metrics.log("Restore: no checkpoint in this workdir; initialising from scratch")
         return _fresh_state(run)
     source, cfg = run.source, run.config.init_from
     fresh = _fresh_state(run)
     if cfg.load == "state":
-        target = checkpoint.abstract_like(run.abstract, run.shardings)
-        state = init_from.load_state(source, target)
+        target = train.on_disk(checkpoint.abstract_like(run.abstract, run.shardings))
+        state = _from_disk(run, init_from.load_state(source, target))
         metrics.log(
             f"Restore: init_from {source.workdir} step {source.step}: full state (parameters and"
             " optimizer moments); step and schedule restart at 0"
@@ -454,6 +468,7 @@ def _initial_state(run: _Run) -> train.TrainState:
         return state.replace(step=fresh.step, rng=fresh.rng)
     if cfg.load != "params":
         raise KilnError(f"init_from.load={cfg.load!r} is unknown; use 'params' or 'state'.")
+    fresh = _to_disk(run, fresh)  # init_from works on per-layer parameter paths.
     loaded, fresh_paths, unused = init_from.plan(source, fresh.params, cfg.skip)
     if not loaded:
         raise KilnError(
@@ -465,7 +480,7 @@ def _initial_state(run: _Run) -> train.TrainState:
         f"Restore: init_from {source.workdir} step {source.step}: {len(loaded)} parameter"
         f" arrays loaded; fresh: {fresh_paths or 'none'}; not used: {unused or 'none'}"
     )
-    return fresh.replace(params=params)
+    return _from_disk(run, fresh.replace(params=params))
 
 
 def _loop(run: _Run) -> dict[str, Any]:
@@ -496,7 +511,7 @@ def _loop(run: _Run) -> dict[str, Any]:
             _log_eval(run.writer, step, "validation", last_eval[1])
         if step % config.checkpoint.every == 0 or step in (end, config.train.steps):
             tracker.flush()  # Never save a state whose loss was not checked.
-            run.ckpt.save(step, state, run.data.train_iter)
+            run.ckpt.save(step, _to_disk(run, state), run.data.train_iter)
             tracker.last_good_checkpoint = step
     tracker.flush()
     if end < config.train.steps:

@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from kiln import losses, models, sharding
+from kiln.models import layers
 
 Batch = dict[str, jax.Array]
 
@@ -61,6 +62,8 @@ def init_state(
     """A fresh state; call under `jax.jit` with the state shardings as `out_shardings`."""
     params_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
     params = nn.unbox(model.init(params_rng, **models.example_inputs(model, seq_len))["params"])
+    if model.config.scan_layers:  # Held stacked: the optimizer updates one leaf per stack.
+        params = layers.stack_blocks(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -76,6 +79,8 @@ def state_shardings(
     abstract_boxed = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), **models.example_inputs(model, seq_len))["params"]
     )
+    if model.config.scan_layers:
+        abstract_boxed = layers.stack_blocks(abstract_boxed)
     param_shardings = sharding.tree_shardings(abstract_boxed, mesh)
     abstract = jax.eval_shape(lambda: init_state(model, optimizer, 0, seq_len))
     replicated = sharding.replicated(mesh)
@@ -94,6 +99,24 @@ def state_shardings(
         step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated
     )
     return abstract, shardings
+
+
+def on_disk(state: Any) -> Any:
+    """`state` (arrays, shapes or shardings) in the checkpoints' layout: per-layer blocks, so
+    runs with and without `model.scan_layers` read each other's checkpoints."""
+    return state.replace(
+        params=layers.unstack_blocks(state.params),
+        opt_state=layers.unstack_blocks(state.opt_state),
+    )
+
+
+def in_memory(state: Any, model: nn.Module) -> Any:
+    """The inverse of `on_disk` for `model`: its blocks stacked under `model.scan_layers`."""
+    if not model.config.scan_layers:
+        return state
+    return state.replace(
+        params=layers.stack_blocks(state.params), opt_state=layers.stack_blocks(state.opt_state)
+    )
 
 
 def _microbatches(batch: Batch, count: int) -> Batch:

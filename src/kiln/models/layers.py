@@ -5,6 +5,7 @@ K kv heads, G query groups (H // K), E head_dim, F d_ff, V vocab.
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -76,7 +77,7 @@ class TransformerConfig:
     # and the same function; less memory for more compute.
     remat: str = "none"
     # Run the blocks of a stack as one lax.scan (one layer compiled, whatever the depth) instead
-    # of unrolled; the same function and parameter tree (see `apply_blocks`).
+    # of unrolled; the same function (see `apply_blocks`, `stack_blocks`).
     scan_layers: bool = False
 
     def __post_init__(self):
@@ -560,6 +561,78 @@ def rematerialized(block: type[nn.Module], cfg: TransformerConfig, static: tuple
     return nn.remat(block, policy=REMAT_POLICIES[cfg.remat], static_argnums=static)
 
 
+STACKED = "blocks"  # Under scan_layers, a stack's parameters held layer-major in one entry.
+
+
+def _is_block(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith("block_") and key[6:].isdigit()
+
+
+def _stack_leaves(*leaves: Any) -> Any:
+    first = leaves[0]
+    if isinstance(first, nn.Partitioned):
+        value = _stack_leaves(*(leaf.value for leaf in leaves))
+        return first.replace(value=value, names=(None, *first.names))
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
+    if isinstance(first, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec(None, *first.spec))
+    return jnp.stack(leaves)
+
+
+def _layer_of(leaf: Any, i: int) -> Any:
+    if isinstance(leaf, nn.Partitioned):
+        return leaf.replace(value=_layer_of(leaf.value, i), names=leaf.names[1:])
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        sharding = leaf.sharding and _layer_of(leaf.sharding, i)
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
+    if isinstance(leaf, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec(*leaf.spec[1:]))
+    return leaf[i]
+
+
+def _is_leaf(x: Any) -> bool:
+    return isinstance(x, nn.Partitioned | jax.ShapeDtypeStruct | jax.sharding.Sharding)
+
+
+def stack_blocks(tree: Any) -> Any:
+    """`tree` with every dict's block_0 .. block_{n-1} replaced by one `STACKED` entry whose
+    leaves stack theirs on a new leading axis (unsharded, unnamed). Works on parameters,
+    optimizer states (through tuples and lists), abstract shapes, boxes and shardings."""
+    if isinstance(tree, dict):
+        out = {k: stack_blocks(v) for k, v in tree.items() if not _is_block(k)}
+        blocks = [tree[f"block_{i}"] for i in range(sum(map(_is_block, tree)))]
+        if blocks:
+            out[STACKED] = jax.tree.map(_stack_leaves, *blocks, is_leaf=_is_leaf)
+        return out
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # A NamedTuple (optax states).
+        return type(tree)(*map(stack_blocks, tree))
+    if isinstance(tree, list | tuple):
+        return type(tree)(map(stack_blocks, tree))
+    return tree
+
+
+def unstack_blocks(tree: Any) -> Any:
+    """The inverse of `stack_blocks`: per-layer block_i entries again (a no-op on trees that
+    hold none stacked)."""
+    if isinstance(tree, dict):
+        out = {k: unstack_blocks(v) for k, v in tree.items() if k != STACKED}
+        if STACKED in tree:
+            stacked = tree[STACKED]
+            first = jax.tree.leaves(stacked, is_leaf=_is_leaf)[0]
+            count = (first.value if isinstance(first, nn.Partitioned) else first).shape[0]
+            for i in range(count):
+                out[f"block_{i}"] = jax.tree.map(
+                    functools.partial(_layer_of, i=i), stacked, is_leaf=_is_leaf
+                )
+        return out
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*map(unstack_blocks, tree))
+    if isinstance(tree, list | tuple):
+        return type(tree)(map(unstack_blocks, tree))
+    return tree
+
+
 def apply_blocks(
     parent: nn.Module,
     blocks: Sequence[nn.Module],
@@ -571,18 +644,28 @@ def apply_blocks(
 ) -> jax.Array:
     """`x` through `blocks` (children of `parent`, one class) in order, as `block(x, *args)`.
 
-    `scan`: one `lax.scan` over the blocks' parameters, stacked inside the step (one layer
-    compiled, whatever the depth; one extra copy of the blocks' parameters and gradients while
-    the step runs). The parameter tree is block_0, block_1, ... either way.
+    `scan`: one `lax.scan` over the blocks' parameters (one layer traced and compiled,
+    whatever the depth). They are used as held when the train state keeps them stacked
+    (`STACKED`, see `train.init_state`), else stacked inside the step.
     `dropout_rng`: dropout is active; layer i then draws its masks from key i of a split of one
-    `parent` key, scanned or not, so both run the same function. Not for decoding.
+    `parent` key, scanned or not, so both run the same function. Not for decoding, which needs
+    per-layer parameters (`unstack_blocks`).
     """
-    if parent.is_initializing() or not (scan or dropout_rng):
+    if parent.is_initializing():
         for block in blocks:
             x = block(x, *args)
         return x
     params = nn.meta.unbox(parent.variables["params"])
-    per_layer = [params[block.name] for block in blocks]
+    if STACKED in params and not scan:
+        raise KilnError(
+            f"{parent.name or type(parent).__name__}: its blocks' parameters are stacked (held"
+            " for model.scan_layers); unstack them (kiln.models.layers.unstack_blocks) to run"
+            " the blocks one by one, as decoding does."
+        )
+    if not (scan or dropout_rng):
+        for block in blocks:
+            x = block(x, *args)
+        return x
     keys = jax.random.split(parent.make_rng("dropout"), len(blocks)) if dropout_rng else None
     layer = blocks[0].clone(parent=None, name=None)
 
@@ -592,10 +675,15 @@ def apply_blocks(
         return layer.apply({"params": layer_params}, x, *args, rngs=rngs), None
 
     if scan:
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer)
+        if STACKED in params:
+            stacked = params[STACKED]
+        else:
+            stacked = jax.tree.map(
+                lambda *leaves: jnp.stack(leaves), *(params[b.name] for b in blocks)
+            )
         return jax.lax.scan(apply_layer, x, (stacked, keys))[0]
-    for i, layer_params in enumerate(per_layer):
-        x, _ = apply_layer(x, (layer_params, None if keys is None else keys[i]))
+    for i, block in enumerate(blocks):
+        x, _ = apply_layer(x, (params[block.name], None if keys is None else keys[i]))
     return x
 
 
