@@ -1,7 +1,6 @@
 """One training run end to end: tokenizer -> data -> model -> restore -> loop -> summary."""
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -442,8 +441,7 @@ def _from_disk(run: _Run, state: train.TrainState) -> train.TrainState:
     """A restored per-layer state in this run's layout, on its shardings."""
     if not run.model.config.scan_layers:
         return state
-    to_memory = functools.partial(train.in_memory, model=run.model)
-    return jax.jit(to_memory, out_shardings=run.shardings)(state)
+    return jax.jit(train.in_memory, out_shardings=run.shardings)(state)
 
 
 def _initial_state(run: _Run) -> train.TrainState:

@@ -110,10 +110,8 @@ def on_disk(state: Any) -> Any:
     )
 
 
-def in_memory(state: Any, model: nn.Module) -> Any:
-    """The inverse of `on_disk` for `model`: its blocks stacked under `model.scan_layers`."""
-    if not model.config.scan_layers:
-        return state
+def in_memory(state: Any) -> Any:
+    """The inverse of `on_disk`: the layout of a `model.scan_layers` run, blocks stacked."""
     return state.replace(
         params=layers.stack_blocks(state.params), opt_state=layers.stack_blocks(state.opt_state)
     )

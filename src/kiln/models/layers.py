@@ -595,42 +595,48 @@ def _is_leaf(x: Any) -> bool:
     return isinstance(x, nn.Partitioned | jax.ShapeDtypeStruct | jax.sharding.Sharding)
 
 
+def _map_dicts(fn: Any, tree: Any) -> Any:
+    """`fn` applied to every dict of `tree`, innermost first, through tuples, NamedTuples
+    (optax states) and lists; other leaves unchanged."""
+    if isinstance(tree, dict):
+        return fn({k: _map_dicts(fn, v) for k, v in tree.items()})
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_map_dicts(fn, x) for x in tree))
+    if isinstance(tree, list | tuple):
+        return type(tree)(_map_dicts(fn, x) for x in tree)
+    return tree
+
+
+def _stack_dict(tree: dict) -> dict:
+    out = {k: v for k, v in tree.items() if not _is_block(k)}
+    blocks = [tree[f"block_{i}"] for i in range(sum(map(_is_block, tree)))]
+    if blocks:
+        out[STACKED] = jax.tree.map(_stack_leaves, *blocks, is_leaf=_is_leaf)
+    return out
+
+
+def _unstack_dict(tree: dict) -> dict:
+    out = {k: v for k, v in tree.items() if k != STACKED}
+    if STACKED in tree:
+        first = jax.tree.leaves(tree[STACKED], is_leaf=_is_leaf)[0]
+        count = (first.value if isinstance(first, nn.Partitioned) else first).shape[0]
+        for i in range(count):
+            layer_i = functools.partial(_layer_of, i=i)
+            out[f"block_{i}"] = jax.tree.map(layer_i, tree[STACKED], is_leaf=_is_leaf)
+    return out
+
+
 def stack_blocks(tree: Any) -> Any:
     """`tree` with every dict's block_0 .. block_{n-1} replaced by one `STACKED` entry whose
     leaves stack theirs on a new leading axis (unsharded, unnamed). Works on parameters,
-    optimizer states (through tuples and lists), abstract shapes, boxes and shardings."""
-    if isinstance(tree, dict):
-        out = {k: stack_blocks(v) for k, v in tree.items() if not _is_block(k)}
-        blocks = [tree[f"block_{i}"] for i in range(sum(map(_is_block, tree)))]
-        if blocks:
-            out[STACKED] = jax.tree.map(_stack_leaves, *blocks, is_leaf=_is_leaf)
-        return out
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # A NamedTuple (optax states).
-        return type(tree)(*map(stack_blocks, tree))
-    if isinstance(tree, list | tuple):
-        return type(tree)(map(stack_blocks, tree))
-    return tree
+    optimizer states, abstract shapes, boxes and shardings."""
+    return _map_dicts(_stack_dict, tree)
 
 
 def unstack_blocks(tree: Any) -> Any:
     """The inverse of `stack_blocks`: per-layer block_i entries again (a no-op on trees that
     hold none stacked)."""
-    if isinstance(tree, dict):
-        out = {k: unstack_blocks(v) for k, v in tree.items() if k != STACKED}
-        if STACKED in tree:
-            stacked = tree[STACKED]
-            first = jax.tree.leaves(stacked, is_leaf=_is_leaf)[0]
-            count = (first.value if isinstance(first, nn.Partitioned) else first).shape[0]
-            for i in range(count):
-                out[f"block_{i}"] = jax.tree.map(
-                    functools.partial(_layer_of, i=i), stacked, is_leaf=_is_leaf
-                )
-        return out
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*map(unstack_blocks, tree))
-    if isinstance(tree, list | tuple):
-        return type(tree)(map(unstack_blocks, tree))
-    return tree
+    return _map_dicts(_unstack_dict, tree)
 
 
 def apply_blocks(
@@ -675,13 +681,9 @@ def apply_blocks(
         return layer.apply({"params": layer_params}, x, *args, rngs=rngs), None
 
     if scan:
-        if STACKED in params:
-            stacked = params[STACKED]
-        else:
-            stacked = jax.tree.map(
-                lambda *leaves: jnp.stack(leaves), *(params[b.name] for b in blocks)
-            )
-        return jax.lax.scan(apply_layer, x, (stacked, keys))[0]
+        if STACKED not in params:  # Per-layer parameters (not from a train state): stack here.
+            params = _stack_dict(params)
+        return jax.lax.scan(apply_layer, x, (params[STACKED], keys))[0]
     for i, block in enumerate(blocks):
         x, _ = apply_layer(x, (params[block.name], None if keys is None else keys[i]))
     return x
