@@ -11,7 +11,8 @@ by kiln's objective: causal LM, masked LM, span corruption) with forward + backw
 - hf_flax: transformers 4.57.6 Flax models (FlaxGPT2LMHeadModel, FlaxBertForMaskedLM,
   FlaxT5ForConditionalGeneration) under jax.jit with optax.adamw, the same jax as kiln.
 - torch: the PyTorch models of the same families, eager, torch 2.13.0 CPU build.
-- maxtext (gpt only): MaxText's own trainer on synthetic data, where a Python 3.12 exists.
+- maxtext (gpt only): MaxText's own trainer on synthetic data, where a Python 3.12 exists;
+  a fresh process in each of its turns (it cannot be driven step by step).
 
 The peers live in virtualenvs under benchmarks/.cache/, created here on first use (never in
 requirements.txt). Each system runs in its own process (benchmarks/peer_worker.py) that
@@ -197,49 +198,51 @@ _RSS_WRAPPER = (
 )
 
 
-def maxtext_rows(rounds: int, steps: int, tmp: str) -> list:
-    """MaxText (gpt only), one fresh process per round: its log's per-step seconds after the
-    first two steps (compilation)."""
-    config = kiln_config("gpt")
-    shapes = {"inputs": (SHAPE["batch"], SHAPE["seq_len"])}
-    tokens, step_flops = flops.step_cost(config.model.to_dict(), shapes, SHAPE["batch"])
-    result = Result("maxtext")
-    python = find_python312()
-    if python is None:
-        result.skipped = "no Python 3.12 found (MaxText needs it)"
-        return [("gpt", result, tokens, step_flops)]
-    venv_python = str(ensure_venv("peers-maxtext", python, ["maxtext[tpu]==0.2.5"]))
-    package = subprocess.run(
-        [venv_python, "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    shape = (
-        f"base_emb_dim={SHAPE['d_model']} base_num_query_heads={SHAPE['n_heads']}"
-        f" base_num_kv_heads={SHAPE['n_heads']} head_dim={SHAPE['d_model'] // SHAPE['n_heads']}"
-        f" base_mlp_dim={SHAPE['d_ff']} base_num_decoder_layers={SHAPE['n_layers']}"
-        f" vocab_size={SHAPE['vocab_size']} max_target_length={SHAPE['seq_len']}"
-        f" per_device_batch_size={SHAPE['batch']} steps={steps + 2}"
-    )
-    command = [venv_python, "-c", _RSS_WRAPPER, "maxtext.trainers.pre_train.train"]
-    command += [f"{package}/configs/base.yml", f"base_output_directory={tmp}/maxtext"]
-    command += (MAXTEXT_OVERRIDES + " " + shape).split()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    for r in range(rounds):
-        out = subprocess.run(command, capture_output=True, text=True, env=env)
+class MaxTextRounds:
+    """MaxText (gpt only) in the turns of `bench_family`: it cannot be driven step by step, so
+    each `run` is one fresh process of its own trainer, timed by its log's per-step seconds after
+    the first two steps (compilation)."""
+
+    def __init__(self, tmp: str):
+        self.result = Result("maxtext")
+        python = find_python312()
+        if python is None:
+            raise RuntimeError("no Python 3.12 found (MaxText needs it)")
+        venv_python = str(ensure_venv("peers-maxtext", python, ["maxtext[tpu]==0.2.5"]))
+        package = subprocess.run(
+            [venv_python, "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        shape = (
+            f"base_emb_dim={SHAPE['d_model']} base_num_query_heads={SHAPE['n_heads']}"
+            f" base_num_kv_heads={SHAPE['n_heads']} head_dim={SHAPE['d_model'] // SHAPE['n_heads']}"
+            f" base_mlp_dim={SHAPE['d_ff']} base_num_decoder_layers={SHAPE['n_layers']}"
+            f" vocab_size={SHAPE['vocab_size']} max_target_length={SHAPE['seq_len']}"
+            f" per_device_batch_size={SHAPE['batch']}"
+        )
+        self.command = [venv_python, "-c", _RSS_WRAPPER, "maxtext.trainers.pre_train.train"]
+        self.command += [f"{package}/configs/base.yml", f"base_output_directory={tmp}/maxtext"]
+        self.command += (MAXTEXT_OVERRIDES + " " + shape).split()
+        self.env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    def run(self, steps: int) -> None:
+        if self.result.skipped:
+            return
+        command = [*self.command, f"steps={steps + 2}"]
+        out = subprocess.run(command, capture_output=True, text=True, env=self.env)
         log = out.stdout + out.stderr
         times = re.findall(r"completed step: (\d+), seconds: ([\d.]+),.*? loss: ([\d.]+)", log)
         timed = [float(sec) for step, sec, _ in times if int(step) >= 2]
         if out.returncode or not timed:
-            result.skipped = f"MaxText failed (exit {out.returncode}): {log[-300:]!r}"
-            break
-        result.seconds.append(statistics.median(timed))
-        result.loss = float(times[-1][2])
+            self.result.skipped = f"MaxText failed (exit {out.returncode}): {log[-300:]!r}"
+            return
+        self.result.seconds.append(statistics.median(timed))
+        self.result.loss = float(times[-1][2])
         rss = re.findall(r'"max_rss_bytes": (\d+)', log)
-        result.max_rss_bytes = max(result.max_rss_bytes, int(rss[-1]) if rss else 0)
-        print(
-            f"[gpt] maxtext round {r + 1}/{rounds}: {1000 * result.seconds[-1]:.0f} ms", flush=True
-        )
-    return [("gpt", result, tokens, step_flops)]
+        self.result.max_rss_bytes = max(self.result.max_rss_bytes, int(rss[-1]) if rss else 0)
+
+    def close(self) -> Result:
+        return self.result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,16 +277,25 @@ def bench_family(family: str, systems: dict[str, str], rounds: int, steps: int, 
         json.dump(SHAPE, f)
     workers, results = [], []
     for system, python in systems.items():
+        if system == "maxtext" and family != "gpt":
+            continue
         print(f"[{family}] starting {system} ...", flush=True)
         try:
             data = batch_file if system == "kiln" else dense_file
-            workers.append(Worker(system, python, family, shape_file, data))
+            if system == "maxtext":
+                workers.append(MaxTextRounds(tmp))
+            else:
+                workers.append(Worker(system, python, family, shape_file, data))
         except RuntimeError as e:
             results.append(Result(system, skipped=str(e)))
     for r in range(rounds):
         for worker in workers:
             worker.run(steps)
-        line = ", ".join(f"{w.result.system} {1000 * w.result.seconds[-1]:.0f} ms" for w in workers)
+        line = ", ".join(
+            f"{w.result.system} " + ("skipped" if w.result.skipped else
+                                     f"{1000 * w.result.seconds[-1]:.0f} ms")
+            for w in workers
+        )  # fmt: skip
         print(f"[{family}] round {r + 1}/{rounds}: {line}", flush=True)
     results = [w.close() for w in workers] + results
     shapes = {k: v.shape for k, v in batch.items()}
@@ -335,13 +347,13 @@ def main() -> None:
         hf = str(hf_python())
         pythons.update(hf_flax=hf, torch=hf)
     pythons = {s: p for s, p in pythons.items() if s in args.systems}
+    if "maxtext" in args.systems:
+        pythons["maxtext"] = ""  # MaxTextRounds finds its own Python 3.12.
     peak = matmul_peak()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             rows += bench_family(family, pythons, args.rounds, args.steps, tmp)
-            if family == "gpt" and "maxtext" in args.systems:
-                rows += maxtext_rows(args.rounds, args.steps, tmp)
     peak = max(peak, matmul_peak())
     text, summary = table(rows, peak)
     common.record(
