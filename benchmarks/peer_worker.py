@@ -3,9 +3,10 @@
   python peer_worker.py --system hf_flax --family gpt --shape shape.json --batch batch.npz
 
 Builds the model at the shape in `--shape` (d_model, n_layers, n_heads, d_ff, vocab_size,
-seq_len), compiles and warms up its train step (forward, backward, AdamW) on the batch in
+seq_len), compiles and warms up (5 steps) its train step (forward, backward, AdamW) on the batch in
 `--batch` (arrays written by peers.py from kiln's objectives), prints one JSON line
-{"ready": ...}, then for each line "N" on stdin runs N steps and prints {"seconds", "loss"};
+{"ready": ...}, then for each line "N" on stdin runs N steps and prints {"seconds", "loss",
+"minor_faults", "kernel_seconds"} (the process's page faults and kernel CPU time over them);
 "quit" ends it with {"max_rss_bytes"}. Every system computes the same loss: the weighted mean
 token cross-entropy of the full-vocabulary logits against `targets`.
 
@@ -170,7 +171,7 @@ def main() -> None:
     parser.add_argument("--family", choices=("gpt", "bert", "t5"), required=True)
     parser.add_argument("--shape", required=True, help="JSON file with the model shape")
     parser.add_argument("--batch", required=True, help="npz file with the batch arrays")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
     with open(args.shape) as f:
         shape = json.load(f)
@@ -184,9 +185,12 @@ def main() -> None:
         if line.strip() == "quit":
             break
         steps = int(line)
-        start = time.perf_counter()
+        usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         loss = run(steps)
-        print(json.dumps({"seconds": time.perf_counter() - start, "loss": loss}), flush=True)
+        seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+        kernel = {"minor_faults": after.ru_minflt - usage.ru_minflt,
+                  "kernel_seconds": after.ru_stime - usage.ru_stime}  # fmt: skip
+        print(json.dumps({"seconds": seconds, "loss": loss, **kernel}), flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     print(json.dumps({"max_rss_bytes": rss}), flush=True)
 

@@ -137,6 +137,8 @@ class Result:
     system: str
     params: int = 0
     seconds: list[float] = dataclasses.field(default_factory=list)  # per step, one per round
+    minor_faults: list[float] = dataclasses.field(default_factory=list)  # per step, per round
+    kernel_seconds: list[float] = dataclasses.field(default_factory=list)  # same
     loss: float = float("nan")
     max_rss_bytes: int = 0
     skipped: str = ""  # why the system did not run
@@ -149,9 +151,18 @@ class Result:
 class Worker:
     """A peer_worker.py process: started (compiles and warms up), then asked for N steps."""
 
-    def __init__(self, system: str, python: str, family: str, shape_file: str, batch_file: str):
+    def __init__(
+        self,
+        system: str,
+        python: str,
+        family: str,
+        shape_file: str,
+        batch_file: str,
+        extra_env: dict[str, str] | None = None,
+    ):
         self.result = Result(system)
         env = {**os.environ, "PYTHONPATH": str(common.ROOT / "src"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env.update(extra_env or {})
         command = [python, str(common.ROOT / "benchmarks" / "peer_worker.py"), "--system", system]
         command += ["--family", family, "--shape", shape_file, "--batch", batch_file]
         self.process = subprocess.Popen(
@@ -171,6 +182,8 @@ class Worker:
         self.process.stdin.flush()
         reply = self._reply()
         self.result.seconds.append(reply["seconds"] / steps)
+        self.result.minor_faults.append(reply["minor_faults"] / steps)
+        self.result.kernel_seconds.append(reply["kernel_seconds"] / steps)
         self.result.loss = reply["loss"]
 
     def close(self) -> Result:
