@@ -8,7 +8,8 @@ seq_len), compiles and warms up (5 steps) its train step (forward, backward, Ada
 {"ready": ...}, then for each line "N" on stdin runs N steps and prints {"seconds", "loss",
 "minor_faults", "kernel_seconds"} (the process's page faults and kernel CPU time over them);
 "quit" ends it with {"max_rss_bytes"}. Every system computes the same loss: the weighted mean
-token cross-entropy of the full-vocabulary logits against `targets`.
+token cross-entropy of the full-vocabulary logits against `targets`. KILN_KEEP_HOST_MEMORY=1
+gives a peer kiln's host memory setting (`kiln.host_memory`; kiln has it unless it is 0).
 
 Systems: `kiln` (needs kiln's venv), `hf_flax` (transformers' Flax models under jax.jit with
 optax), `torch` (transformers' PyTorch models, eager, torch.optim.AdamW). Dropout is off.
@@ -173,6 +174,12 @@ def main() -> None:
     parser.add_argument("--batch", required=True, help="npz file with the batch arrays")
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
+    if args.system != "kiln" and os.environ.get("KILN_KEEP_HOST_MEMORY") == "1":
+        # Before jax or torch starts its threads: what importing kiln does for kiln's own
+        # step (benchmarks/host_memory.py sets it to compare a peer with and without it).
+        from kiln import host_memory
+
+        host_memory.keep_freed_memory()
     with open(args.shape) as f:
         shape = json.load(f)
     batch = dict(np.load(args.batch))

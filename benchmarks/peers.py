@@ -276,25 +276,32 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_family(family: str, systems: dict[str, str], rounds: int, steps: int, tmp: str) -> list:
-    config = kiln_config(family)
-    batch = fits.synthetic_batch(config, SHAPE["batch"], seed=0)
-    batch_file, shape_file = os.path.join(tmp, f"{family}.npz"), os.path.join(tmp, "shape.json")
-    np.savez(batch_file, **batch)
+def write_inputs(family: str, tmp: str) -> tuple[dict, str, str, str]:
+    """The family's batch, and the files the workers read in `tmp`: (batch, shape file, kiln's
+    batch file, the peers' batch file)."""
+    batch = fits.synthetic_batch(kiln_config(family), SHAPE["batch"], seed=0)
+    kiln_file, shape_file = os.path.join(tmp, f"{family}.npz"), os.path.join(tmp, "shape.json")
+    np.savez(kiln_file, **batch)
     # The peers' models score every position: the same targets, scattered back (bert).
     dense = {k: v for k, v in batch.items() if k != "predict_positions"}
     dense["targets"], dense["weights"] = objectives.dense_predictions(batch)
-    dense_file = os.path.join(tmp, f"{family}_dense.npz")
-    np.savez(dense_file, **dense)
+    peer_file = os.path.join(tmp, f"{family}_dense.npz")
+    np.savez(peer_file, **dense)
     with open(shape_file, "w") as f:
         json.dump(SHAPE, f)
+    return batch, shape_file, kiln_file, peer_file
+
+
+def bench_family(family: str, systems: dict[str, str], rounds: int, steps: int, tmp: str) -> list:
+    config = kiln_config(family)
+    batch, shape_file, kiln_file, peer_file = write_inputs(family, tmp)
     workers, results = [], []
     for system, python in systems.items():
         if system == "maxtext" and family != "gpt":
             continue
         print(f"[{family}] starting {system} ...", flush=True)
         try:
-            data = batch_file if system == "kiln" else dense_file
+            data = kiln_file if system == "kiln" else peer_file
             if system == "maxtext":
                 workers.append(MaxTextRounds(tmp))
             else:
