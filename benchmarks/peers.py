@@ -7,7 +7,8 @@ For each family (gpt, bert, t5) at one shape (default: 4 layers, 4 heads, d_mode
 1024, seq_len 256, vocab 8192, batch 16, float32), every system trains on the same batch (made
 by kiln's objective: causal LM, masked LM, span corruption) with forward + backward + AdamW:
 
-- kiln: the real jitted, donated `kiln.train.train_step`.
+- kiln: the real jitted, donated `kiln.train.train_step`, with kiln's host memory setting
+  (`kiln.host_memory`, which the peers run without; benchmarks/host_memory.py measures both).
 - hf_flax: transformers 4.57.6 Flax models (FlaxGPT2LMHeadModel, FlaxBertForMaskedLM,
   FlaxT5ForConditionalGeneration) under jax.jit with optax.adamw, the same jax as kiln.
 - torch: the PyTorch models of the same families, eager, torch 2.13.0 CPU build.
@@ -16,11 +17,12 @@ by kiln's objective: causal LM, masked LM, span corruption) with forward + backw
 
 The peers live in virtualenvs under benchmarks/.cache/, created here on first use (never in
 requirements.txt). Each system runs in its own process (benchmarks/peer_worker.py) that
-compiles once; the systems then take turns, A B C A B C ..., `--steps` steps each per round, so
-machine noise falls on all of them alike. Tokens/s is the median over rounds. FLOPs follow
-kiln/flops.py for every system (attention included; causal attention counted in full), and
-MFU divides model FLOP/s by the float32 matmul peak measured in this run: the best of numpy
-and jitted JAX on a 2048 x 2048 matmul, measured before and after the systems run.
+compiles once and warms up 5 steps; the systems then take turns, A B C A B C ..., `--steps`
+steps each per round, so machine noise falls on all of them alike. Tokens/s is the median
+over rounds. FLOPs follow kiln/flops.py for every system (attention included; causal
+attention counted in full), and MFU divides model FLOP/s by the float32 matmul peak measured
+in this run: the best of numpy and jitted JAX on a 2048 x 2048 matmul, measured before and
+after the systems run.
 """
 
 import argparse
