@@ -19,7 +19,9 @@ import tempfile
 import common
 import peers
 
-VARIANTS = {"kept": "1", "glibc defaults": "0"}  # kiln: kept unless KILN_KEEP_HOST_MEMORY=0
+from kiln import host_memory
+
+VARIANTS = {"kept": "1", "glibc defaults": "0"}  # values of host_memory.ENV
 
 
 def bench_family(family: str, systems: list[str], rounds: int, steps: int, tmp: str) -> list[str]:
@@ -30,7 +32,7 @@ def bench_family(family: str, systems: list[str], rounds: int, steps: int, tmp: 
         python = sys.executable if system == "kiln" else str(peers.hf_python())
         data = kiln_file if system == "kiln" else peer_file
         for name, flag in VARIANTS.items():
-            env = {"KILN_KEEP_HOST_MEMORY": flag}
+            env = {host_memory.ENV: flag}
             workers[system, name] = peers.Worker(system, python, family, shape_file, data, env)
     for r in range(rounds):
         for worker in workers.values():
