@@ -9,6 +9,7 @@ import pytest
 
 from kiln import checkpoint, models, optim, sharding, train
 from kiln.data import pipeline, tokenizer
+from kiln.errors import KilnError
 
 MODEL = {
     "family": "gpt",
@@ -24,7 +25,7 @@ OPTIM = {
     "name": "adamw",
     "lr": 1e-3,
     "schedule": "constant",
-    "warmup_steps": 0,
+    "warmup_fraction": 0.0,
     "end_lr_fraction": 1.0,
     "weight_decay": 0.0,
     "b1": 0.9,
@@ -124,29 +125,21 @@ class _Position:
 
 
 def test_iterator_position_across_process_counts(tmp_path):
-    """Positions written by 2 processes, read by 1: the packing streams' positions are gathered
-    from both files; an iterator without streams (the same position everywhere) reads process
-    0's."""
+    """A position written by 2 processes is read by 1 (every process holds the same one); a
+    position of the old packing streams is refused with a KilnError."""
     folder = tmp_path / "7" / "data_iter"
     folder.mkdir(parents=True)
     ckpt = checkpoint.Checkpointer(tmp_path)
     try:
         for i in range(2):
-            streams = {str(2 * i + j): {"next_index": 10 * i + j} for j in range(2)}
-            (folder / f"process_{i}-of-2.json").write_text(json.dumps({"streams": streams}))
+            (folder / f"process_{i}-of-2.json").write_text(f'{{"next_index": {10 + i}}}')
         position = _Position()
         ckpt._restore_iterator(7, position)
-        assert position.state == {
-            "streams": {
-                "0": {"next_index": 0},
-                "1": {"next_index": 1},
-                "2": {"next_index": 10},
-                "3": {"next_index": 11},
-            }
-        }
-        for i in range(2):
-            (folder / f"process_{i}-of-2.json").write_text(f'{{"next_index": {10 + i}}}')
-        ckpt._restore_iterator(7, position)
         assert position.state == {"next_index": 10}
+        streams = {"0": {"next_index": 3}}
+        for i in range(2):
+            (folder / f"process_{i}-of-2.json").write_text(json.dumps({"streams": streams}))
+        with pytest.raises(KilnError, match="packing streams"):
+            ckpt._restore_iterator(7, _Position())
     finally:
         ckpt.close()

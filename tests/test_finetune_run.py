@@ -159,7 +159,9 @@ def test_finetune_starts_at_step_0_and_resumes_its_own_checkpoint(bert_source, t
     assert 0.0 <= summary["test/accuracy"] <= 1.0 and "test/macro_f1" in summary
     rows = [json.loads(line) for line in open(os.path.join(target, "metrics.jsonl"))]
     lr_at_1 = next(r["train/lr"] for r in rows if r["step"] == 1 and "train/lr" in r)
-    assert lr_at_1 == 0.0  # The schedule restarts: warmup from 0, not the source's step 2.
+    # The schedule restarts: update 1 of 2 (no warmup at 10% of 2 steps) is halfway down the
+    # linear decay, lr * (1 - 1/2); continuing the source's step 2 it would be 0.
+    assert lr_at_1 == pytest.approx(1e-3 * 0.5)
     # Uninterrupted, the same fine-tune ends with the same test metrics.
     again = run.train_and_evaluate(config, str(tmp_path / "ft2"))
     for key in ("test/accuracy", "test/macro_f1", "test/loss"):

@@ -95,6 +95,10 @@ def _assert_same_run(a: str, b: str, steps=None) -> None:
     params_a, params_b = _params(a), _params(b)
     assert params_a.keys() == params_b.keys() and len(params_a) > 5
     for path, value in params_a.items():
+        if path.endswith("['key']['bias']"):
+            # Softmax ignores a shift shared by all keys, so this bias's gradient is zero but
+            # for float noise, which Adam scales up to lr-sized steps: noise, not a result.
+            continue
         np.testing.assert_allclose(value, params_b[path], rtol=1e-5, atol=1e-6, err_msg=path)
 
 

@@ -20,7 +20,7 @@ def _cfg(**overrides):
             name="adamw",
             lr=1e-3,
             schedule="constant",
-            warmup_steps=0,
+            warmup_fraction=0.0,
             end_lr_fraction=0.1,
             weight_decay=0.0,
             b1=0.9,
@@ -48,32 +48,34 @@ def _np(tree):
 
 # --- schedules -------------------------------------------------------------------------------
 
-# lr=2, warmup=10, total=110 (100 decay steps), end_lr_fraction=0.1; values worked out by hand.
+# lr=2, 10 warmup updates of 110 (100 decay updates), end_lr_fraction=0.1; the step is the
+# number of updates done before (0 for the first); values worked out by hand.
 _TABLE = {
-    "cosine": {0: 0.0, 5: 1.0, 10: 2.0, 35: 2 * (0.1 + 0.9 * 0.5 * (1 + math.sqrt(0.5))),
-               60: 1.1, 110: 0.2, 500: 0.2},
-    "linear": {0: 0.0, 5: 1.0, 10: 2.0, 35: 2 * (1 - 0.9 * 0.25), 60: 1.1, 110: 0.2, 500: 0.2},
-    "rsqrt": {0: 0.0, 5: 1.0, 10: 2.0, 40: 1.0, 90: 2 / 3, 160: 0.5, 1000: 0.2},
-    "constant": {0: 0.0, 5: 1.0, 10: 2.0, 60: 2.0, 110: 2.0, 500: 2.0},
+    "cosine": {0: 0.2, 4: 1.0, 9: 2.0, 34: 2 * (0.1 + 0.9 * 0.5 * (1 + math.sqrt(0.5))),
+               59: 1.1, 109: 0.2, 500: 0.2},
+    "linear": {0: 0.2, 4: 1.0, 9: 2.0, 34: 2 * (1 - 0.9 * 0.25), 59: 1.1, 109: 0.2, 500: 0.2},
+    "rsqrt": {0: 0.2, 4: 1.0, 9: 2.0, 39: 1.0, 89: 2 / 3, 159: 0.5, 999: 0.2},
+    "constant": {0: 0.2, 4: 1.0, 9: 2.0, 60: 2.0, 110: 2.0, 500: 2.0},
 }  # fmt: skip
 
 
 def _reference(name, step, lr=2.0, warmup=10, total=110, f=0.1):
-    if step < warmup:
-        return lr * step / warmup
-    t = min(max((step - warmup) / (total - warmup), 0.0), 1.0)
+    update = step + 1
+    if update <= warmup:
+        return lr * update / warmup
+    t = min(max((update - warmup) / (total - warmup), 0.0), 1.0)
     if name == "cosine":
         return lr * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * t)))
     if name == "linear":
         return lr * (1 - (1 - f) * t)
     if name == "rsqrt":
-        return lr * math.sqrt(max(warmup, 1) / max(step, warmup, 1))
+        return lr * math.sqrt(max(warmup, 1) / max(update, warmup, 1))
     return lr
 
 
 @pytest.mark.parametrize("name", sorted(_TABLE))
 def test_schedule_key_steps(name):
-    cfg = _cfg(schedule=name, lr=2.0, warmup_steps=10, end_lr_fraction=0.1)
+    cfg = _cfg(schedule=name, lr=2.0, warmup_fraction=10 / 110, end_lr_fraction=0.1)
     sched = make_schedule(cfg, 110)
     for step, want in _TABLE[name].items():
         assert float(sched(step)) == pytest.approx(want, rel=1e-5, abs=1e-6), (name, step)
@@ -86,18 +88,30 @@ def test_schedule_key_steps(name):
 
 @pytest.mark.parametrize("name", sorted(_TABLE))
 def test_schedule_without_warmup_starts_at_peak(name):
-    sched = make_schedule(_cfg(schedule=name, lr=2.0, warmup_steps=0, end_lr_fraction=0.0), 100)
-    assert float(sched(0)) == pytest.approx(2.0)
+    """No warmup: the first update is one step into the decay (t = 1 / 100)."""
+    sched = make_schedule(_cfg(schedule=name, lr=2.0, warmup_fraction=0, end_lr_fraction=0.0), 100)
+    first = {"cosine": 1.0 + math.cos(math.pi / 100), "linear": 1.98}.get(name, 2.0)
+    assert float(sched(0)) == pytest.approx(first)
+    assert _reference(name, 0, warmup=0, total=100, f=0.0) == pytest.approx(first)
     if name == "rsqrt":
-        assert float(sched(4)) == pytest.approx(1.0)  # 2 * sqrt(1 / 4)
+        assert float(sched(3)) == pytest.approx(1.0)  # update 4: 2 * sqrt(1 / 4)
     if name == "linear":
-        assert float(sched(100)) == pytest.approx(0.0, abs=1e-7)
+        assert float(sched(99)) == pytest.approx(0.0, abs=1e-7)  # the last update
 
 
-def test_warmup_longer_than_training_stays_in_warmup():
-    sched = make_schedule(_cfg(schedule="cosine", lr=2.0, warmup_steps=10), 5)
-    got = [float(sched(s)) for s in range(6)]
-    np.testing.assert_allclose(got, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0], rtol=1e-6, atol=1e-7)
+def test_warmup_over_the_whole_run_ends_at_the_peak():
+    sched = make_schedule(_cfg(schedule="cosine", lr=2.0, warmup_fraction=1.0), 5)
+    got = [float(sched(s)) for s in range(5)]
+    np.testing.assert_allclose(got, [0.4, 0.8, 1.2, 1.6, 2.0], rtol=1e-6, atol=1e-7)
+
+
+def test_warmup_follows_the_number_of_steps():
+    """5% warmup: 20 updates of 400, 75 of 1,500; no update has learning rate 0."""
+    for total, warmup in ((400, 20), (1500, 75)):
+        sched = make_schedule(_cfg(schedule="cosine", lr=1.0, warmup_fraction=0.05), total)
+        lrs = np.asarray(jax.vmap(sched)(jnp.arange(total)))
+        assert int(np.argmax(lrs)) == warmup - 1 and lrs[warmup - 1] == pytest.approx(1.0)
+        assert lrs[0] == pytest.approx(1.0 / warmup) and lrs.min() > 0
 
 
 # --- weight-decay mask -----------------------------------------------------------------------
@@ -199,7 +213,7 @@ def test_adamw_matches_numpy_reference():
     b1, b2, eps, wd = 0.8, 0.95, 1e-3, 0.1
     cfg = _cfg(schedule="linear", lr=1e-2, end_lr_fraction=0.5, b1=b1, b2=b2, eps=eps,
                weight_decay=wd)  # fmt: skip
-    lrs = [1e-2, 1e-2 * (1 - 0.5 * 0.25), 1e-2 * (1 - 0.5 * 0.5)]  # linear over 4 steps
+    lrs = [1e-2 * (1 - 0.5 * t) for t in (0.25, 0.5, 0.75)]  # updates 1-3 of a linear 4
     rng = np.random.default_rng(1)
     params = _small_tree(rng)
     grads = [_small_tree(rng) for _ in lrs]
@@ -319,7 +333,8 @@ def test_clipping_leaves_small_grads_untouched():
         ({"schedule": "exp"}, "optim.schedule", "'exp'"),
         ({"lr": -1e-3}, "optim.lr", "-0.001"),
         ({"lr": float("nan")}, "optim.lr", "nan"),
-        ({"warmup_steps": -5}, "optim.warmup_steps", "-5"),
+        ({"warmup_fraction": -0.5}, "optim.warmup_fraction", "-0.5"),
+        ({"warmup_fraction": 20}, "optim.warmup_fraction", "20"),
         ({"end_lr_fraction": 1.5}, "optim.end_lr_fraction", "1.5"),
         ({"weight_decay": -0.1}, "optim.weight_decay", "-0.1"),
         ({"b1": 1.0}, "optim.b1", "1.0"),
@@ -379,7 +394,7 @@ def _finetune_cfg(**fields):
             name="sgd",
             lr=0.1,
             schedule="constant",
-            warmup_steps=0,
+            warmup_fraction=0.0,
             end_lr_fraction=0.0,
             weight_decay=0.0,
             clip_norm=0.0,

@@ -33,7 +33,7 @@ TINY = {  # seconds per run (tests/test_finetune_run.py's known-good tiny setup)
     "tokenizer.max_sentences": 2000,
     "train.steps": 2,
     "train.log_every": 1,
-    "optim.warmup_steps": 1,
+    "optim.warmup_fraction": 0.5,
     "checkpoint.every": 2,
 }
 
@@ -75,10 +75,10 @@ def test_grid():
 
 
 def test_zipped_and_concat():
-    points = sweep.zipped({"optim.lr": [1e-3, 3e-3], "optim.warmup_steps": [10, 50]})
+    points = sweep.zipped({"optim.lr": [1e-3, 3e-3], "optim.warmup_fraction": [0.1, 0.5]})
     assert points == [
-        {"optim.lr": 1e-3, "optim.warmup_steps": 10},
-        {"optim.lr": 3e-3, "optim.warmup_steps": 50},
+        {"optim.lr": 1e-3, "optim.warmup_fraction": 0.1},
+        {"optim.lr": 3e-3, "optim.warmup_fraction": 0.5},
     ]
     with pytest.raises(KilnError, match="equal length"):
         sweep.zipped({"optim.lr": [1e-3, 3e-3], "seed": [0, 1, 2]})

@@ -29,7 +29,7 @@ OPTIM = {
     "name": "adamw",
     "lr": 1e-2,
     "schedule": "cosine",
-    "warmup_steps": 1,
+    "warmup_fraction": 0.1,
     "end_lr_fraction": 0.1,
     "weight_decay": 0.1,
     "b1": 0.9,
@@ -163,7 +163,9 @@ def test_sharded_step_equals_single_device(single_device, mesh_shape):
     params, losses, state = run_steps(mesh_shape)
     ref_params, ref_losses = single_device
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, ref_params)
+    # Adam's early updates are about lr * sign(g) = 1e-2 per element: a reduction-order change
+    # in a near-zero gradient moves one by ~1e-5, a sharding bug by ~1e-2.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), params, ref_params)
     # The parameters really are distributed over the mesh (not silently replicated).
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
     for axis, size in zip(sharding.MESH_AXES[1:], mesh_shape[1:]):
@@ -199,7 +201,7 @@ def test_encoder_families_sharded_equals_single_device(family):
         sharded_params, sharded_losses, _ = run_steps(mesh_shape, family=family)
         np.testing.assert_allclose(sharded_losses, losses, rtol=1e-5)
         jax.tree.map(
-            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), sharded_params, params
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), sharded_params, params
         )
 
 

@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.name = "adafactor"
         c.optim.lr = 1e-2
         c.optim.schedule = "rsqrt"
-        c.optim.warmup_steps = 10_000
+        c.optim.warmup_fraction = 0.02  # 10k of 500k steps
     c.model = config_lib.model_section(
         "t5",
         vocab_size=vocab,

@@ -70,23 +70,23 @@ class Checkpointer:
         return restored["state"]
 
     def _restore_iterator(self, step: int, data_iter: Any) -> None:
-        """Sets `data_iter` to the saved position. grain writes one file per process. With
-        another process count than the writer's, the positions of the packing streams
-        (`kiln.data.pipeline`) are gathered from all of them, each process taking its own
-        streams'; an iterator without streams has the same position in every process."""
+        """Sets `data_iter` to the saved position. grain writes one file per process; every
+        process of a kiln run holds the same position (the next batch's index), so a run with
+        another process count reads the first file."""
         folder = pathlib.Path(self.directory, str(step), "data_iter")
         own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        if own.exists():
-            data_iter.set_state(json.loads(own.read_text()))
-            return
-        states = [json.loads(f.read_text()) for f in sorted(folder.glob("process_*-of-*.json"))]
-        if not states:
+        files = [own] if own.exists() else sorted(folder.glob("process_*-of-*.json"))
+        if not files:
             raise FileNotFoundError(f"no iterator state in {folder}")
-        if all("streams" in state for state in states):
-            streams = {k: v for state in states for k, v in state["streams"].items()}
-            data_iter.set_state({"streams": streams})
-        else:
-            data_iter.set_state(states[0])
+        state = json.loads(files[0].read_text())
+        if "streams" in state:
+            raise KilnError(
+                f"Checkpoint step {step} in {self.directory} holds a data position of the"
+                " packing streams of kiln before its batch-order change; this kiln cannot"
+                " continue that order. Start a new workdir, or fine-tune from this run with"
+                " init_from.workdir (parameters carry over)."
+            )
+        data_iter.set_state(state)
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the `state.params` leaves present in `abstract_params` (a nested dict of

@@ -320,7 +320,7 @@ def run_sections(
     c.optim.name = "adamw"  # adamw | adafactor | sgd
     c.optim.lr = lr  # peak learning rate
     c.optim.schedule = "cosine"  # after warmup: cosine | linear | rsqrt | constant
-    c.optim.warmup_steps = max(1, steps // 20)  # linear from 0
+    c.optim.warmup_fraction = 0.05  # of train.steps: linear ramp, the first update at lr / warmup
     c.optim.end_lr_fraction = 0.1  # final lr / peak lr (cosine, linear)
     c.optim.weight_decay = 0.1  # decoupled, on matmul kernels only
     c.optim.b1 = 0.9
@@ -441,7 +441,7 @@ def finetune_stage(
     c.optim.lr = lr
     c.optim.schedule = "linear"
     c.optim.end_lr_fraction = 0.0
-    c.optim.warmup_steps = max(1, steps // 10)
+    c.optim.warmup_fraction = 0.1
     c.init_from.workdir = init_from
     c.init_from.skip = skip
     if target_len is not None:

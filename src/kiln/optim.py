@@ -46,20 +46,25 @@ def _num(cfg: Any, key: str, ok: Callable[[Any], bool], want: str, integer: bool
 def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
     """Returns the learning rate as a (jittable) function of the step.
 
-    Warmup ramps linearly from 0 at step 0 to ``lr`` at ``warmup_steps``. After it, with
-    ``t = clip((step - warmup) / (total_steps - warmup), 0, 1)`` and ``f = end_lr_fraction``:
-    cosine ``lr * (f + (1 - f) * (1 + cos(pi * t)) / 2)``, linear ``lr * (1 - (1 - f) * t)``,
-    rsqrt ``lr * sqrt(max(warmup, 1) / max(step, warmup, 1))``, constant ``lr``. Steps past
-    ``total_steps`` keep the final value. ``warmup_steps >= total_steps`` is allowed: the run
-    then ends inside the warmup ramp (lr reaches ``lr * total_steps / warmup_steps`` at most).
+    ``step`` counts the updates done before this one (optax's count, 0 for the first update);
+    with ``u = step + 1`` the update's number and ``w = round(warmup_fraction * total_steps)``
+    warmup updates, warmup ramps linearly: update ``u <= w`` gets ``lr * u / w`` (so the first
+    update already moves, and update ``w`` has the peak). After it, with ``t = clip((u - w) /
+    (total_steps - w), 0, 1)`` and ``f = end_lr_fraction``: cosine ``lr * (f + (1 - f) * (1 +
+    cos(pi * t)) / 2)``, linear ``lr * (1 - (1 - f) * t)``, rsqrt ``lr * sqrt(max(w, 1) /
+    max(u, w, 1))``, constant ``lr``; the last update (``u = total_steps``) has ``t = 1``.
+    Steps past ``total_steps`` keep the final value. As a fraction of ``total_steps``, the
+    warmup follows a changed ``train.steps``.
 
     Raises:
-        KilnError: on an unknown schedule or out-of-range ``lr``, ``warmup_steps``,
+        KilnError: on an unknown schedule or out-of-range ``lr``, ``warmup_fraction``,
             ``end_lr_fraction`` or ``total_steps``.
     """
     name = _choice(optim_cfg, "schedule", SCHEDULES)
     lr = float(_num(optim_cfg, "lr", lambda v: v >= 0, "a number >= 0, e.g. 3e-4"))
-    warmup = int(_num(optim_cfg, "warmup_steps", lambda v: v >= 0, "an integer >= 0", True))
+    warmup_fraction = _num(
+        optim_cfg, "warmup_fraction", lambda v: 0 <= v <= 1, "a number in [0, 1]"
+    )
     frac = float(_num(optim_cfg, "end_lr_fraction", lambda v: 0 <= v <= 1, "a number in [0, 1]"))
     if (
         isinstance(total_steps, bool)
@@ -67,21 +72,22 @@ def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
         or total_steps < 1
     ):
         raise KilnError(f"total_steps={total_steps!r} is invalid; set it to an integer >= 1.")
+    warmup = round(warmup_fraction * int(total_steps))
     decay_steps = max(int(total_steps) - warmup, 1)
     floor = max(warmup, 1)
 
     def schedule(step: jax.typing.ArrayLike) -> jax.Array:
-        step = jnp.asarray(step, jnp.float32)
-        t = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+        update = jnp.asarray(step, jnp.float32) + 1.0
+        t = jnp.clip((update - warmup) / decay_steps, 0.0, 1.0)
         if name == "cosine":
             after = lr * (frac + (1.0 - frac) * 0.5 * (1.0 + jnp.cos(jnp.pi * t)))
         elif name == "linear":
             after = lr * (1.0 - (1.0 - frac) * t)
         elif name == "rsqrt":
-            after = lr * jnp.sqrt(floor / jnp.maximum(step, floor))
+            after = lr * jnp.sqrt(floor / jnp.maximum(update, floor))
         else:
-            after = jnp.full_like(step, lr)
-        return jnp.where(step < warmup, lr * step / floor, after)
+            after = jnp.full_like(update, lr)
+        return jnp.where(update <= warmup, lr * update / floor, after)
 
     return schedule
 

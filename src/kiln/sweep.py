@@ -60,7 +60,7 @@ def grid(axes: dict[str, Sequence[Any]]) -> list[Point]:
 
 
 def zipped(axes: dict[str, Sequence[Any]]) -> list[Point]:
-    """Element-wise: `zipped({"optim.lr": [1e-3, 3e-3], "optim.warmup_steps": [10, 50]})` -> 2
+    """Element-wise: `zipped({"optim.lr": [1e-3, 3e-3], "optim.warmup_fraction": [0.1, 0.5]})` -> 2
     points. Every axis must have the same length."""
     _check_axes(axes)
     lengths = {key: len(values) for key, values in axes.items()}

@@ -10,6 +10,9 @@ import pytest
 
 from kiln.data.objectives import CausalLM, causal_lm, dense_predictions, make_objective
 from kiln.data.pipeline import (
+    PlaceTokenizer,
+    Tokenized,
+    continued_fraction,
     make_eval_batches,
     make_train_dataset,
     process_slice,
@@ -74,36 +77,62 @@ def check_row_structure(seg: np.ndarray, pos: np.ndarray) -> None:
         assert pos[t] == expected
 
 
-def test_packing_reproduces_shuffled_documents(tok, docs):
-    ds = make_train_dataset(docs, tok, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=3)
-    batches = take(ds, 100)
+def test_packing_covers_each_epoch_once_in_shuffled_rows(tok, docs):
+    """One stream: an epoch's rows hold every token of every document once (but the dropped
+    tail), documents cut at row ends and continued; rows come in a shuffled order, and the next
+    epoch packs the documents in another order."""
+    places = PlaceTokenizer(tok, docs)
+    ds = make_train_dataset(docs, places, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=3)
+    total = sum(len(encoded(places, d)) for d in docs)
+    per_epoch = total // SEQ_LEN
+    batches = take(ds, 2 * per_epoch // BATCH + 1)
     rows = np.concatenate([b["inputs"] for b in batches])
     segs = np.concatenate([b["segment_ids"] for b in batches])
     poss = np.concatenate([b["positions"] for b in batches])
-    assert rows.shape == (100 * BATCH, SEQ_LEN) and rows.dtype == np.int32
+    assert rows.dtype == np.int32 and rows.shape[1] == SEQ_LEN
     for seg, pos in zip(segs, poss, strict=True):
         assert np.all(seg != 0), "the endless training stream has no padding"
         check_row_structure(seg, pos)
+    epochs = [rows[:per_epoch], rows[per_epoch : 2 * per_epoch]]
+    for epoch in epochs:
+        ids = epoch[epoch >= PlaceTokenizer.FIRST]
+        assert len(np.unique(ids)) == len(ids), "no token twice in an epoch"
+        all_ids = sum(places.places[d][1] for d in docs)
+        assert all_ids - SEQ_LEN < len(ids) <= all_ids, "only the partial last row is dropped"
+    # Within a segment, tokens are consecutive places of one document ([bos] first, [eos] last).
+    for row, seg in zip(rows, segs, strict=True):
+        for s in np.unique(seg):
+            piece = row[seg == s]
+            body = piece[piece >= PlaceTokenizer.FIRST]
+            assert np.all(np.diff(body) == 1)
+    # Shuffled: few rows continue the row before them (in reading order nearly all long
+    # documents would), and the two epochs cut their rows differently.
+    continues = np.mean(epochs[0][1:, 0] == epochs[0][:-1, -1] + 1)
+    assert continues < 0.05
+    assert {tuple(r) for r in epochs[0]} != {tuple(r) for r in epochs[1]}
 
-    # The rows, concatenated, are whole [bos] + doc + [eos] sequences one after the other (bos
-    # only appears at document starts), each epoch a new permutation of the documents.
-    stream = rows.reshape(-1)
-    starts = np.flatnonzero(stream == tok.bos_id)
-    assert starts[0] == 0
-    index = {tuple(encoded(tok, d)): i for i, d in enumerate(docs)}
-    assert len(index) == len(docs)
-    order = [index[tuple(stream[a:b])] for a, b in itertools.pairwise(starts)]
-    n = len(docs)
-    assert len(order) > 2 * n
-    epochs = [order[:n], order[n : 2 * n]]
-    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(n))
-    assert epochs[0] != epochs[1] and epochs[0] != list(range(n))
 
-    # Segments start exactly at row starts and document starts; documents continue across rows.
-    total = stream.size
-    flat_seg = segs.reshape(-1)
-    seg_starts = {t for t in range(total) if t % SEQ_LEN == 0 or flat_seg[t] != flat_seg[t - 1]}
-    assert seg_starts == set(starts) | set(range(0, total, SEQ_LEN))
+def test_consecutive_batches_are_not_correlated(tok):
+    """Few rows continue a row of the previous step, where reading order (the same rows
+    batched as they were packed) has every batch's first row continue the previous batch's
+    last row whenever a document spans them; the statistic counts exactly those."""
+    many = make_documents(2000, seed=4)
+    places = PlaceTokenizer(tok, many)
+    kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=0, streams=2)
+    batches = take(make_train_dataset(many, places, **kwargs), 200)
+    assert continued_fraction(batches) < 0.02
+
+    docs = Tokenized(many, places)
+    rows = docs.pack(np.arange(len(docs)), np.arange(1000), SEQ_LEN)["tokens"]
+    in_reading_order = [{"inputs": rows[i : i + 8]} for i in range(0, len(rows), 8)]
+    # A row that ends inside a document (on a place id, not its eos) is continued by the next
+    # (the statistic does not count a continuation that is the eos alone).
+    spanning = sum(
+        rows[i - 1, -1] >= PlaceTokenizer.FIRST and rows[i, 0] != tok.eos_id
+        for i in range(8, len(rows), 8)
+    )
+    assert spanning > 50
+    assert continued_fraction(in_reading_order) == spanning / (len(rows) - 8)
 
 
 def test_objective_is_applied(tok, docs):
@@ -151,8 +180,7 @@ def test_resume_from_state(tok, docs, via_json):
 
 @pytest.mark.parametrize("via_json", [False, True])
 def test_resume_when_rows_end_on_document_boundaries(tok, via_json):
-    # Every document is [bos, piece, eos]; rows of 6 tokens hold exactly two documents, so the
-    # packer's state never has a partial document (the case grain's JSON state gets wrong).
+    # Every document is [bos, piece, eos]; rows of 6 tokens hold exactly two documents.
     pieces = [tok.id_to_piece(i).replace("\u2581", " ") for i in range(400, tok.vocab_size)]
     one_token = [p for p in pieces if len(tok.encode(p)) == 1]
     assert len(one_token) > 100
@@ -160,17 +188,7 @@ def test_resume_when_rows_end_on_document_boundaries(tok, via_json):
     reference = take(ds, 20)
     for k in (1, 2, 5, 13):
         state = _resume_matches(ds, k, reference, via_json)
-    assert _find(state, "remainder_slices") == {"tokens": [-1, -1] if via_json else (-1, -1)}
-
-
-def _find(state: dict, key: str):
-    """The value of ``key`` anywhere in a nested state dict."""
-    for k, v in state.items():
-        if k == key:
-            return v
-        if isinstance(v, dict) and (found := _find(v, key)) is not None:
-            return found
-    return None
+    assert state == {"next_index": 13}, "the whole state is the next step's index"
 
 
 def test_resume_through_orbax_checkpoint(tok, docs, tmp_path):
@@ -207,44 +225,49 @@ def test_process_slices_make_up_the_global_batch(tok, docs, process_count, strea
             np.testing.assert_array_equal(joined, v, err_msg=k)
 
 
-def _documents_read(tok, docs, batches) -> list[int]:
-    """Indices of the documents whose [bos] ... [eos] sequences appear whole in `batches`."""
-    stream = np.concatenate([b["inputs"] for b in batches]).reshape(-1)
-    starts = np.flatnonzero(stream == tok.bos_id)
-    index = {tuple(encoded(tok, d)): i for i, d in enumerate(docs)}
-    return [index[tuple(stream[a:b])] for a, b in itertools.pairwise(starts)]
+def _documents_read(places: PlaceTokenizer, docs, batches) -> set[str]:
+    """The documents that have a token in `batches` (drawn with `places`)."""
+    ids = np.concatenate([b["inputs"] for b in batches]).reshape(-1)
+    firsts = np.array([places.places[d][0] for d in docs])
+    ids = ids[ids >= PlaceTokenizer.FIRST]
+    return {docs[i] for i in np.searchsorted(firsts, ids, side="right") - 1}
 
 
-class _SpyTokenizer:
+class _SpyTokenizer(PlaceTokenizer):
     """Records every text it encodes."""
 
-    def __init__(self, tok: Tokenizer):
-        self._tok, self.read = tok, set()
-        self.bos_id, self.eos_id = tok.bos_id, tok.eos_id
+    def __init__(self, tok: Tokenizer, docs: list[str]):
+        super().__init__(tok, docs)
+        self.read = set()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
 
     def encode(self, text: str) -> list[int]:
         self.read.add(text)
-        return self._tok.encode(text)
+        return super().encode(text)
 
 
 def test_each_process_reads_only_its_streams(tok):
-    """2 processes, 2 streams, within the first epoch: process i tokenizes only documents i,
-    i + 2, ... of the shuffled corpus (no document is read by both, read-ahead included) and
-    packs them into its own rows."""
+    """2 processes, 2 streams: process i tokenizes only documents i, i + 2, ... of the dealt
+    corpus (no document is read by both, together they read each once) and packs them into its
+    own rows."""
     docs = make_documents(2000, seed=2)
     kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5, streams=2, process_count=2)
-    spies = [_SpyTokenizer(tok) for _ in range(2)]
+    spies = [_SpyTokenizer(tok, docs) for _ in range(2)]
     shares = [
         take(make_train_dataset(docs, spies[i], process_index=i, **kwargs), 6) for i in (0, 1)
     ]
     assert all(b["inputs"].shape == (4, SEQ_LEN) for share in shares for b in share)
-    packed = [{docs[i] for i in _documents_read(tok, docs, share)} for share in shares]
+    packed = [_documents_read(spies[0], docs, share) for share in shares]
     assert len(packed[0]) > 10 and len(packed[1]) > 10 and not packed[0] & packed[1]
     assert not spies[0].read & spies[1].read
+    assert len(spies[0].read) + len(spies[1].read) == len(docs)
     assert packed[0] <= spies[0].read and packed[1] <= spies[1].read
     # Process 0's rows are the first half of the one-process global batch.
+    places = PlaceTokenizer(tok, docs)
     one = take(
-        make_train_dataset(docs, tok, seq_len=SEQ_LEN, global_batch_size=8, seed=5, streams=2), 6
+        make_train_dataset(docs, places, seq_len=SEQ_LEN, global_batch_size=8, seed=5, streams=2), 6
     )
     assert_batches_equal([process_slice(b, 0, 2) for b in one], shares[0])
 
@@ -262,8 +285,8 @@ def test_streams_change_the_order_but_not_the_rows_shape(tok, docs):
 
 @pytest.mark.parametrize("objective_name, family", [("causal_lm", "gpt"), ("mlm", "bert")])
 def test_resume_across_process_counts(tok, docs, objective_name, family):
-    """Positions saved by 2 processes (4 streams) restore a 1-process iterator, and the other
-    way round, to the same continuation as an uninterrupted run (masks included)."""
+    """A position saved by one of 2 processes (4 streams) restores a 1-process iterator, and
+    the other way round, to the same continuation as an uninterrupted run (masks included)."""
     objective = make_objective(objective_name, family, tok, SEQ_LEN)
     kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5, streams=4, objective=objective)
     reference = take(make_train_dataset(docs, tok, **kwargs), 7)
@@ -275,9 +298,9 @@ def test_resume_across_process_counts(tok, docs, objective_name, family):
         for _ in range(4):
             next(it)
     saved = [json.loads(json.dumps(it.get_state())) for it in parts]
-    merged = {"streams": {k: v for state in saved for k, v in state["streams"].items()}}
+    assert saved[0] == saved[1], "every process holds the same position"
     one = iter(make_train_dataset(docs, tok, **kwargs))
-    one.set_state(merged)
+    one.set_state(saved[1])
     assert_batches_equal([next(one) for _ in range(3)], reference[4:7])
 
     it = iter(make_train_dataset(docs, tok, **kwargs))
@@ -285,7 +308,7 @@ def test_resume_across_process_counts(tok, docs, objective_name, family):
         next(it)
     state = json.loads(json.dumps(it.get_state()))
     second = iter(make_train_dataset(docs, tok, process_index=1, process_count=2, **kwargs))
-    second.set_state(state)  # Takes its own streams' positions from the whole.
+    second.set_state(state)
     want = [process_slice(b, 1, 2) for b in reference[4:7]]
     assert_batches_equal([next(second) for _ in range(3)], want)
 
@@ -458,17 +481,14 @@ def test_objective_masks_resume_through_json_state(tok, docs, objective):
     reference = take(ds, 12)
     for k in (1, 6):
         state = _resume_matches(ds, k, reference, via_json=True)
-    assert _find(state, "index_for_rng") == 6
+    assert state == {"next_index": 6}
 
 
-def test_causal_lm_state_is_unchanged(tok, docs):
+def test_causal_lm_is_the_default(tok, docs):
     kwargs = dict(seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0)
     default = make_train_dataset(docs, tok, **kwargs)
     explicit = make_train_dataset(docs, tok, objective=CausalLM(), **kwargs)
     assert_batches_equal(take(explicit, 3), take(default, 3))
-    it = iter(default)
-    next(it)
-    assert _find(it.get_state(), "index_for_rng") is None
 
 
 def test_objective_process_slices(tok, docs):
