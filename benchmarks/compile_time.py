@@ -14,7 +14,8 @@ import common
 import jax
 from train_throughput import apply_overrides
 
-from kiln import checkpoint, fits, sharding
+from kiln import checkpoint, sharding
+from kiln.tools import fits
 
 
 def measure(spec: str, n_layers: int, scan: bool, batch: int) -> str:

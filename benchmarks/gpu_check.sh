@@ -33,7 +33,7 @@ if [[ -d .whl ]] && ! "$PY" -c "import grain, ml_collections, tensorboardX" 2>/d
 fi
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
-"$PY" -c "import kiln.fits"  # Fails at once, naming any missing package.
+"$PY" -c "import kiln.tools.fits"  # Fails at once, naming any missing package.
 
 smoke=${KILN_GPU_CHECK_SMOKE:-0}
 results=benchmarks/RESULTS.md

@@ -25,8 +25,9 @@ import common
 import jax
 import peers
 
-from kiln import checkpoint, fits, sharding
-from kiln.models import layers
+from kiln import checkpoint, sharding
+from kiln.models import attention
+from kiln.tools import fits
 
 VARIANTS: dict[str, tuple[dict, Callable | None]] = {
     "default": ({}, None),
@@ -47,7 +48,7 @@ def compile_variant(family: str, overrides: dict, blocks: Callable | None):
         fits.synthetic_batch(config, peers.SHAPE["batch"], 0), sharding.batch_sharding(mesh)
     )
     # Attention's block count is read while tracing: lower and run the step under the patch.
-    with mock.patch.object(layers, "causal_blocks", blocks or layers.causal_blocks):
+    with mock.patch.object(attention, "causal_blocks", blocks or attention.causal_blocks):
         compiled = step.lower(checkpoint.abstract_like(abstract, shardings), batch).compile()
         state, out = step(state, batch)
         jax.block_until_ready(out)

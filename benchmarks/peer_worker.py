@@ -174,10 +174,13 @@ def main() -> None:
     parser.add_argument("--batch", required=True, help="npz file with the batch arrays")
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
-    if args.system != "kiln" and os.environ.get("KILN_KEEP_HOST_MEMORY") == "1":
-        # Importing kiln applies it (kiln.host_memory), before jax or torch starts its threads
-        # (benchmarks/host_memory.py sets the variable to compare a peer with and without it).
-        import kiln  # noqa: F401
+    if args.system == "kiln" or os.environ.get("KILN_KEEP_HOST_MEMORY") == "1":
+        # kiln runs with it as its entry points do (unless KILN_KEEP_HOST_MEMORY=0), a peer only
+        # with KILN_KEEP_HOST_MEMORY=1 (benchmarks/host_memory.py compares a peer with and
+        # without it); before jax or torch starts its threads.
+        from kiln import host_memory
+
+        host_memory.keep_freed_memory()
     with open(args.shape) as f:
         shape = json.load(f)
     batch = dict(np.load(args.batch))

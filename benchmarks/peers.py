@@ -41,8 +41,9 @@ import time
 import common
 import numpy as np
 
-from kiln import fits, flops
+from kiln import flops
 from kiln.data import objectives
+from kiln.tools import fits
 
 CACHE = common.ROOT / "benchmarks" / ".cache"
 SHAPE = {

@@ -18,7 +18,8 @@ import time
 import common
 import jax
 
-from kiln import config_lib, fits, flops, sharding
+from kiln import config_lib, flops, sharding
+from kiln.tools import fits
 
 
 def apply_overrides(config, overrides: list[str]) -> None:

@@ -19,7 +19,7 @@ import os
 
 import ml_collections
 
-from kiln import config_lib
+from kiln import config_lib, defaults
 from kiln.data import tasks
 from kiln.errors import KilnError
 
@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise KilnError(f"from={source!r} is a pipeline; name one of its stages' workdirs.")
     task = tasks.load_task(args["task"], data_dir=pretrain.data.data_dir or None, path=args["path"])
     examples = len(tasks.low_resource_subset(task.splits["train"], int(args["examples"])))
-    c = config_lib.finetune_stage(
+    c = defaults.finetune_stage(
         pretrain,
         task=args["task"],
         train_examples=examples,

@@ -65,6 +65,81 @@ def test_validation_errors_name_the_key(overrides, key):
     assert key in str(error.value)
 
 
+def family_config(family, **overrides):
+    """The tiny pre-training config of `family`, with `section__key` overrides."""
+    config = config_lib.load_config(f"experiments/{family}/pretrain.py:size=tiny")
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    "family, key, value, owner",
+    [
+        ("gpt", "n_decoder_layers", 2, "t5"),
+        ("gpt", "relative_buckets", 16, "t5"),
+        ("bert", "relative_max_distance", 64, "t5"),
+        ("gpt", "type_vocab_size", 2, "bert"),
+        ("t5", "type_vocab_size", 2, "bert"),
+    ],
+)
+def test_another_familys_field_is_an_error(family, key, value, owner):
+    with pytest.raises(KilnError) as error:
+        config_lib.validate(family_config(family, **{f"model__{key}": value}), 8)
+    message = str(error.value)
+    assert f"model.{key}={value}" in message
+    assert f"model.family={family!r}" in message and f"model.family={owner!r}" in message
+
+
+def test_own_fields_are_model_fields_and_their_owners_accept_them():
+    from kiln import defaults, models
+
+    section = defaults.model_section("gpt")
+    for family in models.FAMILIES.values():
+        assert set(family.own_fields) <= set(section), family.name
+    config_lib.validate(family_config("t5", model__n_decoder_layers=3), 8)
+    config_lib.validate(family_config("bert", model__type_vocab_size=2), 8)
+
+
+@pytest.mark.parametrize(
+    "family, overrides, key",
+    [
+        ("gpt", {"model__d_ff": 0}, "model.d_ff"),  # layers.TransformerConfig
+        ("gpt", {"model__dtype": "float64"}, "model.dtype"),
+        ("gpt", {"model__remat": "some"}, "model.remat"),
+        ("gpt", {"model__relative_buckets": 2}, "model.relative_buckets"),
+        ("t5", {"model__position": "rope"}, "model.position"),  # t5.FIXED_FIELDS
+        ("t5", {"model__norm_position": "post"}, "model.norm_position"),
+        ("bert", {"objective__mask_rate": 0.0}, "objective.mask_rate"),  # objectives
+        ("t5", {"objective__noise_density": 1.0}, "objective.noise_density"),
+        ("gpt", {"optim__b1": 1.0}, "optim.b1"),  # optim.make_optimizer
+        ("gpt", {"optim__schedule": "step"}, "cosine, linear"),
+        ("gpt", {"decode__top_p": 0.0}, "top_p"),  # decoding.DecodeOptions
+        ("gpt", {"train__loss_chunks": -1}, "train.loss_chunks"),
+        # data.finetune.check_task and Family.check_pooling, before the task is read.
+        ("bert", {"task__name": "jsonl", "task__kind": "generation"}, "task.name"),
+        ("bert", {"task__name": "wn_lexname", "task__pack": True}, "task.pack"),
+        (
+            "gpt",
+            {"task__name": "jsonl", "task__kind": "classification", "task__pack": True},
+            "task.pack",
+        ),
+        ("gpt", {"task__name": "wn_lexname", "task__pooling": "cls"}, "task.pooling"),
+        ("t5", {"task__name": "wn_lexname", "task__pooling": "mean"}, "task.pooling"),
+    ],
+)
+def test_rules_of_lower_levels_run_in_validate(family, overrides, key):
+    with pytest.raises(KilnError) as error:
+        config_lib.validate(family_config(family, **overrides), 8)
+    assert key in str(error.value)
+
+
+def test_fine_tune_task_options_that_fit_validate():
+    config_lib.validate(family_config("gpt", task__name="kjv2web", task__pack=True), 8)
+    config_lib.validate(family_config("bert", task__name="wn_lexname", task__pooling="mean"), 8)
+
+
 def test_batch_not_divisible_by_processes():
     with pytest.raises(KilnError, match="process"):
         config_lib.validate(gpt_config(data__global_batch_size=8, mesh__data=1), 1, process_count=3)

@@ -567,7 +567,7 @@ def test_bad_options_fail_clearly():
 
 
 def test_cut_at_stops():
-    from kiln.sample import cut_at_stops
+    from kiln.tools.sample import cut_at_stops
 
     text = "    return x\n\ndef g():\n    pass\nprint(1)"
     assert cut_at_stops(text, ["\nprint", "\ndef"]) == "    return x\n"  # the earliest one

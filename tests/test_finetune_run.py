@@ -11,19 +11,20 @@ import pytest
 from kiln import (
     checkpoint,
     config_lib,
+    defaults,
     finetuning,
-    init_from,
     models,
     optim,
     pipelines,
+    restore,
     run,
-    sample,
     sharding,
     train,
 )
 from kiln.data import tasks
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
+from kiln.tools import sample
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ def _pretrain_config(family: str = "bert", steps: int = 2):
 
 
 def _finetune_config(pretrain, source: str, **fields):
-    config = config_lib.finetune_stage(
+    config = defaults.finetune_stage(
         pretrain,
         task="wn_lexname",
         train_examples=40,
@@ -84,9 +85,9 @@ def _flat(tree):
 def test_init_from_loads_the_body_exactly_and_heads_fresh_on_another_mesh(bert_source):
     workdir, pretrain = bert_source
     config = _finetune_config(pretrain, workdir)
-    source = init_from.resolve(config.init_from)
+    source = restore.resolve(config.init_from)
     assert source.step == 2
-    init_from.check_architecture(config.model, source)
+    restore.check_architecture(config.model, source)
     model = models.build_model(config.model, num_classes=45)
     optimizer = train.optax.adamw(1e-3)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
@@ -96,12 +97,12 @@ def test_init_from_loads_the_body_exactly_and_heads_fresh_on_another_mesh(bert_s
         fresh = jax.jit(
             lambda: train.init_state(model, optimizer, 0, 32), out_shardings=shardings
         )()
-    loaded, fresh_paths, unused = init_from.plan(source, fresh.params, skip="")
+    loaded, fresh_paths, unused = restore.plan(source, fresh.params, skip="")
     assert sorted(fresh_paths) == sorted(
         p for p in _flat(fresh.params) if p.startswith(("pooler", "classifier"))
     )
     assert unused and all(p.startswith("mlm_head") for p in unused)
-    params = init_from.load_params(source, fresh.params, loaded)
+    params = restore.load_params(source, fresh.params, loaded)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     saved = _flat(ckpt.restore_raw(2)["params"])
     ckpt.close()
@@ -114,7 +115,7 @@ def test_init_from_loads_the_body_exactly_and_heads_fresh_on_another_mesh(bert_s
     embedding = jax.tree_util.tree_leaves(params["token_embed"])[0]
     assert embedding.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
     # `skip` re-initialises matching body parameters too.
-    loaded2, fresh2, _ = init_from.plan(source, fresh.params, skip="block_1/.*")
+    loaded2, fresh2, _ = restore.plan(source, fresh.params, skip="block_1/.*")
     assert any(p.startswith("block_1/") for p in fresh2)
     assert not any(p.startswith("block_1/") for p in loaded2)
 
@@ -124,18 +125,18 @@ def test_mismatches_and_bad_sources_fail_clearly(bert_source, tmp_path):
     config = _finetune_config(pretrain, workdir)
     config.model.d_ff = 256
     config.model.vocab_size = 1024
-    source = init_from.resolve(config.init_from)
+    source = restore.resolve(config.init_from)
     with pytest.raises(KilnError, match=r"d_ff: 512 != 256.*vocab_size: 512 != 1024"):
-        init_from.check_architecture(config.model, source)
+        restore.check_architecture(config.model, source)
     gpt = _pretrain_config("gpt")
     with pytest.raises(KilnError, match="family='bert' run"):
-        init_from.check_architecture(gpt.model, source)
+        restore.check_architecture(gpt.model, source)
     config.init_from.workdir = str(tmp_path / "missing")
     with pytest.raises(KilnError, match="no run there"):
-        init_from.resolve(config.init_from)
+        restore.resolve(config.init_from)
     config.init_from.workdir = os.path.join(workdir, "checkpoints", "7")
     with pytest.raises(KilnError, match="steps \\[2\\] only"):
-        init_from.resolve(config.init_from)
+        restore.resolve(config.init_from)
 
 
 def _log_lines(capsys):
@@ -176,7 +177,7 @@ def _pipeline(**finetune_fields):
         "scratch": _finetune_config(pretrain, ""),
     }
     stages["scratch"].tokenizer.path = "@pretrain"
-    config = config_lib.pipeline(stages, select="accuracy")
+    config = defaults.pipeline(stages, select="accuracy")
     config.lock()
     return config
 
@@ -250,7 +251,7 @@ def test_finetune_of_each_family_scores_its_task(family, task, metric, tmp_path,
 
 
 def _check_sample_cli_reproduces_predictions(tmp_path, task: str, rows: list[dict]):
-    """`kiln.sample` on the fine-tune's checkpoint, fed the scored test inputs, generates what
+    """`kiln.tools.sample` on the fine-tune's checkpoint, fed the scored test inputs, generates what
     the run's own evaluation predicted (same prompt format and decoding, restored params)."""
     inputs = {e.id: e.input for e in tasks.load_task(task, data_dir="data/tiny").splits["test"]}
     prompts = tmp_path / "prompts.jsonl"
@@ -301,7 +302,7 @@ def _check_sample_cli_continues_like_recomputation(source: str, capsys):
 
 
 def _check_humaneval_cli(source: str, tmp_path, capsys):
-    """`kiln.sample --humaneval` generates for the first problems, runs each program against
+    """`kiln.tools.sample --humaneval` generates for the first problems, runs each program against
     its tests and reports pass@1 as the fraction of programs that passed."""
     out = tmp_path / "humaneval.jsonl"
     argv = ["--workdir", source, "--humaneval", "--problems", "2", "--max-new-tokens", "8"]
@@ -341,12 +342,12 @@ def test_init_from_full_state_continues_pretraining_from_step_0(bert_source, tmp
     config = _pretrain_config(steps=1)
     config.init_from.workdir = workdir
     config.init_from.load = "state"
-    source = init_from.resolve(config.init_from)
+    source = restore.resolve(config.init_from)
     model = models.build_model(config.model)
     optimizer = optim.make_optimizer(config.optim, config.train.steps, config.model.n_layers)
     mesh = sharding.make_mesh(config.mesh)
     abstract, shardings = train.state_shardings(model, optimizer, mesh, 32)
-    state = init_from.load_state(source, checkpoint.abstract_like(abstract, shardings))
+    state = restore.load_state(source, checkpoint.abstract_like(abstract, shardings))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     saved = ckpt.restore_raw(2)
     ckpt.close()
@@ -362,7 +363,10 @@ def test_init_from_full_state_continues_pretraining_from_step_0(bert_source, tmp
 def test_sample_cli_errors(bert_source, tmp_path, capsys):
     workdir, _ = bert_source
     cases = [
-        (["--workdir", workdir, "--prompt", "x"], "is a bert run; kiln.sample generates with gpt"),
+        (
+            ["--workdir", workdir, "--prompt", "x"],
+            "is a bert run; kiln.tools.sample generates with decoder (gpt)",
+        ),
         (["--workdir", str(tmp_path), "--prompt", "x"], "--workdir='" + str(tmp_path)),
         (["--workdir", workdir, "--prompt", "x", "--prompt", " "], "Prompt 1 is empty"),
         (["--workdir", workdir, "--prompt", "x", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
@@ -373,7 +377,7 @@ def test_sample_cli_errors(bert_source, tmp_path, capsys):
         capsys.readouterr()
         assert sample.main(argv) == 2
         err = capsys.readouterr().err
-        assert err.startswith("kiln.sample: error: ") and message in err, err
+        assert err.startswith("kiln.tools.sample: error: ") and message in err, err
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage and the unknown option.
         sample.main(["--workdir", workdir, "--prompt", "x", "--temprature", "0.5"])
     assert exit_info.value.code == 2

@@ -2,7 +2,8 @@
 
 import pytest
 
-from kiln import config_lib, run
+from kiln import config_lib, inputs
+from kiln import workdir as workdir_lib
 from kiln.data import tokenizer
 from kiln.errors import KilnError
 
@@ -23,25 +24,25 @@ def test_tokenizer_is_reused_from_another_workdir(tmp_path):
     trained = tokenizer.train_tokenizer(TEXTS, source / "tokenizer.model", vocab_size=512)
     workdir = tmp_path / "next"
     workdir.mkdir()
-    tok = run.prepare_tokenizer(tiny_config(path=str(source)), str(workdir), ["unused"])
+    tok = inputs.prepare_tokenizer(tiny_config(path=str(source)), str(workdir), ["unused"])
     assert (workdir / "tokenizer.model").read_bytes() == (source / "tokenizer.model").read_bytes()
     assert tok.encode("line 7: word3") == trained.encode("line 7: word3")
 
 
 def test_missing_or_mismatched_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(KilnError, match="tokenizer.path"):
-        run.prepare_tokenizer(tiny_config(path=str(tmp_path / "nowhere")), str(tmp_path), [])
+        inputs.prepare_tokenizer(tiny_config(path=str(tmp_path / "nowhere")), str(tmp_path), [])
     tokenizer.train_tokenizer(TEXTS, tmp_path / "src.model", vocab_size=600)
     workdir = tmp_path / "w"
     workdir.mkdir()
     with pytest.raises(KilnError, match="model.vocab_size"):
-        run.prepare_tokenizer(tiny_config(path=str(tmp_path / "src.model")), str(workdir), [])
+        inputs.prepare_tokenizer(tiny_config(path=str(tmp_path / "src.model")), str(workdir), [])
 
 
 def test_resuming_with_a_different_objective_is_refused(tmp_path):
     config = tiny_config()
-    run.prepare_workdir(config, str(tmp_path))
-    run.prepare_workdir(config, str(tmp_path))  # the same run: fine
+    workdir_lib.prepare(config, str(tmp_path))
+    workdir_lib.prepare(config, str(tmp_path))  # the same run: fine
     config.objective.name = "prefix_lm"
     with pytest.raises(KilnError, match="objective.name"):
-        run.prepare_workdir(config, str(tmp_path))
+        workdir_lib.prepare(config, str(tmp_path))

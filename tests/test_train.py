@@ -5,9 +5,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kiln import models, optim, sharding, train
+from kiln import build, models, optim, sharding, train
 from kiln.data import objectives
-from kiln.models import layers
+from kiln.models import blocks
 
 MODEL = {
     "family": "gpt",
@@ -117,20 +117,16 @@ def run_steps(
 ):
     model_fields, make_batch = FAMILY_SETUPS[family]
     config = ml_collections.ConfigDict(
-        {"model": {**model_fields, "dropout": dropout, **model}, "optim": OPTIM}
+        {
+            "model": {**model_fields, "dropout": dropout, **model},
+            "optim": {**OPTIM, "grad_accum_steps": accum},
+            "mesh": dict(zip(sharding.MESH_AXES, mesh_shape)),
+            "data": {"seq_len": 16},
+            "train": {"steps": max(steps, 10), "loss_chunks": loss_chunks},
+        }
     )
-    model = models.build_model(config.model)
-    schedule = optim.make_schedule(config.optim, max(steps, 10))
-    optimizer = optim.make_optimizer(config.optim, max(steps, 10))
-    devices = jax.devices()[: int(np.prod(mesh_shape))]
-    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
-    _, shardings = train.state_shardings(model, optimizer, mesh, 16)
-    step_fn, _ = train.jit_steps(
-        model, optimizer, schedule, accum, shardings, mesh, loss_chunks=loss_chunks
-    )
-    init = jax.jit(lambda: train.init_state(model, optimizer, 0, 16), out_shardings=shardings)
-    with sharding.activation_rules(mesh):
-        state = init()
+    built = build.build(config, devices=jax.devices()[: int(np.prod(mesh_shape))])
+    step_fn, mesh, state = built.train_step, built.mesh, built.fresh_state(0)
     losses = []
     for i in range(steps):
         batch = batches[i] if batches else make_batch(i)
@@ -255,14 +251,14 @@ def test_scanned_layers_train_like_unrolled(plain_runs, family, remat):
         (2, 2, 2), family=family, dropout=0.1, remat=remat, scan_layers=True
     )
     stack = params["encoder"] if family == "t5" else params
-    assert layers.STACKED in stack and "block_0" not in stack
+    assert blocks.STACKED in stack and "block_0" not in stack
     # The optimizer's moments are stacked alike; the layer axis is never sharded.
     opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
-    assert any(f"'{layers.STACKED}'" in p and "opt_state" in p for p in opt_paths)
+    assert any(f"'{blocks.STACKED}'" in p and "opt_state" in p for p in opt_paths)
     for leaf in jax.tree.leaves(state.params):
         if leaf.ndim and leaf.shape[0] == 2 and leaf.sharding.spec:
             assert leaf.sharding.spec[0] is None
-    _assert_same_run((layers.unstack_blocks(params), losses), plain_runs(family))
+    _assert_same_run((blocks.unstack_blocks(params), losses), plain_runs(family))
 
 
 def sparse_encoder_batch(seed: int) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ minutes; masked-token perplexity ~2100 -> ~315, masked-token accuracy ~0.12.
 
 import ml_collections
 
-from kiln import config_lib
+from kiln import config_lib, defaults
 
 # (d_model, n_layers, n_heads, d_ff, vocab_size, seq_len, global_batch_size, steps)
 SIZES = {
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "size", args["size"], SIZES
     )
     modern = config_lib.pick("style", args["style"], {"bert": False, "modern": True})
-    c = config_lib.run_sections(
+    c = defaults.run_sections(
         seq_len=seq_len,
         batch=batch,
         steps=steps,
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.optim.b2 = 0.999
     c.optim.weight_decay = 0.01
-    c.model = config_lib.model_section(
+    c.model = defaults.model_section(
         "bert",
         vocab_size=vocab,
         d_model=d_model,

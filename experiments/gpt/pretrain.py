@@ -7,12 +7,13 @@ gpt2 (learned positions, LayerNorm, GELU, tied embeddings) | modern (RoPE, RMSNo
 grouped-query attention, no biases). Expected on a 2-core CPU: `size=tiny` runs 400 steps in
 about 2 minutes and brings validation perplexity from ~2100 to ~135.
 `--config.objective.name=prefix_lm` trains a prefix LM instead. `get_sweep` is a learning rate x
-seed grid for `python -m kiln.sweep` (4 runs).
+seed grid for `python -m kiln.tools.sweep` (4 runs).
 """
 
 import ml_collections
 
-from kiln import config_lib, sweep
+from kiln import config_lib, defaults
+from kiln.tools import sweep
 
 # (d_model, n_layers, n_heads, d_ff, vocab_size, seq_len, global_batch_size, steps)
 SIZES = {
@@ -31,14 +32,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "size", args["size"], SIZES
     )
     modern = config_lib.pick("style", args["style"], {"gpt2": False, "modern": True})
-    c = config_lib.run_sections(
+    c = defaults.run_sections(
         seq_len=seq_len,
         batch=batch,
         steps=steps,
         lr=3e-3 if args["size"] == "tiny" else 6e-4,
         objective="causal_lm",
     )
-    c.model = config_lib.model_section(
+    c.model = defaults.model_section(
         "gpt",
         vocab_size=vocab,
         d_model=d_model,
@@ -59,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def get_sweep(arg: str | None = None) -> list[dict]:
     """Learning rate x seed grid, 4 runs of the `arg` config:
 
-    python -m kiln.sweep --config experiments/gpt/pretrain.py:size=tiny --workdir runs/sweep
+    python -m kiln.tools.sweep --config experiments/gpt/pretrain.py:size=tiny --workdir runs/sweep
     """
     del arg  # The same points for every size.
     return sweep.grid({"optim.lr": [1e-3, 3e-3], "seed": [0, 1]})

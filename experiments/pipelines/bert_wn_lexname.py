@@ -18,7 +18,7 @@ rates separated by `/` (default: the size's). See the README for the measured ta
 
 import ml_collections
 
-from kiln import config_lib
+from kiln import config_lib, defaults
 
 # name: (d_model, n_layers, n_heads, d_ff, vocab, pretrain steps, pretrain lr, mask rate,
 #        pretrain batch, fine-tuning epochs, fine-tuning lrs)
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args["lrs"]:
         lrs = tuple(float(x) for x in args["lrs"].split("/"))
     seed = int(args["seed"])
-    pretrain = config_lib.run_sections(
+    pretrain = defaults.run_sections(
         seq_len=SEQ_LEN, batch=batch, steps=steps, lr=lr, objective="mlm"
     )
     pretrain.seed = seed
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pretrain.eval.every = max(100, steps // 10)
     pretrain.checkpoint.every = max(100, steps // 10)
     pretrain.train.log_every = max(20, steps // 20)
-    pretrain.model = config_lib.model_section(
+    pretrain.model = defaults.model_section(
         "bert",
         vocab_size=vocab,
         d_model=d_model,
@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_len=128,
         type_vocab_size=2,
     )
-    stages = config_lib.finetune_arms(
+    stages = defaults.finetune_arms(
         pretrain,
         lrs,
         task="wn_lexname",
@@ -80,4 +80,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if args["size"] == "tiny"
         else ""
     )
-    return config_lib.pipeline({"pretrain": pretrain, **stages}, select="accuracy", advice=advice)
+    return defaults.pipeline({"pretrain": pretrain, **stages}, select="accuracy", advice=advice)

@@ -15,7 +15,7 @@ Arguments: `size` = tiny (about 25 CPU-minutes, 44 minutes of wall time measured
 
 import ml_collections
 
-from kiln import config_lib
+from kiln import config_lib, defaults
 
 # name: (d_model, layers, heads, d_ff, vocab, pretrain steps, pretrain batch, epochs,
 #        fine-tuning lr, examples scored (0 = all))
@@ -32,14 +32,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d_model, layers, heads, d_ff, vocab, steps, batch, epochs, lr, scored = config_lib.pick(
         "size", args["size"], SIZES
     )
-    pretrain = config_lib.run_sections(
+    pretrain = defaults.run_sections(
         seq_len=SEQ_LEN, batch=batch, steps=steps, lr=2e-3, objective="causal_lm"
     )
     pretrain.seed = int(args["seed"])
     pretrain.data.corpus = "bible,wordnet,sympy"
     pretrain.eval.every = max(100, steps // 5)
     pretrain.checkpoint.every = max(100, steps // 5)
-    pretrain.model = config_lib.model_section(
+    pretrain.model = defaults.model_section(
         "gpt",
         vocab_size=vocab,
         d_model=d_model,
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         d_ff=d_ff,
         max_len=SEQ_LEN,
     )
-    stages = config_lib.finetune_arms(
+    stages = defaults.finetune_arms(
         pretrain,
         (lr,),
         task="code_summary",
@@ -61,4 +61,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         target_len=48,
         eval_examples=scored,
     )
-    return config_lib.pipeline({"pretrain": pretrain, **stages}, select="rouge_l")
+    return defaults.pipeline({"pretrain": pretrain, **stages}, select="rouge_l")

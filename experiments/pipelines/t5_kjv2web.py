@@ -14,7 +14,7 @@ scratch, 71.5 copying the input) | cpu | gpu (cpu and gpu not measured yet); `se
 
 import ml_collections
 
-from kiln import config_lib
+from kiln import config_lib, defaults
 
 # name: (d_model, layers, heads, d_ff, vocab, pretrain steps, pretrain batch, train examples,
 #        epochs, fine-tuning lr, examples scored (0 = all))
@@ -31,14 +31,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d_model, layers, heads, d_ff, vocab, steps, batch, examples, epochs, lr, scored = (
         config_lib.pick("size", args["size"], SIZES)
     )
-    pretrain = config_lib.run_sections(
+    pretrain = defaults.run_sections(
         seq_len=SEQ_LEN, batch=batch, steps=steps, lr=2e-3, objective="span_corruption"
     )
     pretrain.seed = int(args["seed"])
     pretrain.optim.weight_decay = 0.0
     pretrain.eval.every = max(100, steps // 5)
     pretrain.checkpoint.every = max(100, steps // 5)
-    pretrain.model = config_lib.model_section(
+    pretrain.model = defaults.model_section(
         "t5",
         vocab_size=vocab,
         d_model=d_model,
@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         scale_attention=False,
         norm_eps=1e-6,
     )
-    stages = config_lib.finetune_arms(
+    stages = defaults.finetune_arms(
         pretrain,
         (lr,),
         task="kjv2web",
@@ -67,4 +67,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         target_len=64,
         eval_examples=scored,
     )
-    return config_lib.pipeline({"pretrain": pretrain, **stages}, select="chrf")
+    return defaults.pipeline({"pretrain": pretrain, **stages}, select="chrf")

@@ -14,7 +14,7 @@ target-token accuracy ~0.27.
 
 import ml_collections
 
-from kiln import config_lib
+from kiln import config_lib, defaults
 
 # (d_model, n_layers per stack, n_heads, d_ff, vocab_size, seq_len, global_batch_size, steps)
 SIZES = {
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d_model, n_layers, n_heads, d_ff, vocab, seq_len, batch, steps = config_lib.pick(
         "size", args["size"], SIZES
     )
-    c = config_lib.run_sections(
+    c = defaults.run_sections(
         seq_len=seq_len,
         batch=batch,
         steps=steps,
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.lr = 1e-2
         c.optim.schedule = "rsqrt"
         c.optim.warmup_fraction = 0.02  # 10k of 500k steps
-    c.model = config_lib.model_section(
+    c.model = defaults.model_section(
         "t5",
         vocab_size=vocab,
         d_model=d_model,

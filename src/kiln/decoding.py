@@ -25,7 +25,7 @@ import dataclasses
 import difflib
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kiln import sharding
+from kiln import models, sharding
+from kiln.data.objectives import Layout
 from kiln.errors import KilnError
-from kiln.models import gpt, layers, t5
+from kiln.models import blocks
 
 LENGTH_BUCKET = 16
 STRATEGIES = ("greedy", "sample", "beam")
@@ -103,6 +104,10 @@ def decode_options(**options: Any) -> DecodeOptions:
     return DecodeOptions(**options)
 
 
+def _encoder_decoder(model: nn.Module) -> bool:
+    return models.family_of(model).layout == Layout.ENCODER_DECODER
+
+
 def init_cache(
     model: nn.Module,
     params: Any,
@@ -119,7 +124,7 @@ def init_cache(
     values are computed from it here, once. Works under jit.
     """
     zeros_BS = jnp.zeros((batch_size, max_len), jnp.int32)
-    if isinstance(model, t5.T5):
+    if _encoder_decoder(model):
         if encoded_BSD is None:
             raise KilnError("init_cache: a T5 cache needs the encoder output encoded_BSD.")
         _, variables = model.apply(
@@ -128,7 +133,7 @@ def init_cache(
             encoder_segment_ids_BS,
             zeros_BS,
             decode=True,
-            method=t5.T5.decode,
+            method="decode",
             mutable=["cache"],
         )
         return variables["cache"]
@@ -155,7 +160,8 @@ def generate(
     """Continues each prompt with a KV cache; returns the ids generated before a stop id.
 
     Args:
-      model: a `gpt.GPT` or `t5.T5`.
+      model: a model whose family generates (`kiln.models.Family.generates`): a decoder
+        (gpt) or an encoder-decoder (t5).
       params: its parameters as training holds them (the "params" tree, or {"params": tree};
         boxed or not; jax arrays of any sharding: jit follows it).
       prompts: GPT: the token ids to continue (starting with bos). T5: the encoder input ids
@@ -172,8 +178,30 @@ def generate(
     Returns:
       One list of generated ids per prompt, in order.
     """
-    if not isinstance(model, gpt.GPT | t5.T5):
-        raise KilnError(f"generate: {type(model).__name__} is neither GPT nor T5.")
+    _check_prompts(model, prompts)
+    if options.max_new_tokens == 0 or not prompts:
+        return [[] for _ in prompts]
+    params = nn.meta.unbox(params)
+    params = params["params"] if "params" in params else params
+    params = blocks.unstack_blocks(params)  # Held stacked under model.scan_layers.
+    if mesh is not None:  # Prompt rows (and so beam rows) divide over the batch shards.
+        shards = int(np.prod([mesh.shape[a] for a in sharding.batch_sharding(mesh).spec[0]]))
+        batch_size = _round_up(batch_size, shards)
+    stop_ids_S = np.array([eos_id, *options.stop_ids], np.int32)
+    outputs = []
+    with contextlib.nullcontext() if mesh is None else sharding.activation_rules(mesh):
+        for start in range(0, len(prompts), batch_size):
+            chunk = [list(p) for p in prompts[start : start + batch_size]]
+            outputs += _generate_chunk(
+                model, params, chunk, start, options, stop_ids_S, bos_id, batch_size, mesh
+            )
+    return outputs
+
+
+def _check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]]) -> None:
+    """Raises a KilnError unless the model generates and every prompt has 1..max_len ids."""
+    if not models.family_of(model).generates:
+        raise KilnError(f"generate: a {type(model).__name__} model does not generate text.")
     max_len = model.config.max_len
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -183,44 +211,53 @@ def generate(
                 f"generate: prompt {i} has {len(prompt)} tokens, more than the model's"
                 f" max_len={max_len}. Shorten it (or truncate it to its first {max_len} ids)."
             )
-    if options.max_new_tokens == 0 or not prompts:
-        return [[] for _ in prompts]
-    params = nn.meta.unbox(params)
-    params = params["params"] if "params" in params else params
-    params = layers.unstack_blocks(params)  # Held stacked under model.scan_layers.
-    beams = options.num_beams if options.strategy == "beam" else 1
-    if mesh is not None:  # Prompt rows (and so beam rows) divide over the batch shards.
-        shards = int(np.prod([mesh.shape[a] for a in sharding.batch_sharding(mesh).spec[0]]))
-        batch_size = _round_up(batch_size, shards)
-    knobs = {
+
+
+def _knobs(options: DecodeOptions) -> dict[str, np.ndarray]:
+    """The traced (not static) settings: changing them does not recompile."""
+    return {
         "temperature": np.float32(options.temperature),
         "top_k": np.int32(options.top_k),
         "top_p": np.float32(options.top_p),
         "length_penalty": np.float32(options.length_penalty),
         "seed": np.uint32(options.seed),
     }
-    stop_ids_S = np.array([eos_id, *options.stop_ids], np.int32)
-    outputs = []
-    with contextlib.nullcontext() if mesh is None else sharding.activation_rules(mesh):
-        for start in range(0, len(prompts), batch_size):
-            chunk = [list(p) for p in prompts[start : start + batch_size]]
-            make_inputs = _t5_inputs if isinstance(model, t5.T5) else _gpt_inputs
-            inputs, limits_B, steps = make_inputs(model, chunk, batch_size, options, bos_id)
-            row_ids_B = np.arange(start, start + batch_size, dtype=np.int32)
-            out_BN = _generate_batch(
-                model,
-                params,
-                *_place((inputs, limits_B, row_ids_B), mesh),
-                stop_ids_S,
-                knobs,
-                steps=steps,
-                strategy=options.strategy,
-                beams=beams,
-                mesh=mesh,
-            )
-            for row, limit in zip(np.asarray(out_BN)[: len(chunk)], limits_B, strict=False):
-                outputs.append(_until_stop(row[:limit].tolist(), stop_ids_S))
-    return outputs
+
+
+def _generate_chunk(
+    model: nn.Module,
+    params: Any,
+    chunk: list[list[int]],
+    start: int,
+    options: DecodeOptions,
+    stop_ids_S: np.ndarray,
+    bos_id: int,
+    batch_size: int,
+    mesh: Mesh | None,
+) -> list[list[int]]:
+    """The ids generated for up to batch_size prompts (the ones from index `start`), in one
+    jitted call; each list is cut at its budget and before its first stop id."""
+    make_inputs = _encoder_decoder_inputs if _encoder_decoder(model) else _decoder_inputs
+    inputs, limits_B, steps = make_inputs(model, chunk, batch_size, options, bos_id)
+    row_ids_B = np.arange(start, start + batch_size, dtype=np.int32)
+    out_BN = _generate_batch(
+        model,
+        params,
+        *_place((inputs, limits_B, row_ids_B), mesh),
+        stop_ids_S,
+        _knobs(options),
+        steps=steps,
+        strategy=options.strategy,
+        beams=options.num_beams if options.strategy == "beam" else 1,
+        mesh=mesh,
+    )
+    # The rows past len(chunk) are filler (budget 0, done from the start): they give every
+    # call batch_size rows, so jit compiles one shape. Their ids are dropped here.
+    rows_BN = np.asarray(out_BN)[: len(chunk)]
+    return [
+        _until_stop(row[:limit].tolist(), stop_ids_S)
+        for row, limit in zip(rows_BN, limits_B, strict=False)
+    ]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -245,8 +282,8 @@ def _place(tree: Any, mesh: Mesh | None) -> Any:
     return jax.tree.map(place, tree)
 
 
-def _gpt_inputs(
-    model: gpt.GPT,
+def _decoder_inputs(
+    model: nn.Module,
     prompts: list[list[int]],
     batch_size: int,
     options: DecodeOptions,
@@ -280,15 +317,15 @@ def _gpt_inputs(
     return inputs, limits_B, min(max_new_tokens, max_len)
 
 
-def _t5_inputs(
-    model: t5.T5,
+def _encoder_decoder_inputs(
+    model: nn.Module,
     prompts: list[list[int]],
     batch_size: int,
     options: DecodeOptions,
     bos_id: int,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """Inputs of `_generate_batch` (right-padded encoder inputs), row budgets, steps for T5."""
-    del model  # The same signature as `_gpt_inputs`.
+    del model  # The same signature as `_decoder_inputs`.
     n_real, max_new_tokens = len(prompts), options.max_new_tokens
     prompts = prompts + [prompts[0]] * (batch_size - n_real)  # Filler rows, budget 0.
     length = _round_up(max(len(p) for p in prompts), LENGTH_BUCKET)
@@ -326,28 +363,7 @@ def _generate_batch(
     rows = limits_B.shape[0] * beams
     if beams > 1:  # Beam k of prompt b is row b * beams + k.
         inputs = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), inputs)
-    variables = {"params": params}
-    if isinstance(model, t5.T5):
-        encoder_segment_ids_BS = inputs["encoder_segment_ids"]
-        encoded_BSD = model.apply(
-            variables, inputs["encoder_inputs"], encoder_segment_ids_BS, method=t5.T5.encode
-        )
-        context, method, max_position = (encoded_BSD, encoder_segment_ids_BS), t5.T5.decode, None
-    else:
-        context, method = (), None
-        max_position = model.config.max_len - 1  # Filler and finished rows may run past it.
-
-    def decode(cache: Any, *decoder_inputs: jax.Array) -> tuple[jax.Array, Any]:
-        logits_BLV, new = model.apply(
-            {**variables, "cache": cache},
-            *context,
-            *decoder_inputs,
-            decode=True,
-            method=method,
-            mutable=["cache"],
-        )
-        return logits_BLV[:, -1], new["cache"]
-
+    decode, context, max_position = _decode_adapter(model, params, inputs)
     prefill_len = inputs["prefill_tokens"].shape[1] if "prefill_tokens" in inputs else 0
     cache = init_cache(model, params, rows, _round_up(prefill_len + steps, LENGTH_BUCKET), *context)
     if prefill_len:  # Fills the cache; its logits are unused (and compiled away).
@@ -374,22 +390,68 @@ def _generate_batch(
             length_penalty=knobs["length_penalty"],
         )
     else:
-        choose = _argmax
-        if strategy == "sample":
-            seed_key = jax.random.key(knobs["seed"])
-            choose = functools.partial(
-                _sample,
-                keys_B=jax.vmap(lambda i: jax.random.fold_in(seed_key, i))(row_ids_B),
-                temperature=knobs["temperature"],
-                top_k=knobs["top_k"],
-                top_p=knobs["top_p"],
-            )
+        choose = _token_chooser(strategy, knobs, row_ids_B)
         out_BN = _token_loop(
             feed, cache, inputs["first_tokens"], limits_B, stop_ids_S, choose, steps
         )
     if mesh is None:
         return out_BN
     return jax.lax.with_sharding_constraint(out_BN, NamedSharding(mesh, PartitionSpec()))
+
+
+def _decode_adapter(
+    model: nn.Module, params: Any, inputs: dict[str, jax.Array]
+) -> tuple[DecodeFn, tuple[jax.Array, ...], int | None]:
+    """One decoding interface over both layouts: (decode, context, max_position).
+
+    `decode` is a `DecodeFn`. `context` is what `init_cache` needs besides the shapes: T5's
+    encoder output and segment ids (the encoder runs here, once per batch, and T5 decodes with
+    `method="decode"` over it); nothing for GPT. `max_position` caps the decoder positions fed:
+    GPT's position table has max_len entries, but the loop keeps feeding every row until all
+    are done, so a row done early (a stop id, or a long prompt's small budget) can run past
+    max_len - 1. Its extra ids are cut on the host; the cap only keeps its lookups in the
+    table. T5 has relative positions only: None, no cap.
+    """
+    variables = {"params": params}
+    if _encoder_decoder(model):
+        encoder_segment_ids_BS = inputs["encoder_segment_ids"]
+        encoded_BSD = model.apply(
+            variables, inputs["encoder_inputs"], encoder_segment_ids_BS, method="encode"
+        )
+        context, method, max_position = (encoded_BSD, encoder_segment_ids_BS), "decode", None
+    else:
+        context, method = (), None
+        max_position = model.config.max_len - 1  # Rows fed after they are done may pass it.
+
+    def decode(cache: Any, *decoder_inputs: jax.Array) -> tuple[jax.Array, Any]:
+        logits_BLV, new = model.apply(
+            {**variables, "cache": cache},
+            *context,
+            *decoder_inputs,
+            decode=True,
+            method=method,
+            mutable=["cache"],
+        )
+        return logits_BLV[:, -1], new["cache"]
+
+    return decode, context, max_position
+
+
+def _token_chooser(
+    strategy: str, knobs: dict[str, jax.Array], row_ids_B: jax.Array
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """`choose(logits_BV, step) -> ids_B` for greedy or sample. Sampling keys come from each
+    row's index in the whole call, so a prompt's samples do not depend on its batch mates."""
+    if strategy != "sample":
+        return _argmax
+    seed_key = jax.random.key(knobs["seed"])
+    return functools.partial(
+        _sample,
+        keys_B=jax.vmap(lambda i: jax.random.fold_in(seed_key, i))(row_ids_B),
+        temperature=knobs["temperature"],
+        top_k=knobs["top_k"],
+        top_p=knobs["top_p"],
+    )
 
 
 def _argmax(logits_BV: jax.Array, step: jax.Array) -> jax.Array:
@@ -476,6 +538,27 @@ def _length_penalty(length: jax.Array, alpha: jax.Array) -> jax.Array:
     return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
 
 
+class _BeamState(NamedTuple):
+    """The `_beam_loop` carry (B prompts, K beams, N = steps + 1 columns, R = B * K rows)."""
+
+    step: jax.Array  # int32 scalar: column `step` of seqs_BKN is fed next.
+    seqs_BKN: jax.Array  # Live beams' ids (column 0 the first token), best first.
+    alive_BK: jax.Array  # Their log-probabilities (-inf: no beam).
+    finished_BKN: jax.Array  # The K best finished sequences, best first.
+    finished_score_BK: jax.Array  # Their length-penalized scores (-inf: none yet).
+    done_B: jax.Array  # Prompts whose best finished sequence can no longer change.
+    cache: Any  # Row b * K + k holds beam k of prompt b.
+
+
+class _Candidates(NamedTuple):
+    """The 2K best one-token extensions of each prompt's live beams, best first."""
+
+    logp_BC: jax.Array  # Log-probability of the extended sequence.
+    parent_BC: jax.Array  # The live beam (0..K-1) extended.
+    token_BC: jax.Array  # The id appended.
+    seqs_BCN: jax.Array  # The parent's ids with the token written at column step + 1.
+
+
 def _beam_loop(
     feed: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]],
     cache: Any,
@@ -500,66 +583,132 @@ def _beam_loop(
     b, k = limits_B.shape[0], beams
     seqs_BKN = jnp.zeros((b, k, steps + 1), jnp.int32)
     seqs_BKN = seqs_BKN.at[:, :, 0].set(first_tokens_R.reshape(b, k))
+    # The K beams start equal: only beam 0 is live, or the first step would pick K copies of
+    # each candidate.
     alive_BK = jnp.broadcast_to(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, k))
-    finished_BKN = jnp.zeros_like(seqs_BKN)
-    finished_score_BK = jnp.full((b, k), -jnp.inf)
 
-    def cond(state: tuple[Any, ...]) -> jax.Array:
-        step, done_B = state[0], state[5]
-        return (step < steps) & ~jnp.all(done_B)
+    def cond(state: _BeamState) -> jax.Array:
+        return (state.step < steps) & ~jnp.all(state.done_B)
 
-    def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
-        step, seqs_BKN, alive_BK, finished_BKN, finished_score_BK, done_B, cache = state
-        tokens_R = jax.lax.dynamic_index_in_dim(seqs_BKN, step, axis=2, keepdims=False)
-        logits_RV, cache = feed(cache, tokens_R.reshape(-1), step)
-        vocab = logits_RV.shape[-1]
-        logp_BKV = jax.nn.log_softmax(logits_RV.astype(jnp.float32)).reshape(b, k, vocab)
-        candidates_BKV = alive_BK[:, :, None] + logp_BKV
-        logp_BC, flat_BC = jax.lax.top_k(candidates_BKV.reshape(b, k * vocab), 2 * k)
-        parent_BC, token_BC = flat_BC // vocab, (flat_BC % vocab).astype(jnp.int32)
-        seqs_BCN = jnp.take_along_axis(seqs_BKN, parent_BC[:, :, None], axis=1)
-        seqs_BCN = jax.lax.dynamic_update_slice_in_dim(seqs_BCN, token_BC[:, :, None], step + 1, 2)
-
-        stop_BC = jnp.isin(token_BC, stop_ids_S)
+    def body(state: _BeamState) -> _BeamState:
+        step = state.step
+        tokens_R = jax.lax.dynamic_index_in_dim(state.seqs_BKN, step, axis=2, keepdims=False)
+        logits_RV, cache = feed(state.cache, tokens_R.reshape(-1), step)
+        candidates = _expand_beams(logits_RV, state.alive_BK, state.seqs_BKN, step)
+        stop_BC = jnp.isin(candidates.token_BC, stop_ids_S)
         at_limit_B1 = (step + 1 >= limits_B)[:, None]
-        # Only the K best candidates may end (so one beam with length_penalty 0 is greedy); the
-        # others stay live.
-        top_k_C = jnp.arange(2 * k) < k
-        ends_BC = (stop_BC | at_limit_B1) & top_k_C & jnp.isfinite(logp_BC) & ~done_B[:, None]
-        length_BC = jnp.where(stop_BC, step, step + 1)  # The stop id is not counted.
-        score_BC = jnp.where(
-            ends_BC, logp_BC / _length_penalty(length_BC, length_penalty), -jnp.inf
+        finished_BKN, finished_score_BK = _update_finished(
+            state, candidates, stop_BC, at_limit_B1, length_penalty
         )
-        finished_score_BK, pick_BK = jax.lax.top_k(
-            jnp.concatenate([finished_score_BK, score_BC], axis=1), k
+        alive_BK, seqs_BKN, cache = _update_live(candidates, stop_BC | at_limit_B1, cache)
+        done_B = _prompts_done(
+            state, alive_BK, finished_score_BK, at_limit_B1, limits_B, length_penalty
         )
-        finished_BKN = jnp.take_along_axis(
-            jnp.concatenate([finished_BKN, seqs_BCN], axis=1), pick_BK[:, :, None], axis=1
+        return _BeamState(
+            step + 1, seqs_BKN, alive_BK, finished_BKN, finished_score_BK, done_B, cache
         )
 
-        alive_BK, pick_BK = jax.lax.top_k(jnp.where(stop_BC | at_limit_B1, -jnp.inf, logp_BC), k)
-        seqs_BKN = jnp.take_along_axis(seqs_BCN, pick_BK[:, :, None], axis=1)
-        parent_rows_R = jnp.arange(b)[:, None] * k + jnp.take_along_axis(parent_BC, pick_BK, 1)
-        parent_rows_R = parent_rows_R.reshape(-1)
-        cache = jax.tree_util.tree_map_with_path(
-            lambda path, x: x[parent_rows_R] if x.ndim and not _is_cross(path) else x, cache
-        )
-
-        # The best final score a live beam can reach: its log-probability (which only falls)
-        # over the largest penalty (alpha >= 0: the longest length) or the smallest (alpha < 0).
-        longest = jnp.where(length_penalty >= 0, limits_B, step + 1)
-        reachable_B = alive_BK[:, 0] / _length_penalty(longest, length_penalty)
-        done_B = done_B | at_limit_B1[:, 0] | (finished_score_BK[:, -1] >= reachable_B)
-        return step + 1, seqs_BKN, alive_BK, finished_BKN, finished_score_BK, done_B, cache
-
-    state = (
-        jnp.int32(0),
-        seqs_BKN,
-        alive_BK,
-        finished_BKN,
-        finished_score_BK,
-        limits_B <= 0,
-        cache,
+    state = _BeamState(
+        step=jnp.int32(0),
+        seqs_BKN=seqs_BKN,
+        alive_BK=alive_BK,
+        finished_BKN=jnp.zeros_like(seqs_BKN),
+        finished_score_BK=jnp.full((b, k), -jnp.inf),
+        done_B=limits_B <= 0,  # Filler rows (budget 0) are done from the start.
+        cache=cache,
     )
     state = jax.lax.while_loop(cond, body, state)
-    return state[3][:, 0, 1:]
+    return state.finished_BKN[:, 0, 1:]
+
+
+def _expand_beams(
+    logits_RV: jax.Array, alive_BK: jax.Array, seqs_BKN: jax.Array, step: jax.Array
+) -> _Candidates:
+    """The 2K best extensions of the live beams by log-probability. 2K, because up to K of them
+    may end (see `_update_finished`), which still leaves K to continue."""
+    (b, k), vocab = alive_BK.shape, logits_RV.shape[-1]
+    logp_BKV = jax.nn.log_softmax(logits_RV.astype(jnp.float32)).reshape(b, k, vocab)
+    candidates_BKV = alive_BK[:, :, None] + logp_BKV
+    logp_BC, flat_BC = jax.lax.top_k(candidates_BKV.reshape(b, k * vocab), 2 * k)
+    parent_BC, token_BC = flat_BC // vocab, (flat_BC % vocab).astype(jnp.int32)
+    seqs_BCN = jnp.take_along_axis(seqs_BKN, parent_BC[:, :, None], axis=1)
+    seqs_BCN = jax.lax.dynamic_update_slice_in_dim(seqs_BCN, token_BC[:, :, None], step + 1, 2)
+    return _Candidates(logp_BC, parent_BC, token_BC, seqs_BCN)
+
+
+def _update_finished(
+    state: _BeamState,
+    candidates: _Candidates,
+    stop_BC: jax.Array,
+    at_limit_B1: jax.Array,
+    length_penalty: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """The K best finished sequences and their scores, after adding the candidates that end."""
+    step, k = state.step, state.alive_BK.shape[1]
+    # Only the K best candidates may end, as in a search K wide: the extra K are there only so
+    # that K beams stay live when some of the best end. A lower-ranked one that ends is dropped
+    # (neither finished nor live): finishing it would add a hypothesis a K-wide search never
+    # makes, and one beam with length_penalty 0 would no longer be greedy. A candidate of -inf
+    # (extending a beam that does not exist) or of a done prompt never ends.
+    top_k_C = jnp.arange(2 * k) < k
+    ends_BC = (
+        (stop_BC | at_limit_B1)
+        & top_k_C
+        & jnp.isfinite(candidates.logp_BC)
+        & ~state.done_B[:, None]
+    )
+    length_BC = jnp.where(stop_BC, step, step + 1)  # The stop id is not counted.
+    score_BC = jnp.where(
+        ends_BC, candidates.logp_BC / _length_penalty(length_BC, length_penalty), -jnp.inf
+    )
+    finished_score_BK, pick_BK = jax.lax.top_k(
+        jnp.concatenate([state.finished_score_BK, score_BC], axis=1), k
+    )
+    finished_BKN = jnp.take_along_axis(
+        jnp.concatenate([state.finished_BKN, candidates.seqs_BCN], axis=1),
+        pick_BK[:, :, None],
+        axis=1,
+    )
+    return finished_BKN, finished_score_BK
+
+
+def _update_live(
+    candidates: _Candidates, stopped_BC: jax.Array, cache: Any
+) -> tuple[jax.Array, jax.Array, Any]:
+    """(alive_BK, seqs_BKN, cache): the K best candidates that did not stop (a stop id or the
+    limit, whether or not they entered the finished list), and the cache with each row replaced
+    by its new beam's parent row (cross-attention leaves are per prompt, the same for all its
+    beams, so they stay)."""
+    b, k = candidates.logp_BC.shape[0], candidates.logp_BC.shape[1] // 2
+    alive_BK, pick_BK = jax.lax.top_k(jnp.where(stopped_BC, -jnp.inf, candidates.logp_BC), k)
+    seqs_BKN = jnp.take_along_axis(candidates.seqs_BCN, pick_BK[:, :, None], axis=1)
+    parent_rows_R = jnp.arange(b)[:, None] * k + jnp.take_along_axis(
+        candidates.parent_BC, pick_BK, 1
+    )
+    parent_rows_R = parent_rows_R.reshape(-1)
+    cache = jax.tree_util.tree_map_with_path(
+        lambda path, x: x[parent_rows_R] if x.ndim and not _is_cross(path) else x, cache
+    )
+    return alive_BK, seqs_BKN, cache
+
+
+def _prompts_done(
+    state: _BeamState,
+    alive_BK: jax.Array,
+    finished_score_BK: jax.Array,
+    at_limit_B1: jax.Array,
+    limits_B: jax.Array,
+    length_penalty: jax.Array,
+) -> jax.Array:
+    """Whether each prompt's best finished sequence is final: it was, it reached its limit, or
+    no live beam can enter the K-best finished list any more.
+
+    Sound because a live beam's log-probability only falls (each token adds a log p <= 0) and
+    its final score is that over a positive penalty: no live beam can score more than the best
+    live log-probability (alive_BK[:, 0], the top_k being sorted) over the largest penalty
+    still reachable (alpha >= 0: at the longest length, the limit; alpha < 0: at the shortest,
+    step + 1). Once the worst of the K finished scores is at least that, none can enter.
+    """
+    longest = jnp.where(length_penalty >= 0, limits_B, state.step + 1)
+    reachable_B = alive_BK[:, 0] / _length_penalty(longest, length_penalty)
+    return state.done_B | at_limit_B1[:, 0] | (finished_score_BK[:, -1] >= reachable_B)

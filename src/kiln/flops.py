@@ -21,6 +21,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from kiln import models
+from kiln.data.objectives import Layout
+
 # Dense peak FLOP/s per chip for the compute dtype, from vendor data sheets.
 _PEAKS = {
     ("H200", "bfloat16"): 989e12,
@@ -45,10 +48,15 @@ def _mlp_params(model: dict) -> int:
     return model["d_model"] * model["d_ff"] * (3 if model["mlp"] in ("swiglu", "geglu") else 2)
 
 
+def _encoder_decoder(model: dict) -> bool:
+    return models.family(model["family"]).layout == Layout.ENCODER_DECODER
+
+
 def _head_params(model: dict) -> int:
-    """Matmul parameters of the output head (bert: its d x d transform too)."""
+    """Matmul parameters of the output head (with bert's d x d transform)."""
     d = model["d_model"]
-    return d * model["vocab_size"] + (d * d if model["family"] == "bert" else 0)
+    transform = models.family(model["family"]).lm_head_transform
+    return d * model["vocab_size"] + (d * d if transform else 0)
 
 
 def matmul_params(model: dict) -> int:
@@ -57,7 +65,7 @@ def matmul_params(model: dict) -> int:
     For t5 this is the decoder side (self- and cross-attention, MLP, output projection).
     """
     block = _attention_params(model) + _mlp_params(model)
-    if model["family"] == "t5":
+    if _encoder_decoder(model):
         layers = model.get("n_decoder_layers") or model["n_layers"]
         return layers * (block + _attention_params(model)) + _head_params(model)
     return model["n_layers"] * block + _head_params(model)
@@ -69,7 +77,7 @@ def train_flops_per_step(
     """Model FLOPs of one train step over `rows` sequences (t5: also `decoder_length`);
     `predicted`: the head runs at that many positions per row only (bert's masked positions)."""
     d = model["d_model"]
-    if model["family"] != "t5":
+    if not _encoder_decoder(model):
         forward = 2 * matmul_params(model) + 4 * model["n_layers"] * length * d
         total = rows * length * forward
         if predicted is not None:

@@ -11,8 +11,11 @@ off: a freed buffer stays mapped and the next call reuses it. The cost is reside
 heap keeps its high-water mark, up to a few times the scratch memory of the largest executable
 (measured in benchmarks/RESULTS.md). `KILN_KEEP_HOST_MEMORY=0` keeps glibc's defaults.
 
-It must run before JAX starts its CPU backend (a thread keeps the arena of its first malloc),
-so `kiln/__init__.py` calls it on import. Elsewhere than Linux with glibc it does nothing.
+It must run before JAX starts its CPU backend (a thread keeps the arena of its first malloc).
+Importing kiln changes nothing: the command-line entry points call it first thing in their
+`main()` (`kiln.main`, `kiln.tools.fits`, `kiln.tools.sample`; the benchmarks through
+benchmarks/common.py), and so does any program that embeds kiln and wants the setting.
+Elsewhere than Linux with glibc it does nothing.
 """
 
 import ctypes

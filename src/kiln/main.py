@@ -10,6 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kiln import host_memory
 from kiln.errors import KilnError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -51,6 +52,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}.\n{USAGE}")
+    host_memory.keep_freed_memory()  # Process-wide, so here and not on import: before JAX starts.
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO.
     try:
         config = _CONFIG.value

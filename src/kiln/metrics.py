@@ -8,6 +8,8 @@ from typing import Any
 
 import jax
 
+from kiln import workdir as workdir_lib
+
 
 class MetricsWriter:
     """Appends one JSON line per call and mirrors scalars to TensorBoard; no-op off process 0."""
@@ -18,8 +20,8 @@ class MetricsWriter:
             return
         from tensorboardX import SummaryWriter  # Imported here: only process 0 writes.
 
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._jsonl = open(os.path.join(workdir, workdir_lib.METRICS), "a")
+        self._tb = SummaryWriter(os.path.join(workdir, workdir_lib.TENSORBOARD))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self._enabled:

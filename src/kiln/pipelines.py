@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from kiln import metrics
+from kiln import workdir as workdir_lib
 from kiln.errors import KilnError
 
 COMPARISON = "comparison"
@@ -63,7 +64,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         stage.tokenizer.path = _resolve(
             stage.tokenizer.path, workdir, stages, done, f"{name}.tokenizer.path"
         )
-        if config_lib.run_finished(stage_dir, stage.train.steps):
+        if workdir_lib.run_finished(stage_dir, stage.train.steps):
             metrics.log(f"Pipeline: stage {name} already finished in {stage_dir}; skipped")
         else:
             metrics.log(f"Pipeline: stage {name} -> {stage_dir}")
@@ -79,8 +80,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
 
 def _summary(workdir: str, name: str) -> dict[str, Any]:
-    with open(os.path.join(workdir, name, "summary.json")) as f:
-        return json.load(f)
+    summary = workdir_lib.read_summary(os.path.join(workdir, name))
+    if summary is None:
+        raise KilnError(f"Pipeline stage {name!r} has no {workdir_lib.SUMMARY} in {workdir}.")
+    return summary
 
 
 def comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -4,204 +4,30 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from kiln import (
+    build,
     checkpoint,
     config_lib,
     decoding,
     finetuning,
     flops,
-    init_from,
+    inputs,
     metrics,
     models,
-    optim,
+    restore,
     sharding,
     train,
 )
-from kiln.data import corpus, objectives, pipeline
-from kiln.data import tokenizer as tokenizer_lib
+from kiln import workdir as workdir_lib
+from kiln.data import objectives
 from kiln.errors import KilnError
-
-TOKENIZER_FILE = "tokenizer.model"
-# Sections that define what a run computes: a resumed run may change anything else (steps,
-# learning rate, evaluation, checkpointing, mesh) but not these.
-RUN_IDENTITY = ("seed", "model", "tokenizer", "data", "objective", "task")
-# Model fields that change how, not what, the run computes: a resumed run may change them.
-HOW_NOT_WHAT = ("remat", "scan_layers")
-
-
-@dataclasses.dataclass
-class Data:
-    """Everything the loop reads: the tokenizer, the train iterator and fixed eval batches."""
-
-    tokenizer: tokenizer_lib.Tokenizer
-    train_iter: Any
-    validation: list[dict[str, np.ndarray]]
-    test: list[dict[str, np.ndarray]]
-    task: finetuning.TaskData | None = None  # set when fine-tuning on a labeled task
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Creates the workdir and writes config.json; a resumed run must keep its model section."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        old, new = config_lib.load_json(path).to_dict(), config_lib.to_dict(config)
-        for run_config in (old, new):
-            for key in HOW_NOT_WHAT:
-                run_config.get("model", {}).pop(key, None)
-        changed = config_lib.diff(
-            {k: old.get(k) for k in RUN_IDENTITY}, {k: new.get(k) for k in RUN_IDENTITY}
-        )
-        if changed:
-            raise KilnError(
-                f"{workdir} holds a different run; differing keys: {changed}. Use a new"
-                " --workdir, or restore those values to resume the existing run."
-            )
-    if jax.process_index() == 0:
-        config_lib.save_json(config, path)
-
-
-def prepare_tokenizer(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    train_documents: list[str],
-    source_run: init_from.Source | None = None,
-) -> tokenizer_lib.Tokenizer:
-    """Loads the workdir's tokenizer, else copies the `init_from` run's or `tokenizer.path`,
-    else trains one on `train_documents`."""
-    dest = os.path.join(workdir, TOKENIZER_FILE)
-    if not os.path.exists(dest) and jax.process_index() == 0:
-        source = config.tokenizer.path
-        if source_run is not None:
-            theirs = source_run.tokenizer_path
-            if source and not _same_file(_tokenizer_file(source), theirs):
-                raise KilnError(
-                    f"tokenizer.path={source!r} is not the tokenizer of the init_from run"
-                    f" ({theirs}): a fine-tune must use the vocabulary it was pre-trained with."
-                    ' Set tokenizer.path="" to take it from the init_from run.'
-                )
-            source = theirs
-        if source:
-            source = _tokenizer_file(source)
-            if not os.path.exists(source):
-                raise KilnError(
-                    f"tokenizer.path={config.tokenizer.path!r}: no {TOKENIZER_FILE} there. Point it"
-                    ' at a tokenizer.model file or a finished run\'s workdir, or set it to ""'
-                    " to train a new tokenizer."
-                )
-            shutil.copyfile(source, dest)
-        else:
-            metrics.log(f"Training a {config.tokenizer.model_type} tokenizer ...")
-            tokenizer_lib.train_tokenizer(
-                train_documents[: config.tokenizer.max_sentences],
-                dest,
-                vocab_size=config.model.vocab_size,
-                model_type=config.tokenizer.model_type,
-                seed=config.seed,
-            )
-    _sync("tokenizer")
-    tok = tokenizer_lib.load_tokenizer(dest)
-    if tok.vocab_size != config.model.vocab_size:
-        raise KilnError(
-            f"model.vocab_size={config.model.vocab_size} but {dest} has {tok.vocab_size} pieces."
-            f" Set --config.model.vocab_size={tok.vocab_size}."
-        )
-    return tok
-
-
-def _tokenizer_file(path: str) -> str:
-    return os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
-
-
-def _same_file(a: str, b: str) -> bool:
-    if not (os.path.exists(a) and os.path.exists(b)):
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        return fa.read() == fb.read()
-
-
-def prepare_task_data(
-    config: ml_collections.ConfigDict, workdir: str, source_run: init_from.Source | None
-) -> Data:
-    """Fine-tuning data: the labeled task's train stream and eval batches."""
-    task = finetuning.load(config)
-    texts = [f"{e.input}\n{e.target}" for e in task.splits["train"]]
-    tok = prepare_tokenizer(config, workdir, texts, source_run)
-    prepared = finetuning.prepare(config, task, tok)
-    return Data(tok, prepared.train_iter, prepared.validation, prepared.test, prepared)
-
-
-def make_objective(
-    config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer
-) -> objectives.Objective:
-    """The pre-training objective the `objective` section describes."""
-    o = config.objective
-    return objectives.make_objective(
-        o.name,
-        config.model.family,
-        tok,
-        config.data.seq_len,
-        mask_rate=o.mask_rate,
-        whole_word=o.whole_word,
-        noise_density=o.noise_density,
-        mean_noise_span_length=o.mean_noise_span_length,
-    )
-
-
-def prepare_data(
-    config: ml_collections.ConfigDict, workdir: str, source_run: init_from.Source | None = None
-) -> Data:
-    if config.task.name:
-        return prepare_task_data(config, workdir, source_run)
-    d = config.data
-    data_dir = d.data_dir or None
-    train_docs = corpus.read_documents(d.corpus, "train", data_dir)
-    tok = prepare_tokenizer(config, workdir, train_docs, source_run)
-    objective = make_objective(config, tok)
-    dataset = pipeline.make_train_dataset(
-        train_docs,
-        tok,
-        seq_len=d.seq_len,
-        global_batch_size=d.global_batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        objective=objective,
-        streams=d.streams,
-    )
-
-    def eval_batches(split: str) -> list[dict[str, np.ndarray]]:
-        docs = corpus.read_documents(d.corpus, split, data_dir)
-        # A fixed sample of the split (seed 0 for every run, so runs compare on the same text);
-        # in corpus order the first batches would hold one source only.
-        docs = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))]
-        batches = pipeline.make_eval_batches(
-            docs,
-            tok,
-            seq_len=d.seq_len,
-            batch_size=d.global_batch_size,
-            max_batches=config.eval.batches,
-            objective=objective,
-        )
-        return [
-            pipeline.process_slice(b, jax.process_index(), jax.process_count()) for b in batches
-        ]
-
-    return Data(tok, iter(dataset), eval_batches("validation"), eval_batches("test"))
 
 
 def to_global(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rows: int) -> train.Batch:
@@ -242,14 +68,14 @@ def sample_text(run: "_Run", params: Any) -> str:
     ids = [tok.bos_id, *tok.encode(config.eval.sample_prompt)][: config.model.max_len]
     options = config_lib.decode_options(config, config.eval.sample_tokens)
     out = decoding.generate(
-        run.model,
+        run.built.model,
         params,
         [ids],
         options,
         eos_id=tok.eos_id,
         bos_id=tok.bos_id,
         batch_size=1,
-        mesh=run.mesh,
+        mesh=run.built.mesh,
     )
     return tok.decode(out[0])
 
@@ -323,7 +149,7 @@ _NOT_SHOWN = ("loss", "perplexity", "tokens")
 def _validate(run: "_Run", params: Any) -> dict[str, float]:
     """Validation loss metrics, plus the task metrics when they are cheap (a classifier head)."""
     task = run.data.task
-    cheap = task is not None and finetuning.uses_head(run.config, task.task)
+    cheap = task is not None and finetuning.uses_head(run.config, task)
     return run.evaluate(params, "validation", with_task=cheap)
 
 
@@ -333,24 +159,22 @@ class _Run:
 
     config: ml_collections.ConfigDict
     workdir: str
-    data: Data
-    model: Any
-    optimizer: Any
-    mesh: jax.sharding.Mesh
-    abstract: train.TrainState
-    shardings: train.TrainState
-    train_step: Any
-    eval_step: Any
+    data: inputs.Data
+    built: build.Built
     ckpt: checkpoint.Checkpointer
     writer: metrics.MetricsWriter
-    source: init_from.Source | None = None
+    source: restore.Source | None = None
 
     def evaluate(self, params: Any, split: str, with_task: bool = False) -> dict[str, Any]:
         """Loss metrics of a split; with `with_task`, a fine-tune's task metrics too (one pass
         for a classifier head) and the predictions under the key "predictions"."""
         batches = self.data.validation if split == "validation" else self.data.test
         result, classes = evaluate(
-            self.eval_step, params, batches, self.mesh, self.config.data.global_batch_size
+            self.built.eval_step,
+            params,
+            batches,
+            self.built.mesh,
+            self.config.data.global_batch_size,
         )
         if self.data.task is None:
             return result
@@ -359,12 +183,12 @@ class _Run:
             scores, preds = finetuning.score(
                 self.config,
                 self.data.task,
-                self.model,
+                self.data.examples[split],
+                self.built.model,
                 params,
                 self.data.tokenizer,
-                split,
                 classes,
-                self.mesh,
+                self.built.mesh,
             )
             result.update(scores, predictions=preds)
         return result
@@ -373,9 +197,9 @@ class _Run:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the run described by `config` in `workdir`; returns the summary."""
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
-    prepare_workdir(config, workdir)
+    workdir_lib.prepare(config, workdir)
     ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        os.path.join(workdir, workdir_lib.CHECKPOINTS),
         keep=config.checkpoint.keep,
         keep_every=config.checkpoint.keep_every,
     )
@@ -383,107 +207,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         source = None
         if ckpt.latest_step() is None and config.init_from.workdir:
-            source = init_from.resolve(config.init_from)
-            init_from.check_architecture(config.model, source)
-        data = prepare_data(config, workdir, source)
-        classes = finetuning.num_classes(config, data.task.task) if data.task else 0
-        model = models.build_model(config.model, classes, config.task.pooling)
-        schedule = optim.make_schedule(config.optim, config.train.steps)
-        optimizer = optim.make_optimizer(config.optim, config.train.steps, config.model.n_layers)
-        mesh = sharding.make_mesh(config.mesh)
+            source = restore.resolve(config.init_from)
+            restore.check_architecture(config.model, source)
+        data = inputs.prepare(config, workdir, source)
+        classes = finetuning.num_classes(config, data.task) if data.task else 0
+        built = build.build(config, classes)
         metrics.log(f"Mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} devices")
-        abstract, shardings = train.state_shardings(model, optimizer, mesh, config.data.seq_len)
-        train_step, eval_step = train.jit_steps_for(
-            config, model, optimizer, schedule, shardings, mesh
-        )
         writer = metrics.MetricsWriter(workdir)
-        run = _Run(
-            config,
-            workdir,
-            data,
-            model,
-            optimizer,
-            mesh,
-            abstract,
-            shardings,
-            train_step,
-            eval_step,
-            ckpt,
-            writer,
-            source,
-        )
+        run = _Run(config, workdir, data, built, ckpt, writer, source)
         summary = _loop(run)
     finally:
         ckpt.close()  # Waits for an in-flight save: a crash never loses a committed checkpoint.
         if writer is not None:
             writer.close()
-    _sync("kiln_run_done")  # No process leaves while another still writes (clean shutdown).
+    inputs.sync("kiln_run_done")  # No process leaves while another still writes (clean shutdown).
     return summary
-
-
-def _fresh_state(run: _Run) -> train.TrainState:
-    init = jax.jit(
-        lambda: train.init_state(
-            run.model, run.optimizer, run.config.seed, run.config.data.seq_len
-        ),
-        out_shardings=run.shardings,
-    )
-    with sharding.activation_rules(run.mesh):
-        return init()
-
-
-def _to_disk(run: _Run, state: train.TrainState) -> train.TrainState:
-    """The state in the checkpoints' per-layer layout (a copy only under model.scan_layers)."""
-    return jax.jit(train.on_disk)(state) if run.model.config.scan_layers else state
-
-
-def _from_disk(run: _Run, state: train.TrainState) -> train.TrainState:
-    """A restored per-layer state in this run's layout, on its shardings."""
-    if not run.model.config.scan_layers:
-        return state
-    return jax.jit(train.in_memory, out_shardings=run.shardings)(state)
-
-
-def _initial_state(run: _Run) -> train.TrainState:
-    """Restore order (logged): this workdir's latest checkpoint > init_from > scratch."""
-    latest = run.ckpt.latest_step()
-    if latest is not None:
-        metrics.log(f"Restore: resuming from this workdir's checkpoint at step {latest}")
-        target = train.on_disk(checkpoint.abstract_like(run.abstract, run.shardings))
-        return _from_disk(run, run.ckpt.restore(latest, target, data_iter=run.data.train_iter))
-    if run.source is None:
-        metrics.log("Restore: no checkpoint in this workdir; initialising from scratch")
-        return _fresh_state(run)
-    source, cfg = run.source, run.config.init_from
-    fresh = _fresh_state(run)
-    if cfg.load == "state":
-        target = train.on_disk(checkpoint.abstract_like(run.abstract, run.shardings))
-        state = _from_disk(run, init_from.load_state(source, target))
-        metrics.log(
-            f"Restore: init_from {source.workdir} step {source.step}: full state (parameters and"
-            " optimizer moments); step and schedule restart at 0"
-        )
-        return state.replace(step=fresh.step, rng=fresh.rng)
-    if cfg.load != "params":
-        raise KilnError(f"init_from.load={cfg.load!r} is unknown; use 'params' or 'state'.")
-    fresh = _to_disk(run, fresh)  # init_from works on per-layer parameter paths.
-    loaded, fresh_paths, unused = init_from.plan(source, fresh.params, cfg.skip)
-    if not loaded:
-        raise KilnError(
-            f"init_from: no parameter of {source.workdir} matches this model (or init_from.skip"
-            " skips them all); check init_from.workdir and init_from.skip."
-        )
-    params = init_from.load_params(source, fresh.params, loaded)
-    metrics.log(
-        f"Restore: init_from {source.workdir} step {source.step}: {len(loaded)} parameter"
-        f" arrays loaded; fresh: {fresh_paths or 'none'}; not used: {unused or 'none'}"
-    )
-    return _from_disk(run, fresh.replace(params=params))
 
 
 def _loop(run: _Run) -> dict[str, Any]:
     config = run.config
-    state = _initial_state(run)
+    state = restore.initial_state(
+        run.built, run.ckpt, config.init_from, config.seed, run.source, run.data.train_iter
+    )
     param_count = sum(x.size for x in jax.tree.leaves(state.params))
     metrics.log(f"Model: {config.model.family}, {param_count:,} parameters")
     start = int(state.step)
@@ -500,8 +245,8 @@ def _loop(run: _Run) -> dict[str, Any]:
         else min(config.train.stop_after, config.train.steps)
     )
     for step in range(start + 1, end + 1):
-        batch = to_global(next(run.data.train_iter), run.mesh, config.data.global_batch_size)
-        state, step_metrics = run.train_step(state, batch)
+        batch = to_global(next(run.data.train_iter), run.built.mesh, config.data.global_batch_size)
+        state, step_metrics = run.built.train_step(state, batch)
         tracker.push(step, step_metrics)
         if step % config.eval.every == 0 or step == config.train.steps:
             tracker.flush()
@@ -509,7 +254,7 @@ def _loop(run: _Run) -> dict[str, Any]:
             _log_eval(run.writer, step, "validation", last_eval[1])
         if step % config.checkpoint.every == 0 or step in (end, config.train.steps):
             tracker.flush()  # Never save a state whose loss was not checked.
-            run.ckpt.save(step, _to_disk(run, state), run.data.train_iter)
+            run.ckpt.save(step, restore.on_disk(run.built, state), run.data.train_iter)
             tracker.last_good_checkpoint = step
     tracker.flush()
     if end < config.train.steps:
@@ -538,7 +283,7 @@ def _finish(
     predictions: dict[str, list[str]] = {}
     for split in ("validation", "test"):
         reuse = split == "validation" and last_eval is not None and last_eval[0] == step
-        if reuse and (task is None or finetuning.uses_head(config, task.task)):
+        if reuse and (task is None or finetuning.uses_head(config, task)):
             result = dict(last_eval[1])  # The loop evaluated this very state already.
         else:
             result = run.evaluate(state.params, split, with_task=task is not None)
@@ -546,62 +291,45 @@ def _finish(
         summary.update({f"{split}/{k}": v for k, v in result.items()})
     if task is not None:
         return _finish_task(run, summary, predictions["test"])
-    first = _first_eval(run.workdir)
+    first = workdir_lib.first_perplexity(run.workdir)
     if first is not None:
         summary["validation/perplexity_at_start"] = first
-    if config.eval.sample_prompt and config.model.family == "gpt":
+    if (
+        config.eval.sample_prompt
+        and models.family_of(run.built.model).layout == objectives.Layout.DECODER
+    ):
         summary["sample"] = config.eval.sample_prompt + sample_text(run, state.params)
-    _write_summary(run.workdir, summary)
+    workdir_lib.write_summary(run.workdir, summary)
     start = f"{first:.2f} at step 0 -> " if first is not None else ""
     metrics.log(
         f"Done: validation perplexity {start}{summary['validation/perplexity']:.2f} at step"
         f" {summary['step']}; test perplexity {summary['test/perplexity']:.2f}."
-        f" Summary: {os.path.join(run.workdir, 'summary.json')}"
+        f" Summary: {os.path.join(run.workdir, workdir_lib.SUMMARY)}"
     )
     if "sample" in summary:
         metrics.log(f"Sample ({config.decode.strategy}): {summary['sample']!r}")
     return summary
 
 
-def _write_summary(workdir: str, summary: dict[str, Any]) -> None:
-    if jax.process_index() == 0:
-        config_lib.write_atomically(
-            os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2)
-        )
-
-
 def _finish_task(run: _Run, summary: dict[str, Any], test_predictions: list[str]) -> dict:
     """A fine-tune's summary.json (task metrics included) and predictions_test.jsonl."""
-    task = run.data.task
-    summary["task"] = task.task.name
+    task, examples = run.data.task, run.data.examples
+    summary["task"] = task.name
     for split in ("validation", "test"):
-        summary[f"{split}/examples"] = len(task.examples[split])
-        if task.task.kind == "generation" and "chrf" in task.task.metrics:
-            baseline = finetuning.copy_baseline(task, split)
+        summary[f"{split}/examples"] = len(examples[split])
+        if task.kind == "generation" and "chrf" in task.metrics:
+            baseline = finetuning.copy_baseline(task, examples[split])
             summary.update({f"{split}/copy_input_{k}": v for k, v in baseline.items()})
     if jax.process_index() == 0:
-        with open(os.path.join(run.workdir, "predictions_test.jsonl"), "w") as f:
-            for example, pred in zip(task.examples["test"], test_predictions):
+        with open(os.path.join(run.workdir, workdir_lib.PREDICTIONS), "w") as f:
+            for example, pred in zip(examples["test"], test_predictions):
                 row = {"id": example.id, "prediction": pred, "target": example.target}
                 f.write(json.dumps(row) + "\n")
-    _write_summary(run.workdir, summary)
-    shown = ", ".join(f"{m} {summary[f'test/{m}']:.4g}" for m in task.task.metrics)
+    workdir_lib.write_summary(run.workdir, summary)
+    shown = ", ".join(f"{m} {summary[f'test/{m}']:.4g}" for m in task.metrics)
     metrics.log(
-        f"Done: {task.task.name} at step {summary['step']}: test {shown} (validation "
-        + ", ".join(f"{m} {summary[f'validation/{m}']:.4g}" for m in task.task.metrics)
-        + f"). Summary: {os.path.join(run.workdir, 'summary.json')}"
+        f"Done: {task.name} at step {summary['step']}: test {shown} (validation "
+        + ", ".join(f"{m} {summary[f'validation/{m}']:.4g}" for m in task.metrics)
+        + f"). Summary: {os.path.join(run.workdir, workdir_lib.SUMMARY)}"
     )
     return summary
-
-
-def _first_eval(workdir: str) -> float | None:
-    """Validation perplexity at step 0 from metrics.jsonl (kept across resumes)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            if row["step"] == 0 and "validation/perplexity" in row:
-                return row["validation/perplexity"]
-    return None

@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from kiln import losses, models, sharding
-from kiln.models import layers
+from kiln.models import blocks
 
 Batch = dict[str, jax.Array]
 
@@ -63,7 +63,7 @@ def init_state(
     params_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
     params = nn.unbox(model.init(params_rng, **models.example_inputs(model, seq_len))["params"])
     if model.config.scan_layers:  # Held stacked: the optimizer updates one leaf per stack.
-        params = layers.stack_blocks(params)
+        params = blocks.stack_blocks(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -80,7 +80,7 @@ def state_shardings(
         lambda: model.init(jax.random.PRNGKey(0), **models.example_inputs(model, seq_len))["params"]
     )
     if model.config.scan_layers:
-        abstract_boxed = layers.stack_blocks(abstract_boxed)
+        abstract_boxed = blocks.stack_blocks(abstract_boxed)
     param_shardings = sharding.tree_shardings(abstract_boxed, mesh)
     abstract = jax.eval_shape(lambda: init_state(model, optimizer, 0, seq_len))
     replicated = sharding.replicated(mesh)
@@ -105,15 +105,15 @@ def on_disk(state: Any) -> Any:
     """`state` (arrays, shapes or shardings) in the checkpoints' layout: per-layer blocks, so
     runs with and without `model.scan_layers` read each other's checkpoints."""
     return state.replace(
-        params=layers.unstack_blocks(state.params),
-        opt_state=layers.unstack_blocks(state.opt_state),
+        params=blocks.unstack_blocks(state.params),
+        opt_state=blocks.unstack_blocks(state.opt_state),
     )
 
 
 def in_memory(state: Any) -> Any:
     """The inverse of `on_disk`: the layout of a `model.scan_layers` run, blocks stacked."""
     return state.replace(
-        params=layers.stack_blocks(state.params), opt_state=layers.stack_blocks(state.opt_state)
+        params=blocks.stack_blocks(state.params), opt_state=blocks.stack_blocks(state.opt_state)
     )
 
 
@@ -230,26 +230,6 @@ def jit_steps(
         out_shardings=replicated,
     )
     return _bound(step, mesh), _bound(evaluate, mesh)
-
-
-def jit_steps_for(
-    config: Any,
-    model: nn.Module,
-    optimizer: optax.GradientTransformation,
-    schedule: Callable[[jax.Array], jax.Array],
-    shardings: TrainState,
-    mesh: Mesh,
-) -> tuple[Callable, Callable]:
-    """`jit_steps` with the run config's microbatches and loss chunks."""
-    return jit_steps(
-        model,
-        optimizer,
-        schedule,
-        config.optim.grad_accum_steps,
-        shardings,
-        mesh,
-        loss_chunks=config.train.loss_chunks,
-    )
 
 
 def _bound(fn: Callable, mesh: Mesh) -> Callable:

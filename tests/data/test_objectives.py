@@ -9,10 +9,13 @@ from kiln.data.objectives import (
     OBJECTIVES,
     CausalLM,
     EncoderDecoderPrefixLM,
+    Layout,
     MaskedLM,
     PrefixLM,
     SpanCorruption,
+    as_layout,
     causal_lm,
+    check_options,
     dense_predictions,
     make_objective,
 )
@@ -134,36 +137,48 @@ INVALID = [(f, n) for f in OBJECTIVES for n in ALL_NAMES if n not in OBJECTIVES[
 
 
 @pytest.mark.parametrize(
-    "family, name, cls",
+    "layout, name, cls",
     [
-        ("gpt", "causal_lm", CausalLM),
-        ("gpt", "prefix_lm", PrefixLM),
-        ("bert", "mlm", MaskedLM),
-        ("t5", "span_corruption", SpanCorruption),
-        ("t5", "prefix_lm", EncoderDecoderPrefixLM),
+        ("decoder", "causal_lm", CausalLM),
+        ("decoder", "prefix_lm", PrefixLM),
+        ("encoder", "mlm", MaskedLM),
+        ("encoder_decoder", "span_corruption", SpanCorruption),
+        ("encoder_decoder", "prefix_lm", EncoderDecoderPrefixLM),
     ],
 )
-def test_make_objective_valid_pairs(family, name, cls):
-    objective = make_objective(name, family, StubTokenizer(), 64)
+def test_make_objective_valid_pairs(layout, name, cls):
+    objective = make_objective(name, layout, StubTokenizer(), 64)
     assert type(objective) is cls and objective.name == name
-    expected = {"gpt": "decoder", "bert": "encoder", "t5": "encoder_decoder"}[family]
-    assert objective.family == expected
+    assert objective.layout == layout
     assert len(VALID) == 5
 
 
-@pytest.mark.parametrize("family, name", INVALID)
-def test_make_objective_invalid_pairs(family, name):
-    assert INVALID, "every family lacks some objective"
+@pytest.mark.parametrize("layout, name", INVALID)
+def test_make_objective_invalid_pairs(layout, name):
+    assert INVALID, "every layout lacks some objective"
     with pytest.raises(KilnError) as e:
-        make_objective(name, family, StubTokenizer(), 64)
+        make_objective(name, layout, StubTokenizer(), 64)
     message = str(e.value)
-    assert f"objective.name={name!r}" in message and f"model.family={family!r}" in message
-    for valid in OBJECTIVES[family]:
+    assert f"objective.name={name!r}" in message and f"an {layout} model" in message
+    for valid in OBJECTIVES[layout]:
         assert valid in message
 
 
-def test_make_objective_unknown_family():
-    with pytest.raises(KilnError, match=r"model\.family='llama'.*'gpt', 'bert', 't5'"):
+def test_check_options_needs_no_tokenizer():
+    """`config_lib.validate` runs the tokenizer-free rules of `make_objective` on its own."""
+    assert check_options("mlm", "encoder", 64) == Layout.ENCODER
+    with pytest.raises(KilnError, match=r"objective\.name='mlm'"):
+        check_options("mlm", "decoder", 64)
+    with pytest.raises(KilnError, match=r"objective\.mask_rate"):
+        check_options("mlm", "encoder", 64, mask_rate=0.0)
+    with pytest.raises(KilnError, match=r"objective\.mean_noise_span_length"):
+        check_options("span_corruption", "encoder_decoder", 64, mean_noise_span_length=0.5)
+    with pytest.raises(KilnError, match="Unknown model layout 'llama'"):
+        as_layout("llama")
+
+
+def test_make_objective_unknown_layout():
+    with pytest.raises(KilnError, match=r"layout 'llama'.*'encoder', 'decoder', 'encoder_decoder'"):
         make_objective("causal_lm", "llama", StubTokenizer(), 64)
 
 
@@ -176,45 +191,49 @@ class NoMaskAttribute:
 
 
 @pytest.mark.parametrize(
-    "name, family, tokenizer",
+    "name, layout, tokenizer",
     [
-        ("mlm", "bert", StubTokenizer(specials=False)),  # ids 4 and 7.. are ordinary pieces
-        ("mlm", "bert", NoMaskAttribute()),
-        ("mlm", "bert", StubTokenizer(vocab_size=NUM_SPECIAL_IDS)),  # no ordinary tokens
-        ("span_corruption", "t5", StubTokenizer(specials=False)),
-        ("span_corruption", "t5", NoMaskAttribute()),
-        ("span_corruption", "t5", StubTokenizer(vocab_size=50)),  # sentinels past the vocab
+        ("mlm", "encoder", StubTokenizer(specials=False)),  # ids 4 and 7.. are ordinary pieces
+        ("mlm", "encoder", NoMaskAttribute()),
+        ("mlm", "encoder", StubTokenizer(vocab_size=NUM_SPECIAL_IDS)),  # no ordinary tokens
+        ("span_corruption", "encoder_decoder", StubTokenizer(specials=False)),
+        ("span_corruption", "encoder_decoder", NoMaskAttribute()),
+        (
+            "span_corruption",
+            "encoder_decoder",
+            StubTokenizer(vocab_size=50),
+        ),  # sentinels past the vocab
     ],
 )
-def test_make_objective_tokenizer_without_special_ids(name, family, tokenizer):
+def test_make_objective_tokenizer_without_special_ids(name, layout, tokenizer):
     with pytest.raises(KilnError, match=rf"objective\.name='{name}' needs .* tokenizer"):
-        make_objective(name, family, tokenizer, 64)
+        make_objective(name, layout, tokenizer, 64)
 
 
-@pytest.mark.parametrize("family, name", VALID)
-def test_make_objective_seq_len_too_short(family, name):
+@pytest.mark.parametrize("layout, name", VALID)
+def test_make_objective_seq_len_too_short(layout, name):
     with pytest.raises(KilnError, match=r"data\.seq_len=1 is too short.* 2"):
-        make_objective(name, family, StubTokenizer(), 1)
-    make_objective("mlm", "bert", StubTokenizer(), 2)
+        make_objective(name, layout, StubTokenizer(), 1)
+    make_objective("mlm", "encoder", StubTokenizer(), 2)
 
 
 def test_span_corruption_seq_len_bounds():
     tok = StubTokenizer()
     with pytest.raises(KilnError, match=r"data\.seq_len=9 is too short.*data\.seq_len >= 10"):
-        make_objective("span_corruption", "t5", tok, 9)
+        make_objective("span_corruption", "encoder_decoder", tok, 9)
     # Spans of mean 10 need 6 noise tokens (round(5 / 10) = 0): 37 raw tokens, 33 inputs.
     with pytest.raises(KilnError, match=r"data\.seq_len=32 .*data\.seq_len >= 33"):
-        make_objective("span_corruption", "t5", tok, 32, mean_noise_span_length=10)
-    make_objective("span_corruption", "t5", tok, 33, mean_noise_span_length=10)
-    objective = make_objective("span_corruption", "t5", tok, 10)
+        make_objective("span_corruption", "encoder_decoder", tok, 32, mean_noise_span_length=10)
+    make_objective("span_corruption", "encoder_decoder", tok, 33, mean_noise_span_length=10)
+    objective = make_objective("span_corruption", "encoder_decoder", tok, 10)
     assert objective.corrupted_lengths(objective.packed_length(10)) == (10, 4)
     # 100 sentinels: the longest seq_len whose rows have at most 100 noise spans.
     with pytest.raises(KilnError, match=r"data\.seq_len=2048 needs 114 .* <= 1809"):
-        make_objective("span_corruption", "t5", tok, 2048)
-    objective = make_objective("span_corruption", "t5", tok, 1809)
+        make_objective("span_corruption", "encoder_decoder", tok, 2048)
+    objective = make_objective("span_corruption", "encoder_decoder", tok, 1809)
     assert objective.span_counts(objective.packed_length(1809))[1] == 100
     with pytest.raises(KilnError, match=r"data\.seq_len=1810 needs 101 "):
-        make_objective("span_corruption", "t5", tok, 1810)
+        make_objective("span_corruption", "encoder_decoder", tok, 1810)
 
 
 @pytest.mark.parametrize(
@@ -229,9 +248,9 @@ def test_span_corruption_seq_len_bounds():
     ],
 )
 def test_make_objective_bad_rates(kwargs, key):
-    family = "bert" if kwargs["name"] == "mlm" else "t5"
+    layout = "encoder" if kwargs["name"] == "mlm" else "encoder_decoder"
     with pytest.raises(KilnError, match=key.replace(".", r"\.")):
-        make_objective(family=family, tokenizer=StubTokenizer(), seq_len=64, **kwargs)
+        make_objective(layout=layout, tokenizer=StubTokenizer(), seq_len=64, **kwargs)
 
 
 # --- causal and prefix LM ---------------------------------------------------------------------
@@ -239,7 +258,7 @@ def test_make_objective_bad_rates(kwargs, key):
 
 def test_causal_lm_objective_ignores_rng():
     batch = random_packed_batch(np.random.default_rng(0), batch=3, length=16)
-    objective = make_objective("causal_lm", "gpt", StubTokenizer(), 16)
+    objective = make_objective("causal_lm", "decoder", StubTokenizer(), 16)
     assert not objective.uses_rng and objective.packed_length(16) == 16
     assert_batches_equal(objective(batch, None), causal_lm(batch))
 
@@ -253,7 +272,7 @@ def assert_batches_equal(a: dict, b: dict) -> None:
 def test_prefix_lm_decoder():
     rng = np.random.default_rng(0)
     batch = random_packed_batch(rng, batch=1000, length=48, max_segment=12)
-    objective = make_objective("prefix_lm", "gpt", StubTokenizer(), 48)
+    objective = make_objective("prefix_lm", "decoder", StubTokenizer(), 48)
     assert objective.packed_length(48) == 48
     out = objective(batch, rng)
     keys = {"inputs", "segment_ids", "positions", "targets", "weights", "prefix_mask"}
@@ -289,7 +308,7 @@ def test_prefix_lm_encoder_decoder():
     rng = np.random.default_rng(1)
     length = 40
     batch = random_packed_batch(rng, batch=200, length=length)
-    objective = make_objective("prefix_lm", "t5", StubTokenizer(), length)
+    objective = make_objective("prefix_lm", "encoder_decoder", StubTokenizer(), length)
     assert objective.packed_length(length) == length
     out = objective(batch, rng)
     keys = {
@@ -341,7 +360,7 @@ def check_decoder_side(out: dict, b: int, t: int) -> None:
 def test_mlm_statistics():
     rng = np.random.default_rng(0)
     batch = random_packed_batch(rng, batch=64, length=4096, min_used=3000)
-    objective = make_objective("mlm", "bert", StubTokenizer(), 4096)
+    objective = make_objective("mlm", "encoder", StubTokenizer(), 4096)
     assert objective.packed_length(4096) == 4096
     out = objective(batch, rng)
     cap = round(0.15 * 4096)  # The most a row can select: the predictions' static width.
@@ -407,7 +426,7 @@ def reference_words(tokens: np.ndarray, seg: np.ndarray) -> list[list[tuple[int,
 def test_mlm_whole_word():
     rng = np.random.default_rng(2)
     batch = random_packed_batch(rng, batch=32, length=512, min_used=400, max_segment=30)
-    objective = make_objective("mlm", "bert", StubTokenizer(), 512, whole_word=True)
+    objective = make_objective("mlm", "encoder", StubTokenizer(), 512, whole_word=True)
     out = objective(batch, rng)
     selected = out["weights"] == 1
     words = reference_words(batch["tokens"], batch["segment_ids"])
@@ -438,7 +457,7 @@ def t5_lengths(seq_len: int, density: float = 0.15, mean_span: float = 3.0) -> t
 
 @pytest.mark.parametrize("seq_len", [10, 32, 64, 100, 128, 512, 568, 1024])
 def test_span_corruption_lengths_match_t5(seq_len):
-    objective = make_objective("span_corruption", "t5", StubTokenizer(), seq_len)
+    objective = make_objective("span_corruption", "encoder_decoder", StubTokenizer(), seq_len)
     raw, targets = t5_lengths(seq_len)
     assert (objective.packed_length(seq_len), objective.targets_length) == (raw, targets)
     assert objective.corrupted_lengths(raw)[0] == seq_len, "full rows fill the inputs exactly"
@@ -482,7 +501,7 @@ def reconstruct_span_corruption(inputs: np.ndarray, targets: np.ndarray) -> np.n
 def test_span_corruption():
     rng = np.random.default_rng(0)
     seq_len = 128
-    objective = make_objective("span_corruption", "t5", StubTokenizer(), seq_len)
+    objective = make_objective("span_corruption", "encoder_decoder", StubTokenizer(), seq_len)
     raw, targets_length = objective.packed_length(seq_len), objective.targets_length
     # Full rows, and rows of every length 0 .. raw (a padded last eval row).
     full = raw_rows(rng, batch=600, length=raw, min_used=raw)
@@ -530,7 +549,12 @@ def test_span_corruption():
 def test_span_corruption_statistics_with_other_settings():
     rng = np.random.default_rng(3)
     objective = make_objective(
-        "span_corruption", "t5", StubTokenizer(), 200, noise_density=0.3, mean_noise_span_length=5
+        "span_corruption",
+        "encoder_decoder",
+        StubTokenizer(),
+        200,
+        noise_density=0.3,
+        mean_noise_span_length=5,
     )
     raw = objective.packed_length(200)
     batch = raw_rows(rng, batch=300, length=raw, min_used=raw // 2)
@@ -546,9 +570,9 @@ def test_span_corruption_statistics_with_other_settings():
 # --- all objectives ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family, name", VALID)
-def test_deterministic_in_rng_and_pure(family, name):
-    objective = make_objective(name, family, StubTokenizer(), 48)
+@pytest.mark.parametrize("layout, name", VALID)
+def test_deterministic_in_rng_and_pure(layout, name):
+    objective = make_objective(name, layout, StubTokenizer(), 48)
     length = objective.packed_length(48)
     batch = random_packed_batch(np.random.default_rng(0), batch=8, length=length, min_used=10)
     before = {k: v.copy() for k, v in batch.items()}

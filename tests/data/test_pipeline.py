@@ -283,11 +283,11 @@ def test_streams_change_the_order_but_not_the_rows_shape(tok, docs):
     assert_batches_equal(take(make_train_dataset(docs, tok, streams=4, **kwargs), 2), four)
 
 
-@pytest.mark.parametrize("objective_name, family", [("causal_lm", "gpt"), ("mlm", "bert")])
-def test_resume_across_process_counts(tok, docs, objective_name, family):
+@pytest.mark.parametrize("objective_name, layout", [("causal_lm", "decoder"), ("mlm", "encoder")])
+def test_resume_across_process_counts(tok, docs, objective_name, layout):
     """A position saved by one of 2 processes (4 streams) restores a 1-process iterator, and
     the other way round, to the same continuation as an uninterrupted run (masks included)."""
-    objective = make_objective(objective_name, family, tok, SEQ_LEN)
+    objective = make_objective(objective_name, layout, tok, SEQ_LEN)
     kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5, streams=4, objective=objective)
     reference = take(make_train_dataset(docs, tok, **kwargs), 7)
     parts = [
@@ -377,11 +377,11 @@ def test_eval_batches_small_and_empty(tok):
 # --- objectives -------------------------------------------------------------------------------
 
 RANDOM_OBJECTIVES = [
-    ("gpt", "prefix_lm", {}),
-    ("bert", "mlm", {}),
-    ("bert", "mlm", {"whole_word": True}),
-    ("t5", "span_corruption", {}),
-    ("t5", "prefix_lm", {}),
+    ("decoder", "prefix_lm", {}),
+    ("encoder", "mlm", {}),
+    ("encoder", "mlm", {"whole_word": True}),
+    ("encoder_decoder", "span_corruption", {}),
+    ("encoder_decoder", "prefix_lm", {}),
 ]
 DECODER_KEYS = {"inputs", "segment_ids", "positions", "targets", "weights"}
 ENCODER_DECODER_KEYS = {
@@ -398,12 +398,12 @@ ENCODER_DECODER_KEYS = {
 
 @pytest.fixture(params=RANDOM_OBJECTIVES, ids=lambda p: "-".join([p[0], p[1], *p[2]]))
 def objective(request, tok):
-    family, name, kwargs = request.param
-    return make_objective(name, family, tok, SEQ_LEN, **kwargs)
+    layout, name, kwargs = request.param
+    return make_objective(name, layout, tok, SEQ_LEN, **kwargs)
 
 
 def check_shapes(batch: dict, objective) -> None:
-    if objective.family == "encoder_decoder":
+    if objective.layout == "encoder_decoder":
         assert set(batch) == ENCODER_DECODER_KEYS
         decoder_length = objective.targets_length
         for k, v in batch.items():
@@ -424,7 +424,7 @@ def check_shapes(batch: dict, objective) -> None:
 
 def raw_rows(batch: dict, objective, tok: Tokenizer) -> list[np.ndarray]:
     """The packed rows of raw tokens that the objective transformed (padding dropped)."""
-    if objective.family != "encoder_decoder":
+    if objective.layout != "encoder_decoder":
         if objective.name == "mlm":
             targets, weights = dense_predictions(batch)
             rows = np.where(weights == 1, targets, batch["inputs"])  # Unselected: unchanged.
@@ -492,7 +492,7 @@ def test_causal_lm_is_the_default(tok, docs):
 
 
 def test_objective_process_slices(tok, docs):
-    objective = make_objective("mlm", "bert", tok, SEQ_LEN)
+    objective = make_objective("mlm", "encoder", tok, SEQ_LEN)
     kwargs = dict(seq_len=SEQ_LEN, global_batch_size=8, seed=5, objective=objective)
     full = take(make_train_dataset(docs, tok, **kwargs), 2)
     slices = [
@@ -524,7 +524,7 @@ def test_objective_eval_batches(tok, docs, objective):
 
 
 def test_objective_built_for_another_seq_len(tok, docs):
-    objective = make_objective("span_corruption", "t5", tok, 2 * SEQ_LEN)
+    objective = make_objective("span_corruption", "encoder_decoder", tok, 2 * SEQ_LEN)
     with pytest.raises(ValueError, match=f"seq_len={2 * SEQ_LEN}, not {SEQ_LEN}"):
         make_train_dataset(
             docs, tok, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0, objective=objective

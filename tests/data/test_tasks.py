@@ -60,24 +60,24 @@ def real_length(segment_ids: np.ndarray) -> int:
     return int(np.count_nonzero(segment_ids))
 
 
-def enc(task, family, tok, example, seq_len=16, target_len=6, template="{input}"):
+def enc(task, layout, tok, example, seq_len=16, target_len=6, template="{input}"):
     """finetune.encode with short default lengths."""
     kwargs = dict(seq_len=seq_len, target_len=target_len, template=template)
-    return finetune.encode(task, family, tok, example, **kwargs)
+    return finetune.encode(task, layout, tok, example, **kwargs)
 
 
-def train(task, family, tok, examples, seq_len=40, target_len=8, batch=4, seed=0, **kwargs):
+def train(task, layout, tok, examples, seq_len=40, target_len=8, batch=4, seed=0, **kwargs):
     """finetune.make_train_dataset with short default lengths and the default template."""
     lengths = dict(seq_len=seq_len, target_len=target_len, template="{input}")
     return finetune.make_train_dataset(
-        task, family, tok, examples, **lengths, global_batch_size=batch, seed=seed, **kwargs
+        task, layout, tok, examples, **lengths, global_batch_size=batch, seed=seed, **kwargs
     )
 
 
-def evaluate(task, family, tok, examples, seq_len=16, target_len=6, batch=3):
+def evaluate(task, layout, tok, examples, seq_len=16, target_len=6, batch=3):
     """finetune.make_eval_batches with short default lengths and the default template."""
     lengths = dict(seq_len=seq_len, target_len=target_len, template="{input}")
-    return finetune.make_eval_batches(task, family, tok, examples, **lengths, batch_size=batch)
+    return finetune.make_eval_batches(task, layout, tok, examples, **lengths, batch_size=batch)
 
 
 # ------------------------------------------------------------------------------- shipped tasks
@@ -284,7 +284,9 @@ def test_jsonl_errors(tmp_path):
 
 def test_gpt_generation_prompt_masking(tok, gen_task):
     example = Example("e", "the river", "old stone")
-    row, cut = enc(gen_task, "gpt", tok, example, seq_len=32, target_len=8, template="Q: {input}")
+    row, cut = enc(
+        gen_task, "decoder", tok, example, seq_len=32, target_len=8, template="Q: {input}"
+    )
     prompt, target = ids_of(tok, "Q: the river"), ids_of(tok, "old stone")
     tokens = [BOS, *prompt, SEP, *target, EOS]
     n = len(tokens)
@@ -306,7 +308,7 @@ def test_gpt_generation_prompt_masking(tok, gen_task):
     }
     # Decoding starts from the same prompt, ending with the [SEP].
     decode = finetune.generation_prompt(
-        gen_task, "gpt", tok, example, seq_len=32, max_new_tokens=8, template="Q: {input}"
+        gen_task, "decoder", tok, example, seq_len=32, max_new_tokens=8, template="Q: {input}"
     )
     assert decode == [BOS, *prompt, SEP]
 
@@ -314,14 +316,14 @@ def test_gpt_generation_prompt_masking(tok, gen_task):
 def test_gpt_generation_truncation(tok, gen_task):
     long_prompt = " ".join(["river"] * 40)
     long_target = " ".join(["stone light"] * 10)
-    row, cut = enc(gen_task, "gpt", tok, Example("p", long_prompt, "old"))
+    row, cut = enc(gen_task, "decoder", tok, Example("p", long_prompt, "old"))
     target = ids_of(tok, "old")
     assert cut and row["inputs"][-1] == EOS and row["segment_ids"].all()
     budget = 16 - 3 - len(target)
     np.testing.assert_array_equal(
         row["inputs"], [BOS, *ids_of(tok, long_prompt)[:budget], SEP, *target, EOS]
     )
-    row, cut = enc(gen_task, "gpt", tok, Example("t", "a", long_target))
+    row, cut = enc(gen_task, "decoder", tok, Example("t", "a", long_target))
     expected = [BOS, *ids_of(tok, "a"), SEP, *ids_of(tok, long_target)[:5], EOS]
     assert cut and row["weights"].sum() == 6
     np.testing.assert_array_equal(row["inputs"][: len(expected)], expected)
@@ -331,35 +333,35 @@ def test_gpt_generation_truncation(tok, gen_task):
         Example("p", long_prompt, "old"),
         Example("t", "a", long_target),
     ]
-    _, truncated = evaluate(gen_task, "gpt", tok, examples, batch=2)
+    _, truncated = evaluate(gen_task, "decoder", tok, examples, batch=2)
     assert truncated == 2
-    _, truncated = train(gen_task, "gpt", tok, examples, seq_len=16, target_len=6, batch=2)
+    _, truncated = train(gen_task, "decoder", tok, examples, seq_len=16, target_len=6, batch=2)
     assert truncated == 2
 
 
 def test_classification_encodings(tok, cls_task):
     example = Example("e", "the old city", "river")
     prompt = ids_of(tok, "the old city")
-    bert, cut = enc(cls_task, "bert", tok, example, seq_len=12)
+    bert, cut = enc(cls_task, "encoder", tok, example, seq_len=12)
     assert not cut
     np.testing.assert_array_equal(bert["inputs"][: len(prompt) + 2], [CLS, *prompt, SEP])
     assert real_length(bert["segment_ids"]) == len(prompt) + 2
     assert bert["targets"].shape == () and bert["targets"] == 1  # sorted: north, river, stone
     assert bert["weights"].shape == () and bert["weights"] == 1.0
-    gpt, _ = enc(cls_task, "gpt", tok, example, seq_len=12)
+    gpt, _ = enc(cls_task, "decoder", tok, example, seq_len=12)
     last = real_length(gpt["segment_ids"]) - 1
     assert gpt["inputs"][0] == BOS and gpt["inputs"][last] == EOS and gpt["targets"] == 1
     np.testing.assert_array_equal(gpt["positions"][: last + 1], np.arange(last + 1))
     # A long prompt is cut so that the final special token stays.
     long = Example("l", " ".join(["stone"] * 30), "north")
-    for family, end in (("bert", SEP), ("gpt", EOS)):
-        row, cut = enc(cls_task, family, tok, long, seq_len=12)
+    for layout, end in (("encoder", SEP), ("decoder", EOS)):
+        row, cut = enc(cls_task, layout, tok, long, seq_len=12)
         assert cut and row["inputs"][-1] == end and row["segment_ids"].all() and row["targets"] == 0
 
 
 def test_t5_encodings(tok, cls_task, gen_task):
     example = Example("e", "the old city", "stone")
-    row, cut = enc(cls_task, "t5", tok, example, seq_len=12, target_len=4)
+    row, cut = enc(cls_task, "encoder_decoder", tok, example, seq_len=12, target_len=4)
     label = ids_of(tok, "stone")
     prompt = ids_of(tok, "the old city")
     assert not cut
@@ -371,38 +373,44 @@ def test_t5_encodings(tok, cls_task, gen_task):
     np.testing.assert_array_equal(row["weights"], [1] * n + [0] * (4 - n))
     np.testing.assert_array_equal(row["decoder_positions"], list(range(n)) + [0] * (4 - n))
     assert finetune.generation_prompt(
-        cls_task, "t5", tok, example, seq_len=12, max_new_tokens=4, template="{input}"
+        cls_task, "encoder_decoder", tok, example, seq_len=12, max_new_tokens=4, template="{input}"
     ) == [*prompt, EOS]
     long = Example("l", " ".join(["stone"] * 30), " ".join(["river"] * 30))
-    row, cut = enc(gen_task, "t5", tok, long, seq_len=12, target_len=4)
+    row, cut = enc(gen_task, "encoder_decoder", tok, long, seq_len=12, target_len=4)
     assert cut and row["encoder_inputs"][-1] == EOS and row["targets"][-1] == EOS
     assert row["weights"].all()
     wordy = Task("w", "classification", ("stone river city",), (), "{input}", {})
     need = len(ids_of(tok, "stone river city")) + 1
     with pytest.raises(KilnError, match=f"Raise target_len to at least {need}"):
-        enc(wordy, "t5", tok, Example("x", "a", "stone river city"), target_len=need - 1)
+        enc(
+            wordy,
+            "encoder_decoder",
+            tok,
+            Example("x", "a", "stone river city"),
+            target_len=need - 1,
+        )
 
 
 def test_encoding_errors(tok, cls_task, gen_task):
     example = gen_task.splits["train"][0]
     with pytest.raises(KilnError, match="encoder .bert. cannot"):
-        enc(gen_task, "bert", tok, example)
-    with pytest.raises(KilnError, match="Unknown model family"):
+        enc(gen_task, "encoder", tok, example)
+    with pytest.raises(KilnError, match="Unknown model layout"):
         enc(gen_task, "rnn", tok, example)
     with pytest.raises(KilnError, match="placeholder"):
-        enc(gen_task, "gpt", tok, example, template="no input")
+        enc(gen_task, "decoder", tok, example, template="no input")
     with pytest.raises(KilnError, match="too small"):
-        enc(gen_task, "gpt", tok, example, seq_len=6, target_len=4)
+        enc(gen_task, "decoder", tok, example, seq_len=6, target_len=4)
     with pytest.raises(KilnError, match="not among the task's labels"):
-        enc(cls_task, "bert", tok, Example("x", "a", "zzz"))
+        enc(cls_task, "encoder", tok, Example("x", "a", "zzz"))
     with pytest.raises(KilnError, match="generates nothing"):
         finetune.generation_prompt(
-            cls_task, "gpt", tok, example, seq_len=16, max_new_tokens=4, template="{input}"
+            cls_task, "decoder", tok, example, seq_len=16, max_new_tokens=4, template="{input}"
         )
     with pytest.raises(KilnError, match="Packing is only"):
-        train(cls_task, "bert", tok, cls_task.splits["train"], pack=True)
+        train(cls_task, "encoder", tok, cls_task.splits["train"], pack=True)
     with pytest.raises(KilnError, match="No training examples"):
-        train(gen_task, "gpt", tok, [])
+        train(gen_task, "decoder", tok, [])
 
 
 # ------------------------------------------------------------------------------------- datasets
@@ -421,14 +429,27 @@ def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
 
 
 def unpadded(tok, task, example, seq_len, target_len) -> tuple:
-    row, _ = enc(task, "gpt", tok, example, seq_len, target_len)
+    row, _ = enc(task, "decoder", tok, example, seq_len, target_len)
     n = real_length(row["segment_ids"])
     return tuple(row["inputs"][:n]), tuple(row["targets"][:n]), tuple(row["weights"][:n])
 
 
+def test_check_task_before_the_kind_is_known():
+    """`config_lib.validate` checks a task whose kind is not known yet (kind "")."""
+    finetune.check_task("wn_lexname", "", "encoder")
+    finetune.check_task("kjv2web", "", "decoder", pack=True)
+    finetune.check_task("kjv2web", "generation", "decoder", pack=True)
+    with pytest.raises(KilnError, match=r"task\.pack=True"):
+        finetune.check_task("wn_lexname", "", "encoder_decoder", pack=True)
+    with pytest.raises(KilnError, match=r"task\.pack=True"):
+        finetune.check_task("wn_lexname", "classification", "decoder", pack=True)
+    with pytest.raises(KilnError, match=r"task\.name='kjv2web'.*encoder .bert. cannot"):
+        finetune.check_task("kjv2web", "generation", "encoder")
+
+
 def test_packing_keeps_examples_whole_and_masks_prompts(tok, gen_task):
     examples = gen_task.splits["train"]
-    ds, _ = train(gen_task, "gpt", tok, examples, seq_len=48, target_len=8, seed=1, pack=True)
+    ds, _ = train(gen_task, "decoder", tok, examples, seq_len=48, target_len=8, seed=1, pack=True)
     expected = {unpadded(tok, gen_task, e, 48, 8) for e in examples}
     seen, per_row = [], []
     for batch in take(ds, 10):
@@ -455,19 +476,19 @@ def test_packing_keeps_examples_whole_and_masks_prompts(tok, gen_task):
 
 def test_train_stream_epochs_and_process_slices(tok, cls_task):
     examples = cls_task.splits["train"]
-    ds, _ = train(cls_task, "bert", tok, examples, seq_len=16, batch=6, seed=5)
+    ds, _ = train(cls_task, "encoder", tok, examples, seq_len=16, batch=6, seed=5)
     batches = take(ds, 10)  # Two epochs of 30 examples.
     assert batches[0]["targets"].shape == (6,) and batches[0]["inputs"].shape == (6, 16)
     rows = np.concatenate([b["inputs"] for b in batches])
     by_example = {
-        tuple(enc(cls_task, "bert", tok, e)[0]["inputs"]): i for i, e in enumerate(examples)
+        tuple(enc(cls_task, "encoder", tok, e)[0]["inputs"]): i for i, e in enumerate(examples)
     }
     order = [by_example[tuple(r)] for r in rows]
     assert sorted(order[:30]) == sorted(order[30:]) == sorted(by_example.values())
     assert order[:30] != order[30:], "reshuffled every epoch"
     slices = dict(seq_len=16, batch=6, seed=5, process_count=2)
     halves = [
-        take(train(cls_task, "bert", tok, examples, **slices, process_index=i)[0], 3)
+        take(train(cls_task, "encoder", tok, examples, **slices, process_index=i)[0], 3)
         for i in range(2)
     ]
     for whole, a, b in zip(batches, *halves):
@@ -477,7 +498,7 @@ def test_train_stream_epochs_and_process_slices(tok, cls_task):
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_iterator_resume(tok, gen_task, pack):
-    ds, _ = train(gen_task, "gpt", tok, gen_task.splits["train"], batch=3, seed=7, pack=pack)
+    ds, _ = train(gen_task, "decoder", tok, gen_task.splits["train"], batch=3, seed=7, pack=pack)
     it = iter(ds)
     take(it, 3)
     state = json.loads(json.dumps(it.get_state()))  # As grain.checkpoint stores it.
@@ -489,16 +510,16 @@ def test_iterator_resume(tok, gen_task, pack):
 
 def test_eval_batches(tok, cls_task, gen_task):
     examples = cls_task.splits["train"][:7]
-    batches, truncated = evaluate(cls_task, "gpt", tok, examples)
+    batches, truncated = evaluate(cls_task, "decoder", tok, examples)
     assert len(batches) == 3 and truncated == 0
     assert [b["weights"].tolist() for b in batches] == [[1, 1, 1], [1, 1, 1], [1, 0, 0]]
     labels = [cls_task.labels.index(e.target) for e in examples]
     assert np.concatenate([b["targets"] for b in batches])[:7].tolist() == labels
     assert not batches[-1]["inputs"][1:].any() and not batches[-1]["segment_ids"][1:].any()
     for i, e in enumerate(examples):
-        row, _ = enc(cls_task, "gpt", tok, e)
+        row, _ = enc(cls_task, "decoder", tok, e)
         np.testing.assert_array_equal(batches[i // 3]["inputs"][i % 3], row["inputs"])
-    t5, _ = evaluate(gen_task, "t5", tok, gen_task.splits["train"][:5], batch=4)
+    t5, _ = evaluate(gen_task, "encoder_decoder", tok, gen_task.splits["train"][:5], batch=4)
     assert t5[1]["encoder_inputs"].shape == (4, 16) and t5[1]["targets"].shape == (4, 6)
     assert t5[1]["weights"][0].any() and not t5[1]["weights"][1:].any()
-    assert evaluate(gen_task, "t5", tok, []) == ([], 0)
+    assert evaluate(gen_task, "encoder_decoder", tok, []) == ([], 0)

@@ -8,18 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kiln.models import bert, gpt, layers, t5
+from kiln.models import attention, bert, gpt, layers, t5
 from kiln.models.layers import TransformerConfig
 
 
 def test_causal_blocks_rule():
-    assert layers.causal_blocks(256, 256) == 4
-    assert layers.causal_blocks(512, 512) == 8
-    assert layers.causal_blocks(4096, 4096) == 8
-    assert layers.causal_blocks(128, 128) == 2
-    assert layers.causal_blocks(64, 64) == 1  # blocks of fewer than 64 queries: not worth it
-    assert layers.causal_blocks(200, 200) == 2
-    assert layers.causal_blocks(1, 256) == 1  # decoding: one query against the cache
+    assert attention.causal_blocks(256, 256) == 4
+    assert attention.causal_blocks(512, 512) == 8
+    assert attention.causal_blocks(4096, 4096) == 8
+    assert attention.causal_blocks(128, 128) == 2
+    assert attention.causal_blocks(64, 64) == 1  # blocks of fewer than 64 queries: not worth it
+    assert attention.causal_blocks(200, 200) == 2
+    assert attention.causal_blocks(1, 256) == 1  # decoding: one query against the cache
 
 
 def _packed_segments(rows: int, length: int, seed: int) -> np.ndarray:
@@ -54,7 +54,7 @@ def test_blockwise_causal_attention_equals_numpy(per_head_bias):
         bias = bias + rng.normal(size=(b, h, length, length)).astype(np.float32)
 
     def attend(q, key, v, blocks):
-        return layers._blockwise_attention(q, key, v, bias, blocks, lambda p: p, jnp.float32)
+        return attention._blockwise_attention(q, key, v, bias, blocks, lambda p: p, jnp.float32)
 
     want = _numpy_attention(q, key, v, bias)
     grads = {}
@@ -115,9 +115,9 @@ def test_models_agree_through_every_attention_path(name, monkeypatch):
     module, inputs = _case(name)
     params = module.init(jax.random.PRNGKey(0), **inputs)
     default = np.asarray(module.apply(params, **inputs))
-    monkeypatch.setattr(layers, "causal_blocks", lambda length, kv_length: 1)
+    monkeypatch.setattr(attention, "causal_blocks", lambda length, kv_length: 1)
     one_block = np.asarray(module.apply(params, **inputs))
-    monkeypatch.setattr(layers, "use_dot_product_attention", lambda: True)
+    monkeypatch.setattr(attention, "use_dot_product_attention", lambda: True)
     fused_kernel = np.asarray(module.apply(params, **inputs))
     scale = np.abs(default).max()
     np.testing.assert_allclose(one_block, default, atol=1e-5 * scale)

@@ -2,18 +2,20 @@
 
 The prompt is ``template`` with ``"{input}"`` replaced by the example input. Every array is int32
 except float32 ``weights``; padding is 0 (segment id 0) at the end of a row; ``segment_ids`` are 1
-on real tokens and ``positions`` count from 0. One example per row (unless packed):
+on real tokens and ``positions`` count from 0. One example per row (unless packed), by the
+model's :class:`~kiln.data.objectives.Layout`:
 
-- classification, ``bert``: ``inputs`` = ``[CLS] prompt [SEP]``, ``segment_ids``, ``positions``
-  ``[seq_len]``; ``targets`` = label index (shape ``[]``), ``weights`` = 1.0 (shape ``[]``). The
-  model pools position 0.
-- classification, ``gpt``: the same with ``inputs`` = ``bos prompt eos``; the model pools the last
-  real position (the eos).
-- ``t5`` (both kinds; a classification target is the label name as text): ``encoder_inputs`` =
-  ``prompt eos``, ``encoder_segment_ids``, ``encoder_positions`` ``[seq_len]``;
-  ``decoder_inputs`` = ``bos target``, ``targets`` = ``target eos``, ``decoder_segment_ids``,
-  ``decoder_positions``, ``weights`` (1 on real targets) ``[target_len]``.
-- generation, ``gpt``: tokens = ``bos prompt [SEP] target eos``; ``inputs`` = tokens,
+- classification, encoder (bert): ``inputs`` = ``[CLS] prompt [SEP]``, ``segment_ids``,
+  ``positions`` ``[seq_len]``; ``targets`` = label index (shape ``[]``), ``weights`` = 1.0
+  (shape ``[]``). The model pools position 0.
+- classification, decoder (gpt): the same with ``inputs`` = ``bos prompt eos``; the model pools
+  the last real position (the eos).
+- encoder-decoder (t5; both kinds, a classification target is the label name as text):
+  ``encoder_inputs`` = ``prompt eos``, ``encoder_segment_ids``, ``encoder_positions``
+  ``[seq_len]``; ``decoder_inputs`` = ``bos target``, ``targets`` = ``target eos``,
+  ``decoder_segment_ids``, ``decoder_positions``, ``weights`` (1 on real targets)
+  ``[target_len]``.
+- generation, decoder (gpt): tokens = ``bos prompt [SEP] target eos``; ``inputs`` = tokens,
   ``targets[t]`` = tokens[t + 1], ``weights[t]`` = 1 iff tokens[t + 1] is a target token or the
   final eos (the first weighted position is the [SEP]), ``segment_ids``, ``positions``
   ``[seq_len]``. Decoding prompts (:func:`generation_prompt`) end with the [SEP].
@@ -31,20 +33,21 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from kiln.data.objectives import Layout, as_layout
 from kiln.data.pipeline import process_slice
 from kiln.data.tasks import Example, Task
 from kiln.data.tokenizer import Tokenizer
 from kiln.errors import KilnError
 
 Row = dict[str, np.ndarray]
-FAMILIES = ("gpt", "bert", "t5")
+ENC, DEC, ENC_DEC = Layout.ENCODER, Layout.DECODER, Layout.ENCODER_DECODER
 # Examples are encoded up front, so batching is cheap: one thread prefetching a few batches.
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 
 
 def encode(
     task: Task,
-    family: str,
+    layout: Layout,
     tokenizer: Tokenizer,
     example: Example,
     *,
@@ -52,17 +55,18 @@ def encode(
     target_len: int,
     template: str,
 ) -> tuple[Row, bool]:
-    """One example as a padded row of ``family``'s batch (module docstring), and if it was cut."""
+    """One example as a padded row of a ``layout`` model's batch (module docstring), and if it
+    was cut."""
     (compact,), truncated = _encode_all(
-        task, family, tokenizer, [example], seq_len, target_len, template
+        task, layout, tokenizer, [example], seq_len, target_len, template
     )
-    batch = _pad_batch([compact], task.kind, family, seq_len, target_len)
+    batch = _pad_batch([compact], task.kind, layout, seq_len, target_len)
     return {k: v[0, ...] for k, v in batch.items()}, truncated > 0
 
 
 def generation_prompt(
     task: Task,
-    family: str,
+    layout: Layout,
     tokenizer: Tokenizer,
     example: Example,
     *,
@@ -78,14 +82,14 @@ def generation_prompt(
     input. gpt only generates for generation tasks (it classifies by pooling).
     """
     _check_template(template)
-    if family == "t5":
-        _check_lengths(task, family, seq_len, 2)
+    if layout == ENC_DEC:
+        _check_lengths(task, layout, seq_len, 2)
         ids = tokenizer.encode(_prompt(template, example))
         return [*ids[: seq_len - 1], tokenizer.eos_id]
-    if family != "gpt" or task.kind != "generation":
-        _check_family(task, family)
+    if layout != DEC or task.kind != "generation":
+        check_task(task.name, task.kind, layout)
         raise KilnError(
-            f"Family {family!r} classifies task {task.name!r} by pooling and generates nothing: "
+            f"An {layout} model classifies task {task.name!r} by pooling and generates nothing: "
             "generation prompts are for generation tasks (gpt, t5) or t5 classification."
         )
     budget = seq_len - max_new_tokens - 2
@@ -100,7 +104,7 @@ def generation_prompt(
 
 def make_train_dataset(
     task: Task,
-    family: str,
+    layout: Layout,
     tokenizer: Tokenizer,
     examples: Sequence[Example],
     *,
@@ -124,23 +128,18 @@ def make_train_dataset(
     ``get_state()``/``set_state()``; the state survives a JSON round trip.
 
     Raises:
-        KilnError: On no examples, a bad family, length, template or batch size, or ``pack``
+        KilnError: On no examples, a bad layout, length, template or batch size, or ``pack``
             with anything but gpt generation.
     """
+    check_task(task.name, task.kind, layout, pack)
     if not examples:
         raise KilnError(
             f"No training examples for task {task.name!r}: the train split (or its "
             "low-resource subset) is empty. Check the task data and the subset size."
         )
     process_slice({"rows": np.zeros(global_batch_size)}, process_index, process_count)  # Checks.
-    if pack and not (family == "gpt" and task.kind == "generation"):
-        raise KilnError(
-            f"Packing is only for gpt on generation tasks, not {family} on the {task.kind} task "
-            f"{task.name!r} (one example per row is needed to pool or to align the decoder). "
-            "Turn packing off."
-        )
     compact, truncated = _encode_all(
-        task, family, tokenizer, examples, seq_len, target_len, template
+        task, layout, tokenizer, examples, seq_len, target_len, template
     )
     # grain shuffles epoch e with seed + e: mix the seed so that nearby seeds share no epochs.
     shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
@@ -150,7 +149,7 @@ def make_train_dataset(
         packed = _PackIterDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
         return packed.batch(global_batch_size, drop_remainder=True).map(keep), truncated
     pad = functools.partial(
-        _pad_batch, kind=task.kind, family=family, seq_len=seq_len, target_len=target_len
+        _pad_batch, kind=task.kind, layout=layout, seq_len=seq_len, target_len=target_len
     )
     ds = ds.batch(global_batch_size, drop_remainder=True, batch_fn=pad).map(keep)
     return ds.to_iter_dataset(_READ_OPTIONS), truncated
@@ -158,7 +157,7 @@ def make_train_dataset(
 
 def make_eval_batches(
     task: Task,
-    family: str,
+    layout: Layout,
     tokenizer: Tokenizer,
     examples: Sequence[Example],
     *,
@@ -175,10 +174,10 @@ def make_eval_batches(
     if batch_size < 1:
         raise KilnError(f"Eval batch_size={batch_size} must be >= 1.")
     compact, truncated = _encode_all(
-        task, family, tokenizer, examples, seq_len, target_len, template
+        task, layout, tokenizer, examples, seq_len, target_len, template
     )
     batches = [
-        _pad_batch(compact[i : i + batch_size], task.kind, family, seq_len, target_len, batch_size)
+        _pad_batch(compact[i : i + batch_size], task.kind, layout, seq_len, target_len, batch_size)
         for i in range(0, len(compact), batch_size)
     ]
     return batches, truncated
@@ -187,13 +186,21 @@ def make_eval_batches(
 # ------------------------------------------------------------------------------------ encoding
 
 
-def _check_family(task: Task, family: str) -> None:
-    if family not in FAMILIES:
-        raise KilnError(f"Unknown model family {family!r}: use one of {', '.join(FAMILIES)}.")
-    if family == "bert" and task.kind == "generation":
+def check_task(name: str, kind: str, layout: Layout, pack: bool = False) -> None:
+    """Raises unless a ``layout`` model can fine-tune on task ``name`` of ``kind`` ("" = not
+    known yet), packed if ``pack``; ``config_lib.validate`` runs it before the task is read."""
+    layout = as_layout(layout)
+    if layout == ENC and kind == "generation":
         raise KilnError(
-            f"Task {task.name!r} is a generation task, which an encoder (bert) cannot do: "
-            "fine-tune a gpt or t5 model on it instead."
+            f"task.name={name!r} is a generation task, which an encoder (bert) cannot do:"
+            " fine-tune a decoder (gpt) or encoder-decoder (t5) model on it, or pick a"
+            " classification task."
+        )
+    if pack and (layout != DEC or kind == "classification"):
+        raise KilnError(
+            "task.pack=True: Packing is only for decoders (gpt) on generation tasks, not for"
+            f" {kind or 'the'} task {name!r} with model layout {layout} (one example per row is"
+            " needed to pool or to align the decoder). Set task.pack=False."
         )
 
 
@@ -205,9 +212,9 @@ def _check_template(template: str) -> None:
         )
 
 
-def _check_lengths(task: Task, family: str, seq_len: int, target_len: int) -> None:
+def _check_lengths(task: Task, layout: Layout, seq_len: int, target_len: int) -> None:
     """Raise unless each row has room for its special tokens plus one prompt and target token."""
-    if family == "t5":
+    if layout == ENC_DEC:
         need_seq, need_target = 2, 2  # prompt eos; target eos
     elif task.kind == "generation":
         need_seq, need_target = target_len + 3, 2  # bos prompt [SEP] target eos
@@ -218,10 +225,10 @@ def _check_lengths(task: Task, family: str, seq_len: int, target_len: int) -> No
             f" and target_len >= {need_target}" if need_target is not None else ""
         )
         raise KilnError(
-            f"seq_len={seq_len}, target_len={target_len} are too small for {family} on the "
-            f"{task.kind} task {task.name!r}: a row needs its special tokens, one prompt token "
-            "and one target token (gpt generation: room for a full target of target_len tokens "
-            f"including eos). Use {what}."
+            f"seq_len={seq_len}, target_len={target_len} are too small for an {layout} model on"
+            f" the {task.kind} task {task.name!r}: a row needs its special tokens, one prompt"
+            " token and one target token (decoder generation: room for a full target of"
+            f" target_len tokens including eos). Use {what}."
         )
 
 
@@ -241,7 +248,7 @@ def _label_index(task: Task, example: Example) -> int:
 
 def _encode_all(
     task: Task,
-    family: str,
+    layout: Layout,
     tokenizer: Tokenizer,
     examples: Sequence[Example],
     seq_len: int,
@@ -249,12 +256,12 @@ def _encode_all(
     template: str,
 ) -> tuple[list[Row], int]:
     """Unpadded rows of ``examples`` (see :func:`_pad_batch`) and the number truncated."""
-    _check_family(task, family)
+    check_task(task.name, task.kind, layout)
     _check_template(template)
-    _check_lengths(task, family, seq_len, target_len)
+    _check_lengths(task, layout, seq_len, target_len)
     prompts = tokenizer.encode_batch([_prompt(template, e) for e in examples])
-    if task.kind == "classification" and family != "t5":
-        rows = [_classifier_row(tokenizer, family, ids, seq_len) for ids in prompts]
+    if task.kind == "classification" and layout != ENC_DEC:
+        rows = [_classifier_row(tokenizer, layout, ids, seq_len) for ids in prompts]
         for (row, _), example in zip(rows, examples):
             row["targets"] = np.asarray(_label_index(task, example), dtype=np.int32)
         return [row for row, _ in rows], sum(cut for _, cut in rows)
@@ -263,7 +270,7 @@ def _encode_all(
         targets = [_label_ids(task, label_ids, e, target_len) for e in examples]
     else:
         targets = tokenizer.encode_batch([e.target for e in examples])
-    make = _t5_row if family == "t5" else _decoder_row
+    make = _encoder_decoder_row if layout == ENC_DEC else _decoder_row
     rows = [make(tokenizer, p, t, seq_len, target_len) for p, t in zip(prompts, targets)]
     return [row for row, _ in rows], sum(cut for _, cut in rows)
 
@@ -284,19 +291,19 @@ def _label_ids(
 
 
 def _classifier_row(
-    tokenizer: Tokenizer, family: str, ids: list[int], seq_len: int
+    tokenizer: Tokenizer, layout: Layout, ids: list[int], seq_len: int
 ) -> tuple[Row, bool]:
     """``[CLS] prompt [SEP]`` (bert) or ``bos prompt eos`` (gpt), without the label."""
     first, last = (
         (tokenizer.cls_id, tokenizer.sep_id)
-        if family == "bert"
+        if layout == ENC
         else (tokenizer.bos_id, tokenizer.eos_id)
     )
     inputs = np.asarray([first, *ids[: seq_len - 2], last], dtype=np.int32)
     return {"inputs": inputs}, len(ids) > seq_len - 2
 
 
-def _t5_row(
+def _encoder_decoder_row(
     tokenizer: Tokenizer, prompt: list[int], target: list[int], seq_len: int, target_len: int
 ) -> tuple[Row, bool]:
     eos = tokenizer.eos_id
@@ -346,7 +353,7 @@ def _segments(lengths: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:
 def _pad_batch(
     compacts: Sequence[Row],
     kind: str,
-    family: str,
+    layout: Layout,
     seq_len: int,
     target_len: int,
     rows: int | None = None,
@@ -360,7 +367,7 @@ def _pad_batch(
     def lengths(key: str) -> list[int]:
         return [len(c[key]) for c in compacts] + [0] * (rows - len(compacts))
 
-    if family == "t5":
+    if layout == ENC_DEC:
         encoder_segment_ids, encoder_positions = _segments(lengths("encoder_inputs"), seq_len)
         decoder_segment_ids, decoder_positions = _segments(lengths("targets"), target_len)
         return {

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,13 +31,30 @@ from kiln.errors import KilnError
 
 Batch = dict[str, np.ndarray]
 
-# model.family -> its valid objective.name values.
+
+class Layout(enum.StrEnum):
+    """How a model takes its inputs. Data code branches on the layout, never on a family's
+    name: a new family with an existing layout needs no change here."""
+
+    ENCODER = "encoder"  # bidirectional over `inputs`: classifies by pooling, cannot generate
+    DECODER = "decoder"  # causal over `inputs`: generates, classifies by pooling
+    ENCODER_DECODER = "encoder_decoder"  # `encoder_inputs` -> `decoder_inputs`: text to text
+
+
+# layout -> its valid objective.name values (the first is the default).
 OBJECTIVES = {
-    "gpt": ("causal_lm", "prefix_lm"),
-    "bert": ("mlm",),
-    "t5": ("span_corruption", "prefix_lm"),
+    Layout.DECODER: ("causal_lm", "prefix_lm"),
+    Layout.ENCODER: ("mlm",),
+    Layout.ENCODER_DECODER: ("span_corruption", "prefix_lm"),
 }
 WORD_START = "\u2581"  # SentencePiece's space marker: a piece starting with it begins a word.
+
+
+def as_layout(layout: str) -> Layout:
+    """``layout`` as a :class:`Layout`; a KilnError listing the layouts if it is none."""
+    if layout not in set(Layout):
+        raise KilnError(f"Unknown model layout {layout!r}: use one of {[str(x) for x in Layout]}.")
+    return Layout(layout)
 
 
 def causal_lm(batch: Batch) -> Batch:
@@ -67,12 +85,12 @@ class Objective(abc.ABC):
 
     Attributes:
         name: The ``objective.name`` it implements.
-        family: ``"decoder"``, ``"encoder"`` or ``"encoder_decoder"``.
+        layout: the :class:`Layout` of the model the batches are for.
         uses_rng: False if the transform ignores its rng (the pipeline then maps it without one).
     """
 
     name: ClassVar[str]
-    family: ClassVar[str]
+    layout: ClassVar[Layout]
     uses_rng: ClassVar[bool] = True
 
     def packed_length(self, seq_len: int) -> int:
@@ -89,7 +107,7 @@ class CausalLM(Objective):
     """GPT next-token prediction: :func:`causal_lm`; ignores the rng."""
 
     name: ClassVar[str] = "causal_lm"
-    family: ClassVar[str] = "decoder"
+    layout: ClassVar[Layout] = Layout.DECODER
     uses_rng: ClassVar[bool] = False
 
     def __call__(self, batch: Batch, rng: np.random.Generator | None = None) -> Batch:
@@ -108,7 +126,7 @@ class PrefixLM(Objective):
     """
 
     name: ClassVar[str] = "prefix_lm"
-    family: ClassVar[str] = "decoder"
+    layout: ClassVar[Layout] = Layout.DECODER
 
     def __call__(self, batch: Batch, rng: np.random.Generator | None) -> Batch:
         out = causal_lm(batch)
@@ -140,7 +158,7 @@ class MaskedLM(Objective):
     """
 
     name: ClassVar[str] = "mlm"
-    family: ClassVar[str] = "encoder"
+    layout: ClassVar[Layout] = Layout.ENCODER
     mask_id: int
     vocab_size: int
     mask_rate: float = 0.15
@@ -210,7 +228,7 @@ class SpanCorruption(Objective):
     """
 
     name: ClassVar[str] = "span_corruption"
-    family: ClassVar[str] = "encoder_decoder"
+    layout: ClassVar[Layout] = Layout.ENCODER_DECODER
     seq_len: int
     sentinel_ids: tuple[int, ...]
     bos_id: int
@@ -305,7 +323,7 @@ class EncoderDecoderPrefixLM(Objective):
     """
 
     name: ClassVar[str] = "prefix_lm"
-    family: ClassVar[str] = "encoder_decoder"
+    layout: ClassVar[Layout] = Layout.ENCODER_DECODER
     seq_len: int
     bos_id: int
 
@@ -430,7 +448,7 @@ def _encoder_decoder_batch(
 
 def make_objective(
     name: str,
-    family: str,
+    layout: Layout,
     tokenizer: Any,
     seq_len: int,
     *,
@@ -441,11 +459,11 @@ def make_objective(
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
 ) -> Objective:
-    """The objective ``name`` for a ``family`` model (``gpt``, ``bert`` or ``t5``).
+    """The objective ``name`` for a model of input ``layout``.
 
     Args:
-        name: ``objective.name``: see :data:`OBJECTIVES` for the valid names of each family.
-        family: ``model.family``.
+        name: ``objective.name``: see :data:`OBJECTIVES` for the valid names of each layout.
+        layout: the model family's :class:`Layout`.
         tokenizer: The run's :class:`~kiln.data.tokenizer.Tokenizer` (mlm needs its mask id,
             span corruption its sentinels).
         seq_len: ``data.seq_len``: tokens per row (encoder inputs for t5).
@@ -457,30 +475,57 @@ def make_objective(
         mean_noise_span_length: span_corruption: mean length of a dropped span.
 
     Raises:
-        KilnError: On an objective the family does not support, a tokenizer without the special
+        KilnError: On an objective the layout does not support, a tokenizer without the special
             ids the objective needs, bad rates, or a ``seq_len`` too short (or, for span
             corruption, too long for the 100 sentinels).
     """
-    if family not in OBJECTIVES:
-        raise KilnError(
-            f"model.family={family!r} is not supported: use one of {tuple(OBJECTIVES)}."
+    layout = check_options(
+        name,
+        layout,
+        seq_len,
+        mask_rate=mask_rate,
+        mask_token_fraction=mask_token_fraction,
+        random_token_fraction=random_token_fraction,
+        noise_density=noise_density,
+        mean_noise_span_length=mean_noise_span_length,
+    )
+    if name == "causal_lm":
+        return CausalLM()
+    if name == "prefix_lm" and layout == Layout.DECODER:
+        return PrefixLM()
+    if name == "prefix_lm":
+        return EncoderDecoderPrefixLM(seq_len=seq_len, bos_id=tokenizer.bos_id)
+    if name == "mlm":
+        return _masked_lm(
+            tokenizer, mask_rate, mask_token_fraction, random_token_fraction, whole_word
         )
-    if name not in OBJECTIVES[family]:
+    return _span_corruption(tokenizer, seq_len, noise_density, mean_noise_span_length)
+
+
+def check_options(
+    name: str,
+    layout: Layout,
+    seq_len: int,
+    *,
+    mask_rate: float = 0.15,
+    mask_token_fraction: float = 0.8,
+    random_token_fraction: float = 0.1,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+) -> Layout:
+    """The rules of `make_objective`'s arguments that need no tokenizer (`config_lib.validate`
+    runs them before any data is read); returns the layout as a :class:`Layout`."""
+    layout = as_layout(layout)
+    if name not in OBJECTIVES[layout]:
         raise KilnError(
-            f"objective.name={name!r} does not apply to model.family={family!r}: a {family} model"
-            f" trains with one of {OBJECTIVES[family]}. Set objective.name to one of these (or"
-            " change model.family)."
+            f"objective.name={name!r} does not apply to an {layout} model, which trains with one"
+            f" of {OBJECTIVES[layout]}. Set objective.name to one of these (or change"
+            " model.family)."
         )
     if seq_len < 2:
         raise KilnError(
             f"data.seq_len={seq_len} is too short for objective.name={name!r}: the minimum is 2."
         )
-    if name == "causal_lm":
-        return CausalLM()
-    if family == "gpt":
-        return PrefixLM()
-    if name == "prefix_lm":
-        return EncoderDecoderPrefixLM(seq_len=seq_len, bos_id=tokenizer.bos_id)
     if name == "mlm":
         _check_rate("objective.mask_rate", mask_rate, low_open=True)
         _check_rate("objective.mask_token_fraction", mask_token_fraction)
@@ -490,25 +535,46 @@ def make_objective(
                 f"objective.mask_token_fraction={mask_token_fraction} plus objective."
                 f"random_token_fraction={random_token_fraction} exceed 1: lower one of them."
             )
-        mask_id = _special_id(tokenizer, "mask_id", "[MASK]", name)
-        word_start = None
-        if whole_word:
-            pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
-            word_start = np.array([p.startswith(WORD_START) for p in pieces], bool)
-        return MaskedLM(
-            mask_id=mask_id,
-            vocab_size=tokenizer.vocab_size,
-            mask_rate=mask_rate,
-            mask_token_fraction=mask_token_fraction,
-            random_token_fraction=random_token_fraction,
-            word_start=word_start,
-        )
-    _check_rate("objective.noise_density", noise_density, low_open=True, high_open=True)
-    if not mean_noise_span_length >= 1:
-        raise KilnError(
-            f"objective.mean_noise_span_length={mean_noise_span_length} must be >= 1 (T5 uses 3)."
-        )
-    sentinels = _sentinel_ids(tokenizer, name)
+    if name == "span_corruption":
+        _check_rate("objective.noise_density", noise_density, low_open=True, high_open=True)
+        if not mean_noise_span_length >= 1:
+            raise KilnError(
+                f"objective.mean_noise_span_length={mean_noise_span_length} must be >= 1 (T5"
+                " uses 3)."
+            )
+    return layout
+
+
+def _masked_lm(
+    tokenizer: Any,
+    mask_rate: float,
+    mask_token_fraction: float,
+    random_token_fraction: float,
+    whole_word: bool,
+) -> MaskedLM:
+    """BERT's masked LM (its rates checked by `check_options`); the tokenizer gives the mask id
+    (and word starts)."""
+    mask_id = _special_id(tokenizer, "mask_id", "[MASK]", "mlm")
+    word_start = None
+    if whole_word:
+        pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+        word_start = np.array([p.startswith(WORD_START) for p in pieces], bool)
+    return MaskedLM(
+        mask_id=mask_id,
+        vocab_size=tokenizer.vocab_size,
+        mask_rate=mask_rate,
+        mask_token_fraction=mask_token_fraction,
+        random_token_fraction=random_token_fraction,
+        word_start=word_start,
+    )
+
+
+def _span_corruption(
+    tokenizer: Any, seq_len: int, noise_density: float, mean_noise_span_length: float
+) -> SpanCorruption:
+    """T5's span corruption (its rates checked by `check_options`), checked to fit one span per
+    row and the tokenizer's sentinels."""
+    sentinels = _sentinel_ids(tokenizer, "span_corruption")
     objective = SpanCorruption(
         seq_len=seq_len,
         sentinel_ids=sentinels,

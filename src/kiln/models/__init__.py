@@ -1,19 +1,112 @@
-"""Model families built from the shared layers in `layers.py`."""
+"""Model families built from the shared layers (`layers`, `attention`, `blocks`), and the one
+table that describes them.
 
+Code outside `models/` asks `family(name)` what a family can do (its input layout, objectives,
+classification head and pooling, whether it generates) and never tests a family's name. A new
+family is one model file plus one `Family` entry in `FAMILIES` (and its experiment files).
+"""
+
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kiln.errors import KilnError
+from kiln.data.objectives import OBJECTIVES, Layout
+from kiln.errors import KilnError, config_error
 from kiln.models import bert, gpt, heads, layers, t5
 
-# family -> (module class, the token inputs `init` needs)
-FAMILIES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
-    "gpt": (gpt.GPT, ("inputs",)),
-    "bert": (bert.BERT, ("inputs",)),
-    "t5": (t5.T5, ("encoder_inputs", "decoder_inputs")),
+_INPUTS = {
+    Layout.DECODER: ("inputs",),
+    Layout.ENCODER: ("inputs",),
+    Layout.ENCODER_DECODER: ("encoder_inputs", "decoder_inputs"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a model family is, for the code outside `models/`."""
+
+    name: str
+    module: type[nn.Module]  # the linen module for pre-training and generation
+    layout: Layout  # how it takes its inputs (and so which data rows and objectives fit)
+    classifier: type[nn.Module] | None = None  # its classification model; None: labels as text
+    pooling: tuple[str, ...] = ()  # the classifier's pooling choices, the default first
+    lm_head_transform: bool = False  # its LM head has a d_model x d_model dense before the output
+    # `model` fields that only this family reads: another family's config must leave them at
+    # their defaults (`check_model_section`), so that an override is never silently ignored.
+    own_fields: tuple[str, ...] = ()
+    # (field, value) pairs this family is built for (its module's `setup` checks them too).
+    fixed_fields: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The token inputs `module.init` needs."""
+        return _INPUTS[self.layout]
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """Its pre-training `objective.name` values, the default first."""
+        return OBJECTIVES[self.layout]
+
+    @property
+    def generates(self) -> bool:
+        """Whether it decodes text (with a KV cache, `kiln.decoding`)."""
+        return self.layout != Layout.ENCODER
+
+    def uses_head(self, task_kind: str) -> bool:
+        """Whether a task of `task_kind` trains a head (else the model answers in text)."""
+        return task_kind == "classification" and self.classifier is not None
+
+    def check_pooling(self, pooling: str) -> None:
+        """Raises unless `pooling` ("" = the default) is one of its classifier's poolings."""
+        if not pooling or pooling in self.pooling:
+            return
+        if self.pooling:
+            fix = f'Use one of {list(self.pooling)} (or "" for {self.pooling[0]!r}).'
+        else:
+            fix = 'Use "": it has no classification head.'
+        why = f"is not available for model.family={self.name!r}"
+        raise config_error("task.pooling", pooling, why, fix)
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("gpt", gpt.GPT, Layout.DECODER, heads.GPTClassifier, ("last", "mean")),
+        Family(
+            "bert",
+            bert.BERT,
+            Layout.ENCODER,
+            heads.BertClassifier,
+            ("cls", "mean"),
+            lm_head_transform=True,
+            own_fields=("type_vocab_size",),
+        ),
+        Family(
+            "t5",
+            t5.T5,
+            Layout.ENCODER_DECODER,
+            own_fields=("n_decoder_layers", "relative_buckets", "relative_max_distance"),
+            fixed_fields=t5.FIXED_FIELDS,
+        ),
+    )
+}
+
+
+def family(name: str) -> Family:
+    """The `Family` named `name` (`model.family`)."""
+    if name not in FAMILIES:
+        raise KilnError(f"model.family={name!r} is unknown: use one of {list(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def family_of(model: nn.Module) -> Family:
+    """The `Family` of a built model (its classification model included)."""
+    for f in FAMILIES.values():
+        if isinstance(model, f.module) or (f.classifier and isinstance(model, f.classifier)):
+            return f
+    raise KilnError(f"{type(model).__name__} is not a model of any family in kiln.models.")
 
 
 def transformer_config(model_config: Any) -> layers.TransformerConfig:
@@ -22,32 +115,38 @@ def transformer_config(model_config: Any) -> layers.TransformerConfig:
     return layers.TransformerConfig(**fields)
 
 
-# family -> its classification-head module (t5 classifies text to text, without a head)
-CLASSIFIERS: dict[str, type[nn.Module]] = {
-    "gpt": heads.GPTClassifier,
-    "bert": heads.BertClassifier,
-}
-
-
-POOLING = {"gpt": ("last", "mean"), "bert": ("cls", "mean")}  # the first is the default
+def check_model_section(model_config: Any) -> Family:
+    """Checks the `model` section (the layer config's rules, the family's fixed fields, no
+    other family's own field overridden); returns its `Family`."""
+    fam, config = family(model_config["family"]), transformer_config(model_config)
+    layers.check_fixed_fields(config, fam.name, fam.fixed_fields)
+    default = {f.name: f.default for f in dataclasses.fields(layers.TransformerConfig)}
+    for other in FAMILIES.values():
+        for key in (k for k in other.own_fields if k not in fam.own_fields):
+            if getattr(config, key) != default[key]:
+                raise config_error(
+                    f"model.{key}",
+                    getattr(config, key),
+                    f"is read by model.family={other.name!r} only; a model.family={fam.name!r}"
+                    " model would ignore it",
+                    f"Remove the override (default {default[key]!r}), or use"
+                    f" model.family={other.name!r}.",
+                )
+    return fam
 
 
 def build_model(model_config: Any, num_classes: int = 0, pooling: str = "") -> nn.Module:
     """The linen module for `model.family`; with `num_classes`, its classification model
-    (`pooling` "" = the family's default, see `POOLING`)."""
-    family, config = model_config["family"], transformer_config(model_config)
-    if num_classes:
-        choices = POOLING[family]
-        if pooling and pooling not in choices:
-            raise KilnError(
-                f"task.pooling={pooling!r} is not available for model.family={family!r}; use"
-                f' one of {list(choices)} (or "" for {choices[0]!r}).'
-            )
-        return CLASSIFIERS[family](config, num_classes=num_classes, pooling=pooling or choices[0])
-    return FAMILIES[family][0](config)
+    (`pooling` "" = the family's default, see `Family.pooling`)."""
+    fam, config = family(model_config["family"]), transformer_config(model_config)
+    if not num_classes:
+        return fam.module(config)
+    if fam.classifier is None:
+        raise KilnError(f"model.family={fam.name!r} has no classification head.")
+    fam.check_pooling(pooling)
+    return fam.classifier(config, num_classes=num_classes, pooling=pooling or fam.pooling[0])
 
 
 def example_inputs(model: nn.Module, seq_len: int) -> dict[str, jnp.ndarray]:
     """Zero token inputs for `model.init`; parameter shapes never depend on their length."""
-    keys = next(keys for cls, keys in FAMILIES.values() if isinstance(model, cls))
-    return {key: jnp.zeros((1, seq_len), jnp.int32) for key in keys}
+    return {key: jnp.zeros((1, seq_len), jnp.int32) for key in family_of(model).inputs}

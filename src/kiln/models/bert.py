@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kiln.models import layers
+from kiln.models import blocks, layers
 from kiln.models.layers import TransformerConfig
 
 
@@ -59,7 +59,7 @@ class BERT(nn.Module):
         if cfg.type_vocab_size > 0:
             self.type_embed = layers.Embed(cfg.type_vocab_size, names=("type_vocab", "embed"), **kw)
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        block = layers.rematerialized(layers.TransformerBlock, cfg, layers.BLOCK_STATIC_ARGS)
+        block = blocks.rematerialized(blocks.TransformerBlock, cfg)
         self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
         # Post-LN normalises the embedding sum (as BERT does); pre-LN normalises the output.
         norm_name = "embed_norm" if cfg.norm_position == "post" else "final_norm"
@@ -95,15 +95,9 @@ class BERT(nn.Module):
         x_BLD = self.embed_dropout(x_BLD, deterministic=deterministic)
 
         rope_positions_BL = positions_BL if cfg.position == "rope" else None
-        x_BLD = layers.apply_blocks(
-            self,
-            self.blocks,
-            x_BLD,
-            # Every argument (see `layers.rematerialized`): not decoding, no cache, bidirectional.
-            (bias_B1LL, rope_positions_BL, deterministic, False, None, False),
-            scan=cfg.scan_layers,
-            dropout_rng=cfg.dropout > 0 and not deterministic,
-        )
+        args = blocks.BlockArgs(bias=bias_B1LL, positions_BL=rope_positions_BL)
+        mode = blocks.BlockMode(deterministic=deterministic)  # Bidirectional, never decoding.
+        x_BLD = blocks.apply_blocks(self, self.blocks, x_BLD, args, mode)
         if cfg.norm_position == "pre":
             x_BLD = self.norm(x_BLD)
         return nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)

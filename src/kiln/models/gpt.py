@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kiln.errors import KilnError
-from kiln.models import layers
+from kiln.models import attention, blocks, layers
 from kiln.models.layers import TransformerConfig
 
 
@@ -32,8 +32,8 @@ class GPT(nn.Module):
         if cfg.position == "learned":
             self.position_embed = layers.Embed(cfg.max_len, names=("max_len", "embed"), **kw)
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        self.cache_slots = layers.CacheSlots()  # Decode mode only (the "cache" collection).
-        block = layers.rematerialized(layers.TransformerBlock, cfg, layers.BLOCK_STATIC_ARGS)
+        self.cache_slots = attention.CacheSlots()  # Decode mode only (the "cache" collection).
+        block = blocks.rematerialized(blocks.TransformerBlock, cfg)
         self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
         if cfg.norm_position == "pre":  # Post-LN blocks already end in a norm.
             self.final_norm = layers.make_norm(cfg, "final_norm")
@@ -82,15 +82,12 @@ class GPT(nn.Module):
         x_BLD = self.embed_dropout(x_BLD, deterministic=deterministic)
 
         rope_positions_BL = positions_BL if cfg.position == "rope" else None
-        causal = not decode and prefix_mask is None
-        x_BLD = layers.apply_blocks(
-            self,
-            self.blocks,
-            x_BLD,
-            (bias_B1LS, rope_positions_BL, deterministic, decode, cache_index, causal),
-            scan=cfg.scan_layers and not decode,
-            dropout_rng=cfg.dropout > 0 and not deterministic and not decode,
+        args = blocks.BlockArgs(
+            bias=bias_B1LS, positions_BL=rope_positions_BL, cache_index=cache_index
         )
+        causal = not decode and prefix_mask is None
+        mode = blocks.BlockMode(deterministic=deterministic, decode=decode, causal=causal)
+        x_BLD = blocks.apply_blocks(self, self.blocks, x_BLD, args, mode)
         if cfg.norm_position == "pre":
             x_BLD = self.final_norm(x_BLD)
         return nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)

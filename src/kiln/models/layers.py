@@ -1,20 +1,20 @@
-"""Transformer layers shared by the GPT, BERT and T5 families.
+"""Transformer primitives shared by the GPT, BERT and T5 families: the config, dense layers,
+norms, embeddings, rope, attention masks and the MLP. Attention is in `attention.py`, the
+transformer block and the layer stack in `blocks.py`.
 
 Shape suffixes: B batch, L length (queries), S length (keys/values), D d_model, H heads,
 K kv heads, G query groups (H // K), E head_dim, F d_ff, V vocab.
 """
 
 import dataclasses
-import functools
 import math
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kiln.errors import KilnError
+from kiln.errors import config_error
 
 # Additive bias for masked attention logits. Finite, so fully masked rows give a uniform
 # softmax instead of NaN, and large enough that exp(NEG_INF - max) is exactly 0 in float32.
@@ -22,15 +22,22 @@ NEG_INF = -1e9
 
 Dtype = jnp.dtype | str
 
-_POSITIONS = ("learned", "rope", "none")
-_NORMS = ("layernorm", "rmsnorm")
-_MLPS = ("gelu", "relu", "swiglu", "geglu")
-_NORM_POSITIONS = ("pre", "post")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
 }
+# The one list of the choices of each `model` field that has choices (the default first).
+MODEL_CHOICES = {
+    "position": ("learned", "rope", "none"),
+    "norm": ("layernorm", "rmsnorm"),
+    "norm_position": ("pre", "post"),
+    "mlp": ("gelu", "relu", "swiglu", "geglu"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "param_dtype": ("float32", "bfloat16"),
+    "remat": tuple(REMAT_POLICIES),
+}
+_POSITIVE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len")
 
 # Logical names of the [B, L, D] activations between blocks.
 ACT_NAMES = ("act_batch", "act_length", "act_embed")
@@ -77,41 +84,78 @@ class TransformerConfig:
     # and the same function; less memory for more compute.
     remat: str = "none"
     # Run the blocks of a stack as one lax.scan (one layer compiled, whatever the depth) instead
-    # of unrolled; the same function (see `apply_blocks`, `stack_blocks`).
+    # of unrolled; the same function (see `blocks.apply_blocks`, `blocks.stack_blocks`).
     scan_layers: bool = False
 
     def __post_init__(self):
-        def check(key: str, ok: bool, want: str):
-            if not ok:
-                raise KilnError(f"model.{key}={getattr(self, key)!r} is invalid: use {want}.")
-
-        check("position", self.position in _POSITIONS, f"one of {_POSITIONS}")
-        check("norm", self.norm in _NORMS, f"one of {_NORMS}")
-        check("mlp", self.mlp in _MLPS, f"one of {_MLPS}")
-        heads_ok = self.n_heads > 0 and self.d_model % self.n_heads == 0
-        check("n_heads", heads_ok, f"a divisor of d_model={self.d_model}")
-        kv_ok = self.n_kv_heads > 0 and heads_ok and self.n_heads % self.n_kv_heads == 0
-        check("n_kv_heads", kv_ok, f"a divisor of n_heads={self.n_heads}")
-        check("dropout", 0.0 <= self.dropout < 1.0, "a rate in [0, 1)")
-        check("norm_position", self.norm_position in _NORM_POSITIONS, f"one of {_NORM_POSITIONS}")
-        check("remat", self.remat in REMAT_POLICIES, f"one of {tuple(REMAT_POLICIES)}")
-        check("type_vocab_size", self.type_vocab_size >= 0, "0 (no token types) or more")
-        check("n_decoder_layers", self.n_decoder_layers >= 0, "0 (same as n_layers) or more")
-        # T5 bucketing: per direction (half the buckets when bidirectional), exact buckets for
-        # small distances then log-spaced ones up to relative_max_distance, which must be larger.
-        check("relative_buckets", self.relative_buckets >= 4, "an integer >= 4")
-        max_exact = self.relative_buckets // 2
-        check(
-            "relative_max_distance",
-            self.relative_max_distance > max_exact,
-            f"an integer > relative_buckets // 2 = {max_exact}",
-        )
-        if self.position == "rope":
-            check("n_heads", self.head_dim % 2 == 0, "one that makes head_dim even for rope")
+        # The model section's rules live here only: `config_lib.validate` builds this config.
+        _check_sizes(self)
+        _check_values(self)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+
+def _fail(key: str, value: object, why: str, fix: str) -> None:
+    raise config_error(f"model.{key}", value, why, fix)
+
+
+def _check_sizes(cfg: TransformerConfig) -> None:
+    """The rules of the model's choices and sizes."""
+    for key, choices in MODEL_CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            _fail(key, getattr(cfg, key), "is not supported", f"Use one of {list(choices)}.")
+    for key in _POSITIVE:
+        if getattr(cfg, key) <= 0:
+            _fail(key, getattr(cfg, key), "must be positive", "Set a value above 0.")
+    if cfg.d_model % cfg.n_heads:
+        why = f"is not divisible by model.n_heads={cfg.n_heads}"
+        _fail("d_model", cfg.d_model, why, "Pick d_model = n_heads * head_dim.")
+    if cfg.n_heads % cfg.n_kv_heads:
+        _fail(
+            "n_kv_heads",
+            cfg.n_kv_heads,
+            f"does not divide model.n_heads={cfg.n_heads}",
+            "Grouped-query attention needs n_heads to be a multiple of n_kv_heads.",
+        )
+    if cfg.position == "rope" and cfg.head_dim % 2:
+        why = "gives an odd head_dim, which RoPE cannot rotate"
+        _fail("n_heads", cfg.n_heads, why, "Choose n_heads so that d_model / n_heads is even.")
+
+
+def _check_values(cfg: TransformerConfig) -> None:
+    """The rules of the model's rates and family-specific sizes."""
+    if not 0.0 <= cfg.dropout < 1.0:
+        _fail("dropout", cfg.dropout, "must be in [0, 1)", "Use e.g. 0.1, or 0.0 for none.")
+    if cfg.type_vocab_size < 0:
+        _fail("type_vocab_size", cfg.type_vocab_size, "is negative", "Use 0 (none) or more.")
+    if cfg.n_decoder_layers < 0:
+        why, fix = "is negative", "Use 0 (as many as model.n_layers) or more."
+        _fail("n_decoder_layers", cfg.n_decoder_layers, why, fix)
+    # T5 bucketing: per direction (half the buckets when bidirectional), exact buckets for
+    # small distances then log-spaced ones up to relative_max_distance, which must be larger.
+    if cfg.relative_buckets < 4:
+        _fail("relative_buckets", cfg.relative_buckets, "is below 4", "Use 4 or more (T5: 32).")
+    max_exact = cfg.relative_buckets // 2
+    if cfg.relative_max_distance <= max_exact:
+        _fail(
+            "relative_max_distance",
+            cfg.relative_max_distance,
+            f"is not above model.relative_buckets // 2 = {max_exact}",
+            f"Use more than {max_exact} (T5: 128).",
+        )
+
+
+def check_fixed_fields(
+    cfg: TransformerConfig, family: str, fixed: tuple[tuple[str, object], ...]
+) -> None:
+    """Raises unless `cfg` has each (field, value) of `fixed`, the values `family` is built for
+    (e.g. T5 has no absolute positions); its model's `setup` and `config_lib.validate` call it."""
+    for key, want in fixed:
+        if getattr(cfg, key) != want:
+            why = f"is not supported by model.family={family!r}"
+            _fail(key, getattr(cfg, key), why, f"Use {want!r} (or another model.family).")
 
 
 def _init(std: float, names: tuple[str, ...]) -> nn.initializers.Initializer:
@@ -167,7 +211,7 @@ class Dense(nn.Module):
         return nn.unbox(self.get_variable("params", "kernel")).T.astype(self.dtype)
 
 
-def _dense(
+def make_dense(
     cfg: TransformerConfig,
     features: int | tuple[int, ...],
     axis: int | tuple[int, ...],
@@ -175,7 +219,8 @@ def _dense(
     std: float,
     name: str,
 ) -> Dense:
-    """A Dense over the trailing input axes (`axis` = -1 or (-2, -1)) with named kernel axes."""
+    """A Dense named `name` over the trailing input axes (`axis` = -1 or (-2, -1)), with the
+    config's bias and dtypes and the logical axis names `names` on its kernel."""
     features = (features,) if isinstance(features, int) else tuple(features)
     n_in = 1 if isinstance(axis, int) else len(axis)
     return Dense(
@@ -308,49 +353,6 @@ def cached_causal_mask(
     return padding_mask(q_segment_ids_BL, kv_segment_ids_BS) & causal_LS
 
 
-def _write_slots(cache_BS: jax.Array, new_BL: jax.Array, index: jax.Array) -> jax.Array:
-    """cache_BS with new_BL written at slots [index, index + L) of axis 1."""
-    start = (0, index) + (0,) * (cache_BS.ndim - 2)
-    return jax.lax.dynamic_update_slice(cache_BS, new_BL.astype(cache_BS.dtype), start)
-
-
-class CacheSlots(nn.Module):
-    """Decode-mode bookkeeping of a stack's KV cache in the "cache" collection.
-
-    Holds `index` (the next free slot, shared by all layers) and the segment id and position of
-    every slot [B, S_max]. Each call writes its [B, L] segment ids and positions at slots
-    [index, index + L) and advances index by L; the caller must keep index + L <= S_max (a
-    write past the end is clamped by `dynamic_update_slice` and corrupts the cache).
-
-    The first call, when the cache does not exist yet, creates it with S_max = L and writes
-    nothing, so the model computes an ordinary forward pass (the flax examples' convention).
-    """
-
-    @nn.compact
-    def __call__(
-        self, segment_ids_BL: jax.Array, positions_BL: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Returns (index before this call, positions [B, L], segment ids and positions [B, S]).
-
-        positions_BL None means the slot numbers index + arange(L): unpadded rows continuing
-        their cached sequence.
-        """
-        shape = segment_ids_BL.shape
-        exists = self.has_variable("cache", "index")
-        index = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
-        segment_ids = self.variable("cache", "segment_ids", jnp.zeros, shape, jnp.int32)
-        positions = self.variable("cache", "positions", jnp.zeros, shape, jnp.int32)
-        start = index.value if exists else jnp.zeros((), jnp.int32)
-        if positions_BL is None:
-            positions_BL = jnp.broadcast_to(start + jnp.arange(shape[1]), shape)
-        if not exists:
-            return start, positions_BL, segment_ids_BL, positions_BL
-        segment_ids.value = _write_slots(segment_ids.value, segment_ids_BL, start)
-        positions.value = _write_slots(positions.value, positions_BL, start)
-        index.value = start + shape[1]
-        return start, positions_BL, segment_ids.value, positions.value
-
-
 def mask_to_bias(mask: jax.Array) -> jax.Array:
     """Boolean mask -> additive float32 bias: 0 where allowed, NEG_INF where masked."""
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
@@ -367,392 +369,10 @@ class Mlp(nn.Module):
         std_out = 0.02 / math.sqrt(2 * cfg.n_layers)
         act = {"gelu": nn.gelu, "geglu": nn.gelu, "relu": nn.relu, "swiglu": nn.silu}[cfg.mlp]
         if cfg.mlp in ("swiglu", "geglu"):
-            gate_BLF = _dense(cfg, cfg.d_ff, -1, ("embed", "mlp"), 0.02, "wi_0")(x_BLD)
-            up_BLF = _dense(cfg, cfg.d_ff, -1, ("embed", "mlp"), 0.02, "wi_1")(x_BLD)
+            gate_BLF = make_dense(cfg, cfg.d_ff, -1, ("embed", "mlp"), 0.02, "wi_0")(x_BLD)
+            up_BLF = make_dense(cfg, cfg.d_ff, -1, ("embed", "mlp"), 0.02, "wi_1")(x_BLD)
             h_BLF = act(gate_BLF) * up_BLF
         else:
-            h_BLF = act(_dense(cfg, cfg.d_ff, -1, ("embed", "mlp"), 0.02, "wi")(x_BLD))
+            h_BLF = act(make_dense(cfg, cfg.d_ff, -1, ("embed", "mlp"), 0.02, "wi")(x_BLD))
         h_BLF = nn.Dropout(cfg.dropout)(h_BLF, deterministic=deterministic)
-        return _dense(cfg, cfg.d_model, -1, ("mlp", "embed"), std_out, "wo")(h_BLF)
-
-
-class Attention(nn.Module):
-    """Multi-head attention with grouped kv heads (MHA, GQA, MQA); self or cross."""
-
-    config: TransformerConfig
-
-    @nn.compact
-    def __call__(
-        self,
-        xq_BLD: jax.Array,
-        xkv_BSD: jax.Array,
-        bias: jax.Array | None = None,
-        q_positions_BL: jax.Array | None = None,
-        kv_positions_BS: jax.Array | None = None,
-        *,
-        deterministic: bool = True,
-        decode: bool = False,
-        cache_index: jax.Array | None = None,
-        static_kv: bool = False,
-        causal: bool = False,
-    ) -> jax.Array:
-        """Attends queries from xq to keys/values from xkv.
-
-        Args:
-          xq_BLD: query inputs.
-          xkv_BSD: key/value inputs (the same array for self-attention).
-          bias: additive float32 bias broadcastable to [B, H, L, S]: a mask from `mask_to_bias`,
-            optionally plus a relative position bias.
-          q_positions_BL: if given, rope is applied to q and k.
-          kv_positions_BS: positions of the keys for rope; defaults to q_positions_BL.
-          deterministic: disables dropout on the attention probabilities.
-          decode: self-attention with a KV cache: this call's keys (after rope) and values are
-            written to the "cache" variables `cached_key` / `cached_value` [B, S_max, K, E] at
-            slots [cache_index, cache_index + L) and the queries attend to all S_max slots, so
-            `bias` must cover [B, H, L, S_max] (see `CacheSlots`, `cached_causal_mask`). The
-            call that creates the cache sets S_max = L and attends over this call's keys only.
-          cache_index: int32 scalar, the first slot this call writes; required when decoding.
-          static_kv: with decode, for cross-attention: the call that creates the cache stores
-            the keys/values of xkv as `cross_key` / `cross_value` [B, S, K, E]; later calls read
-            them and ignore xkv (the encoder output does not change while decoding).
-          causal: `bias` masks every key after its query (causal self-attention over L = S),
-            so key blocks wholly in the future are skipped (`causal_blocks`).
-
-        Returns:
-          Output [B, L, D] in the compute dtype.
-        """
-        cfg = self.config
-        h, k, e = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        std_out = 0.02 / math.sqrt(2 * cfg.n_layers)
-        q_BLHE = _dense(cfg, (h, e), -1, ("embed", "heads", "head_dim"), 0.02, "query")(xq_BLD)
-        if decode and static_kv and self.has_variable("cache", "cross_key"):
-            k_BSKE = self.get_variable("cache", "cross_key")
-            v_BSKE = self.get_variable("cache", "cross_value")
-        else:
-            kv_names = ("embed", "kv_heads", "head_dim")
-            k_BSKE = _dense(cfg, (k, e), -1, kv_names, 0.02, "key")(xkv_BSD)
-            v_BSKE = _dense(cfg, (k, e), -1, kv_names, 0.02, "value")(xkv_BSD)
-            if decode and static_kv:
-                self.put_variable("cache", "cross_key", k_BSKE)
-                self.put_variable("cache", "cross_value", v_BSKE)
-        if q_positions_BL is not None:
-            q_BLHE = apply_rope(q_BLHE, q_positions_BL, cfg.rope_theta)
-            kv_pos_BS = q_positions_BL if kv_positions_BS is None else kv_positions_BS
-            k_BSKE = apply_rope(k_BSKE, kv_pos_BS, cfg.rope_theta)
-        if decode and not static_kv:
-            k_BSKE, v_BSKE = self._cached_kv(k_BSKE, v_BSKE, cache_index)
-
-        scale = 1 / math.sqrt(e) if cfg.scale_attention else 1.0
-        dropout_active = cfg.dropout > 0 and not deterministic
-        if use_dot_product_attention() and not dropout_active:
-            out_BLHE = jax.nn.dot_product_attention(
-                q_BLHE.astype(cfg.dtype),
-                k_BSKE.astype(cfg.dtype),
-                v_BSKE.astype(cfg.dtype),
-                bias=None if bias is None else bias.astype(cfg.dtype),
-                scale=scale,
-            )
-        else:
-            dropout = nn.Dropout(cfg.dropout)
-            out_BLHE = _blockwise_attention(
-                q_BLHE * jnp.asarray(scale, q_BLHE.dtype),
-                k_BSKE,
-                v_BSKE,
-                bias,
-                causal_blocks(q_BLHE.shape[1], k_BSKE.shape[1]) if causal else 1,
-                lambda p: dropout(p, deterministic=deterministic),
-                cfg.dtype,
-            )
-        return _dense(cfg, cfg.d_model, (-2, -1), ("heads", "head_dim", "embed"), std_out, "out")(
-            out_BLHE
-        )
-
-    def _cached_kv(
-        self, k_BLKE: jax.Array, v_BLKE: jax.Array, index: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array]:
-        """Writes this call's keys/values into the cache; returns all slots [B, S_max, K, E]."""
-        exists = self.has_variable("cache", "cached_key")
-        key = self.variable("cache", "cached_key", jnp.zeros, k_BLKE.shape, k_BLKE.dtype)
-        value = self.variable("cache", "cached_value", jnp.zeros, v_BLKE.shape, v_BLKE.dtype)
-        if not exists:  # Creating the cache: S_max = L, nothing written.
-            return k_BLKE, v_BLKE
-        if index is None:
-            raise KilnError("Attention: decode=True needs cache_index.")
-        key.value = _write_slots(key.value, k_BLKE, index)
-        value.value = _write_slots(value.value, v_BLKE, index)
-        return key.value, value.value
-
-
-def use_dot_product_attention() -> bool:
-    """Whether attention goes through `jax.nn.dot_product_attention` (cuDNN's fused kernel
-    where it applies, else XLA's): on GPUs. Elsewhere kiln's own blockwise attention, faster
-    on CPUs (benchmarks/RESULTS.md); both compute the same function."""
-    return jax.default_backend() == "gpu"
-
-
-def causal_blocks(length: int, kv_length: int) -> int:
-    """Query blocks for causal attention: up to 8 blocks of at least 64 queries, so that the
-    strictly-future key blocks (up to 7/16 of the scores) are never computed; 1 when the
-    lengths differ (decoding) or the sequence is short."""
-    if length != kv_length:
-        return 1
-    return next((n for n in (8, 4, 2) if length % n == 0 and length // n >= 64), 1)
-
-
-def _slice_bias(bias: jax.Array | None, queries: slice, keys: int) -> jax.Array | None:
-    """bias [..., L or 1, S or 1] restricted to the query rows `queries` and the first `keys`."""
-    if bias is None:
-        return None
-    if bias.shape[-2] > 1:
-        bias = bias[..., queries, :]
-    return bias[..., :keys] if bias.shape[-1] > 1 else bias
-
-
-def _blockwise_attention(
-    q_BLHE: jax.Array,
-    k_BSKE: jax.Array,
-    v_BSKE: jax.Array,
-    bias: jax.Array | None,
-    blocks: int,
-    dropout: Any,
-    dtype: Dtype,
-) -> jax.Array:
-    """softmax(q k^T + bias) v with grouped kv heads; q already scaled. With `blocks` > 1
-    (causal only), query block i attends to the keys of blocks 0..i only."""
-    b, length, h, e = q_BLHE.shape
-    k = k_BSKE.shape[2]
-    g = h // k
-    size = length // blocks
-    # Batched matmuls over one leading axis (B * K): XLA's CPU backend runs these (and their
-    # gradients) ~1.5x faster than the same einsum over [B, K, G, L, S].
-    k_NSE = jnp.swapaxes(k_BSKE, 1, 2).reshape(b * k, -1, e)
-    v_NSE = jnp.swapaxes(v_BSKE, 1, 2).reshape(b * k, -1, e).astype(dtype)
-    outs = []
-    for i in range(blocks):
-        rows = slice(i * size, (i + 1) * size) if blocks > 1 else slice(None)
-        keys = (i + 1) * size if blocks > 1 else k_BSKE.shape[1]
-        # Query head n uses kv head n // G: [B, L, K, G, E] -> [B * K, G * L, E].
-        q_BLKGE = q_BLHE[:, rows].reshape(b, -1, k, g, e)
-        n_queries = q_BLKGE.shape[1]
-        q_NQE = jnp.transpose(q_BLKGE, (0, 2, 3, 1, 4)).reshape(b * k, g * n_queries, e)
-        # Logits and softmax in float32: in bf16 the exp overflows sooner and the row sums
-        # lose precision (8 mantissa bits), which biases the attention weights.
-        logits_NQS = jnp.einsum(
-            "nqe,nse->nqs", q_NQE, k_NSE[:, :keys], preferred_element_type=jnp.float32
-        )
-        logits_BHLS = logits_NQS.reshape(b, h, n_queries, keys)
-        block_bias = _slice_bias(bias, rows, keys)
-        if block_bias is not None:
-            logits_BHLS = logits_BHLS + block_bias.astype(jnp.float32)
-        probs_BHLS = dropout(jax.nn.softmax(logits_BHLS, axis=-1))
-        probs_NQS = probs_BHLS.reshape(b * k, g * n_queries, keys).astype(dtype)
-        out_NQE = jnp.einsum("nqs,nse->nqe", probs_NQS, v_NSE[:, :keys])
-        out_BKGLE = out_NQE.reshape(b, k, g, n_queries, e)
-        outs.append(jnp.transpose(out_BKGLE, (0, 3, 1, 2, 4)).reshape(b, n_queries, h, e))
-    return outs[0] if blocks == 1 else jnp.concatenate(outs, axis=1)
-
-
-def rematerialized(block: type[nn.Module], cfg: TransformerConfig, static: tuple[int, ...]):
-    """`block` under `cfg.remat` (itself for "none"); `static` are the positions of the
-    Python-valued arguments of its __call__, self being 0, and callers must pass every
-    argument up to the last of them positionally. Parameter names are unchanged."""
-    if cfg.remat == "none":
-        return block
-    return nn.remat(block, policy=REMAT_POLICIES[cfg.remat], static_argnums=static)
-
-
-STACKED = "blocks"  # Under scan_layers, a stack's parameters held layer-major in one entry.
-
-
-def _is_block(key: Any) -> bool:
-    return isinstance(key, str) and key.startswith("block_") and key[6:].isdigit()
-
-
-def _stack_leaves(*leaves: Any) -> Any:
-    first = leaves[0]
-    if isinstance(first, nn.Partitioned):
-        value = _stack_leaves(*(leaf.value for leaf in leaves))
-        return first.replace(value=value, names=(None, *first.names))
-    if isinstance(first, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
-    if isinstance(first, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec(None, *first.spec))
-    return jnp.stack(leaves)
-
-
-def _layer_of(leaf: Any, i: int) -> Any:
-    if isinstance(leaf, nn.Partitioned):
-        return leaf.replace(value=_layer_of(leaf.value, i), names=leaf.names[1:])
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-        sharding = leaf.sharding and _layer_of(leaf.sharding, i)
-        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
-    if isinstance(leaf, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec(*leaf.spec[1:]))
-    return leaf[i]
-
-
-def _is_leaf(x: Any) -> bool:
-    return isinstance(x, nn.Partitioned | jax.ShapeDtypeStruct | jax.sharding.Sharding)
-
-
-def _map_dicts(fn: Any, tree: Any) -> Any:
-    """`fn` applied to every dict of `tree`, innermost first, through tuples, NamedTuples
-    (optax states) and lists; other leaves unchanged."""
-    if isinstance(tree, dict):
-        return fn({k: _map_dicts(fn, v) for k, v in tree.items()})
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(_map_dicts(fn, x) for x in tree))
-    if isinstance(tree, list | tuple):
-        return type(tree)(_map_dicts(fn, x) for x in tree)
-    return tree
-
-
-def _stack_dict(tree: dict) -> dict:
-    out = {k: v for k, v in tree.items() if not _is_block(k)}
-    blocks = [tree[f"block_{i}"] for i in range(sum(map(_is_block, tree)))]
-    if blocks:
-        out[STACKED] = jax.tree.map(_stack_leaves, *blocks, is_leaf=_is_leaf)
-    return out
-
-
-def _unstack_dict(tree: dict) -> dict:
-    out = {k: v for k, v in tree.items() if k != STACKED}
-    if STACKED in tree:
-        first = jax.tree.leaves(tree[STACKED], is_leaf=_is_leaf)[0]
-        count = (first.value if isinstance(first, nn.Partitioned) else first).shape[0]
-        for i in range(count):
-            layer_i = functools.partial(_layer_of, i=i)
-            out[f"block_{i}"] = jax.tree.map(layer_i, tree[STACKED], is_leaf=_is_leaf)
-    return out
-
-
-def stack_blocks(tree: Any) -> Any:
-    """`tree` with every dict's block_0 .. block_{n-1} replaced by one `STACKED` entry whose
-    leaves stack theirs on a new leading axis (unsharded, unnamed). Works on parameters,
-    optimizer states, abstract shapes, boxes and shardings."""
-    return _map_dicts(_stack_dict, tree)
-
-
-def unstack_blocks(tree: Any) -> Any:
-    """The inverse of `stack_blocks`: per-layer block_i entries again (a no-op on trees that
-    hold none stacked)."""
-    return _map_dicts(_unstack_dict, tree)
-
-
-def apply_blocks(
-    parent: nn.Module,
-    blocks: Sequence[nn.Module],
-    x: jax.Array,
-    args: tuple,
-    *,
-    scan: bool,
-    dropout_rng: bool,
-) -> jax.Array:
-    """`x` through `blocks` (children of `parent`, one class) in order, as `block(x, *args)`.
-
-    `scan`: one `lax.scan` over the blocks' parameters (one layer traced and compiled,
-    whatever the depth). They are used as held when the train state keeps them stacked
-    (`STACKED`, see `train.init_state`), else stacked inside the step.
-    `dropout_rng`: dropout is active; layer i then draws its masks from key i of a split of one
-    `parent` key, scanned or not, so both run the same function. Not for decoding, which needs
-    per-layer parameters (`unstack_blocks`).
-    """
-    if parent.is_initializing():
-        for block in blocks:
-            x = block(x, *args)
-        return x
-    params = nn.meta.unbox(parent.variables["params"])
-    if STACKED in params and not scan:
-        raise KilnError(
-            f"{parent.name or type(parent).__name__}: its blocks' parameters are stacked (held"
-            " for model.scan_layers); unstack them (kiln.models.layers.unstack_blocks) to run"
-            " the blocks one by one, as decoding does."
-        )
-    if not (scan or dropout_rng):
-        for block in blocks:
-            x = block(x, *args)
-        return x
-    keys = jax.random.split(parent.make_rng("dropout"), len(blocks)) if dropout_rng else None
-    layer = blocks[0].clone(parent=None, name=None)
-
-    def apply_layer(x, params_and_key):
-        layer_params, key = params_and_key
-        rngs = {} if key is None else {"dropout": key}
-        return layer.apply({"params": layer_params}, x, *args, rngs=rngs), None
-
-    if scan:
-        if STACKED not in params:  # Per-layer parameters (not from a train state): stack here.
-            params = _stack_dict(params)
-        return jax.lax.scan(apply_layer, x, (params[STACKED], keys))[0]
-    for i, block in enumerate(blocks):
-        x, _ = apply_layer(x, (params[block.name], None if keys is None else keys[i]))
-    return x
-
-
-# Positions of TransformerBlock.__call__'s Python-valued arguments (deterministic, decode,
-# causal), self being 0.
-BLOCK_STATIC_ARGS = (4, 5, 7)
-
-
-class TransformerBlock(nn.Module):
-    """Self-attention then MLP, each a residual branch; pre-LN or post-LN per the config.
-
-    pre: x + f(norm(x)) (norms `pre_attn_norm`, `pre_mlp_norm`); post: norm(x + f(x)) (norms
-    `post_attn_norm`, `post_mlp_norm`), so a checkpoint's tree tells which order it was trained in.
-    """
-
-    config: TransformerConfig
-
-    @nn.compact
-    def __call__(
-        self,
-        x_BLD: jax.Array,
-        bias: jax.Array,
-        positions_BL: jax.Array | None = None,
-        deterministic: bool = True,
-        decode: bool = False,
-        cache_index: jax.Array | None = None,
-        causal: bool = False,
-    ) -> jax.Array:
-        """Returns the block's output [B, L, D]. Pass every argument, positionally: under
-        `remat` keyword arguments would be traced (see `rematerialized`).
-
-        Args:
-          x_BLD: inputs.
-          bias: additive float32 attention bias broadcastable to [B, H, L, L] (see `Attention`);
-            [B, H, L, S_max] over the cache slots when decoding.
-          positions_BL: if given, rope is applied with these positions.
-          deterministic: disables dropout.
-          decode: self-attention reads and extends the KV cache (see `Attention`).
-          cache_index: int32 scalar, the first cache slot of this call when decoding.
-          causal: the bias is causal (see `Attention`).
-        """
-        cfg = self.config
-        pre = cfg.norm_position == "pre"
-
-        def norm(x_BLD, sublayer):
-            return make_norm(cfg, f"{cfg.norm_position}_{sublayer}_norm")(x_BLD)
-
-        def dropout(h_BLD):
-            return nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
-
-        x_BLD = nn.with_logical_constraint(x_BLD, ACT_NAMES)
-        h_BLD = norm(x_BLD, "attn") if pre else x_BLD
-        h_BLD = Attention(cfg, name="attn")(
-            h_BLD,
-            h_BLD,
-            bias,
-            positions_BL,
-            positions_BL,
-            deterministic=deterministic,
-            decode=decode,
-            cache_index=cache_index,
-            causal=causal,
-        )
-        x_BLD = x_BLD + dropout(h_BLD)
-        x_BLD = x_BLD if pre else norm(x_BLD, "attn")
-        h_BLD = norm(x_BLD, "mlp") if pre else x_BLD
-        h_BLD = Mlp(cfg, name="mlp")(h_BLD, deterministic=deterministic)
-        x_BLD = x_BLD + dropout(h_BLD)
-        x_BLD = x_BLD if pre else norm(x_BLD, "mlp")
-        return nn.with_logical_constraint(x_BLD, ACT_NAMES)
+        return make_dense(cfg, cfg.d_model, -1, ("mlp", "embed"), std_out, "wo")(h_BLF)

@@ -5,16 +5,19 @@ and cross-attends to the encoder output. Positions enter only through learned pe
 bucketed relative positions, one table per stack shared by all its layers.
 """
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kiln.errors import KilnError
-from kiln.models import layers
+from kiln.models import attention, blocks, layers
 from kiln.models.layers import TransformerConfig
 
 RELPOS_NAMES = ("relpos_buckets", "heads")
+# T5 has only relative position biases, and pre-norm blocks in both stacks.
+FIXED_FIELDS = (("position", "none"), ("norm_position", "pre"))
 
 
 def _distance_buckets(num_buckets: int, max_distance: int) -> np.ndarray:
@@ -90,58 +93,58 @@ def _relpos_table(cfg: TransformerConfig) -> layers.Embed:
     )
 
 
+class DecoderArgs(NamedTuple):
+    """The arrays a `DecoderBlock` reads besides its input, the same for every layer."""
+
+    encoded_BSD: jax.Array  # Encoder output, cross-attended to.
+    self_bias_BHLS: jax.Array  # Causal mask + relative bias; over the cache slots if decoding.
+    cross_bias_B1LS: jax.Array  # Each target sees its own example's encoder tokens.
+    cache_index: jax.Array | None = None  # Decoding: int32 scalar, this call's first slot.
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm block: causal self-attention, cross-attention to the encoder, then MLP."""
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(
-        self,
-        y_BLD: jax.Array,
-        encoded_BSD: jax.Array,
-        self_bias_BHLS: jax.Array,
-        cross_bias_B1LS: jax.Array,
-        deterministic: bool = True,
-        decode: bool = False,
-        cache_index: jax.Array | None = None,
-    ) -> jax.Array:
+    def __call__(self, y_BLD: jax.Array, args: DecoderArgs, mode: blocks.BlockMode) -> jax.Array:
         """Returns [B, L, D]; when decoding, self-attention uses the KV cache and cross-attention
-        the encoder keys/values cached by the call that created the cache (see Attention). Pass
-        every argument positionally (see `layers.rematerialized`)."""
+        the encoder keys/values cached by the call that created the cache (see `Attention`).
+        Pass `mode` positionally (see `blocks.rematerialized`)."""
         cfg = self.config
         y_BLD = nn.with_logical_constraint(y_BLD, layers.ACT_NAMES)
         h_BLD = layers.make_norm(cfg, "pre_self_attn_norm")(y_BLD)
-        h_BLD = layers.Attention(cfg, name="self_attn")(
+        h_BLD = attention.Attention(cfg, name="self_attn")(
             h_BLD,
             h_BLD,
-            self_bias_BHLS,
-            deterministic=deterministic,
-            decode=decode,
-            cache_index=cache_index,
-            causal=not decode,
+            args.self_bias_BHLS,
+            deterministic=mode.deterministic,
+            decode=mode.decode,
+            cache_index=args.cache_index,
+            causal=mode.causal,
         )
-        y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
+        y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=mode.deterministic)
         h_BLD = layers.make_norm(cfg, "pre_cross_attn_norm")(y_BLD)
-        h_BLD = layers.Attention(cfg, name="cross_attn")(
+        h_BLD = attention.Attention(cfg, name="cross_attn")(
             h_BLD,
-            encoded_BSD,
-            cross_bias_B1LS,
-            deterministic=deterministic,
-            decode=decode,
+            args.encoded_BSD,
+            args.cross_bias_B1LS,
+            deterministic=mode.deterministic,
+            decode=mode.decode,
             static_kv=True,
         )
-        y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
+        y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=mode.deterministic)
         h_BLD = layers.make_norm(cfg, "pre_mlp_norm")(y_BLD)
-        h_BLD = layers.Mlp(cfg, name="mlp")(h_BLD, deterministic=deterministic)
-        y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=deterministic)
+        h_BLD = layers.Mlp(cfg, name="mlp")(h_BLD, deterministic=mode.deterministic)
+        y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=mode.deterministic)
         return nn.with_logical_constraint(y_BLD, layers.ACT_NAMES)
 
 
 class Encoder(nn.Module):
     """Encoder stack over embedded inputs; returns the normed output [B, S, D].
 
-    Its blocks are `layers.TransformerBlock` (pre-norm: `pre_attn_norm`, `attn`, `pre_mlp_norm`,
+    Its blocks are `blocks.TransformerBlock` (pre-norm: `pre_attn_norm`, `attn`, `pre_mlp_norm`,
     `mlp`), given the bidirectional relative bias plus the padding mask.
     """
 
@@ -166,15 +169,13 @@ class Encoder(nn.Module):
             max_distance=cfg.relative_max_distance,
         )
         x_BSD = nn.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
-        block = layers.rematerialized(layers.TransformerBlock, cfg, layers.BLOCK_STATIC_ARGS)
-        x_BSD = layers.apply_blocks(
+        block = blocks.rematerialized(blocks.TransformerBlock, cfg)
+        x_BSD = blocks.apply_blocks(
             self,
             [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)],
             x_BSD,
-            # Every argument (see `layers.rematerialized`); bidirectional.
-            (bias_BHSS, None, deterministic, False, None, False),
-            scan=cfg.scan_layers,
-            dropout_rng=cfg.dropout > 0 and not deterministic,
+            blocks.BlockArgs(bias=bias_BHSS),
+            blocks.BlockMode(deterministic=deterministic),  # Bidirectional, never decoding.
         )
         x_BSD = layers.make_norm(cfg, "final_norm")(x_BSD)
         x_BSD = nn.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
@@ -205,7 +206,7 @@ class Decoder(nn.Module):
         cfg = self.config
         cache_index = None
         if decode:
-            slots = layers.CacheSlots(name="cache_slots")
+            slots = attention.CacheSlots(name="cache_slots")
             cache_index, positions_BL, kv_segment_ids_BS, kv_positions_BS = slots(
                 segment_ids_BL, positions_BL
             )
@@ -229,15 +230,18 @@ class Decoder(nn.Module):
         cross_mask_B1LS = layers.padding_mask(segment_ids_BL, encoder_segment_ids_BS)
         cross_bias_B1LS = layers.mask_to_bias(cross_mask_B1LS)
         y_BLD = nn.Dropout(cfg.dropout)(y_BLD, deterministic=deterministic)
-        # DecoderBlock's Python-valued arguments: deterministic, decode (self is 0).
-        block = layers.rematerialized(DecoderBlock, cfg, (5, 6))
-        y_BLD = layers.apply_blocks(
+        block = blocks.rematerialized(DecoderBlock, cfg)
+        y_BLD = blocks.apply_blocks(
             self,
             [block(cfg, name=f"block_{i}") for i in range(cfg.n_decoder_layers or cfg.n_layers)],
             y_BLD,
-            (encoded_BSD, self_bias_BHLS, cross_bias_B1LS, deterministic, decode, cache_index),
-            scan=cfg.scan_layers and not decode,
-            dropout_rng=cfg.dropout > 0 and not deterministic and not decode,
+            DecoderArgs(
+                encoded_BSD=encoded_BSD,
+                self_bias_BHLS=self_bias_BHLS,
+                cross_bias_B1LS=cross_bias_B1LS,
+                cache_index=cache_index,
+            ),
+            blocks.BlockMode(deterministic=deterministic, decode=decode, causal=not decode),
         )
         y_BLD = layers.make_norm(cfg, "final_norm")(y_BLD)
         y_BLD = nn.Dropout(cfg.dropout)(y_BLD, deterministic=deterministic)
@@ -256,12 +260,7 @@ class T5(nn.Module):
 
     def setup(self):
         cfg = self.config
-        # T5 has only relative position biases, and pre-norm blocks in both stacks.
-        for key, want in (("position", "none"), ("norm_position", "pre")):
-            if getattr(cfg, key) != want:
-                raise KilnError(
-                    f"model.{key}={getattr(cfg, key)!r} is invalid for T5: use {want!r}."
-                )
+        layers.check_fixed_fields(cfg, "t5", FIXED_FIELDS)
         self.token_embed = layers.Embed(
             cfg.vocab_size,
             cfg.d_model,

@@ -1,9 +1,13 @@
-"""Start a run from another run's checkpoint: resolve it, check the architecture, load params.
+"""Where a run's state comes from, in one module. Restore order (logged): this workdir's latest
+checkpoint (a resume: state and data position) > `init_from` (another run's parameters, or its
+whole state, with regex skips for new heads; step and schedule restart at 0) > scratch.
 
-The source is a workdir (its latest checkpoint, or `init_from.step`) or a checkpoint folder
-`<workdir>/checkpoints/<step>`. Parameters are matched by path: every parameter of this run
-that the source has with the same shape is loaded, unless its path matches `init_from.skip`;
-the rest (the new task's heads) keep their fresh initialisation.
+An `init_from` source is a workdir (its latest checkpoint, or `init_from.step`) or a checkpoint
+folder `<workdir>/checkpoints/<step>`. Parameters are matched by path: every parameter of this
+run that the source has with the same shape is loaded, unless its path matches
+`init_from.skip`; the rest (the new task's heads) keep their fresh initialisation. Checkpoints
+always hold per-layer blocks (`on_disk`), whatever `model.scan_layers` says, so runs with and
+without it read each other's.
 """
 
 import dataclasses
@@ -15,7 +19,8 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from kiln import checkpoint, config_lib, models
+from kiln import build, checkpoint, config_lib, metrics, models, sharding, train
+from kiln import workdir as workdir_lib
 from kiln.errors import KilnError
 
 # Model fields a fine-tune may set differently from the run it starts from.
@@ -24,13 +29,15 @@ MAY_DIFFER = ("dropout", "dtype", "param_dtype", "remat", "scan_layers")
 
 @dataclasses.dataclass(frozen=True)
 class Source:
+    """A finished (or checkpointed) run to start from: its workdir, step and config."""
+
     workdir: str
     step: int
     config: ml_collections.ConfigDict
 
     @property
     def tokenizer_path(self) -> str:
-        return os.path.join(self.workdir, "tokenizer.model")
+        return os.path.join(self.workdir, workdir_lib.TOKENIZER)
 
 
 def resolve(init_cfg: ml_collections.ConfigDict, where: str = "init_from.") -> Source:
@@ -39,15 +46,15 @@ def resolve(init_cfg: ml_collections.ConfigDict, where: str = "init_from.") -> S
     path = os.path.abspath(os.path.expanduser(init_cfg.workdir))
     step = int(init_cfg.step)
     parent = os.path.dirname(path)
-    if os.path.basename(parent) == "checkpoints" and os.path.basename(path).isdigit():
+    if os.path.basename(parent) == workdir_lib.CHECKPOINTS and os.path.basename(path).isdigit():
         path, step = os.path.dirname(parent), int(os.path.basename(path))
-    config_path = os.path.join(path, "config.json")
+    config_path = os.path.join(path, workdir_lib.CONFIG)
     if not os.path.exists(config_path):
         raise KilnError(
             f"{where}workdir={init_cfg.workdir!r}: no run there ({config_path} is missing)."
             " Point it at a finished run's workdir or at <workdir>/checkpoints/<step>."
         )
-    ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"))
+    ckpt = checkpoint.Checkpointer(os.path.join(path, workdir_lib.CHECKPOINTS))
     try:
         steps = ckpt.all_steps()
     finally:
@@ -143,7 +150,7 @@ def load_params(source: Source, fresh_params: Any, loaded: list[str]) -> Any:
         path: jax.ShapeDtypeStruct(flat[path].shape, flat[path].dtype, sharding=flat[path].sharding)
         for path in loaded
     }
-    ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, "checkpoints"))
+    ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, workdir_lib.CHECKPOINTS))
     try:
         restored = _flat(ckpt.restore_params(source.step, _nest(abstract)))
     finally:
@@ -156,7 +163,7 @@ def load_params(source: Source, fresh_params: Any, loaded: list[str]) -> Any:
 
 def load_state(source: Source, abstract_state: Any) -> Any:
     """The source's whole train state (params and optimizer moments) onto this run's shardings."""
-    ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, "checkpoints"))
+    ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, workdir_lib.CHECKPOINTS))
     try:
         return ckpt.restore(source.step, abstract_state)
     except KilnError as e:
@@ -164,5 +171,75 @@ def load_state(source: Source, abstract_state: Any) -> Any:
             f"init_from.load='state' needs the same parameters and optimizer as the source: {e}"
             " Use init_from.load='params' to take the parameters only."
         ) from e
+    finally:
+        ckpt.close()
+
+
+def on_disk(built: build.Built, state: train.TrainState) -> train.TrainState:
+    """`state` in the checkpoints' per-layer layout (a copy only under model.scan_layers)."""
+    return jax.jit(train.on_disk)(state) if built.model.config.scan_layers else state
+
+
+def from_disk(built: build.Built, state: train.TrainState) -> train.TrainState:
+    """A restored per-layer state in the run's layout, on its shardings."""
+    if not built.model.config.scan_layers:
+        return state
+    return jax.jit(train.in_memory, out_shardings=built.shardings)(state)
+
+
+def initial_state(
+    built: build.Built,
+    ckpt: checkpoint.Checkpointer,
+    init_cfg: ml_collections.ConfigDict,
+    seed: int,
+    source: Source | None,
+    data_iter: Any,
+) -> train.TrainState:
+    """The run's first state, in the restore order (logged): `ckpt`'s latest step (which also
+    sets `data_iter` to its position) > `source` as `init_cfg` (the `init_from` section) says >
+    a fresh state from `seed`."""
+    latest = ckpt.latest_step()
+    if latest is not None:
+        metrics.log(f"Restore: resuming from this workdir's checkpoint at step {latest}")
+        target = train.on_disk(checkpoint.abstract_like(built.abstract, built.shardings))
+        return from_disk(built, ckpt.restore(latest, target, data_iter=data_iter))
+    fresh = built.fresh_state(seed)
+    if source is None:
+        metrics.log("Restore: no checkpoint in this workdir; initialising from scratch")
+        return fresh
+    if init_cfg.load == "state":
+        target = train.on_disk(checkpoint.abstract_like(built.abstract, built.shardings))
+        state = from_disk(built, load_state(source, target))
+        metrics.log(
+            f"Restore: init_from {source.workdir} step {source.step}: full state (parameters and"
+            " optimizer moments); step and schedule restart at 0"
+        )
+        return state.replace(step=fresh.step, rng=fresh.rng)
+    if init_cfg.load != "params":
+        raise KilnError(f"init_from.load={init_cfg.load!r} is unknown; use 'params' or 'state'.")
+    fresh = on_disk(built, fresh)  # init_from works on per-layer parameter paths.
+    loaded, fresh_paths, unused = plan(source, fresh.params, init_cfg.skip)
+    if not loaded:
+        raise KilnError(
+            f"init_from: no parameter of {source.workdir} matches this model (or init_from.skip"
+            " skips them all); check init_from.workdir and init_from.skip."
+        )
+    params = load_params(source, fresh.params, loaded)
+    metrics.log(
+        f"Restore: init_from {source.workdir} step {source.step}: {len(loaded)} parameter"
+        f" arrays loaded; fresh: {fresh_paths or 'none'}; not used: {unused or 'none'}"
+    )
+    return from_disk(built, fresh.replace(params=params))
+
+
+def params_for_inference(source: Source, mesh: jax.sharding.Mesh) -> tuple[nn.Module, Any]:
+    """(model, parameters) of `source`'s checkpoint, per layer, sharded over `mesh`."""
+    model = models.build_model(source.config.model)
+    example = models.example_inputs(model, 8)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **example)["params"])
+    abstract = checkpoint.abstract_like(nn.unbox(boxed), sharding.tree_shardings(boxed, mesh))
+    ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, workdir_lib.CHECKPOINTS))
+    try:
+        return model, ckpt.restore_params(source.step, abstract)
     finally:
         ckpt.close()

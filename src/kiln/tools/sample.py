@@ -1,8 +1,8 @@
 """Generate from a trained GPT or T5 run, and score code generation on HumanEval by execution.
 
-  python -m kiln.sample --workdir runs/x --prompt "In the beginning" [--prompt ...]
-  python -m kiln.sample --workdir runs/x --input-file prompts.jsonl --output-file out.jsonl
-  python -m kiln.sample --workdir runs/x --humaneval --strategy sample --temperature 0.8 \
+  python -m kiln.tools.sample --workdir runs/x --prompt "In the beginning" [--prompt ...]
+  python -m kiln.tools.sample --workdir runs/x --input-file prompts.jsonl --output-file out.jsonl
+  python -m kiln.tools.sample --workdir runs/x --humaneval --strategy sample --temperature 0.8 \
       --num-samples 10 --k 1,10 --output-file samples.jsonl
 
 Prompts are formatted as the run was trained: a fine-tune on a generation task applies its
@@ -18,20 +18,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 
-from kiln import checkpoint, code_eval, decoding, finetuning, init_from, models, sharding
+from kiln import decoding, finetuning, host_memory, models, restore, sharding
 from kiln.data import corpus, finetune, tasks
 from kiln.data import tokenizer as tokenizer_lib
+from kiln.data.objectives import Layout
 from kiln.errors import KilnError
+from kiln.tools import code_eval
 
 # Where a HumanEval completion ends: the next top-level statement (Chen et al. 2021).
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -51,6 +51,11 @@ class Generator:
     task: tasks.Task | None
     mesh: jax.sharding.Mesh
 
+    @property
+    def layout(self) -> Layout:
+        """The run's model layout (decoder: continues the prompt; encoder-decoder: answers)."""
+        return models.family(self.config.model.family).layout
+
     def encode(
         self, text: str, max_new_tokens: int, raw: bool = False, truncate: bool = False
     ) -> list[int]:
@@ -63,7 +68,7 @@ class Generator:
             example = tasks.Example("prompt", text, "")
             return finetune.generation_prompt(
                 self.task,
-                config.model.family,
+                self.layout,
                 tok,
                 example,
                 seq_len=config.data.seq_len,
@@ -71,7 +76,7 @@ class Generator:
                 template=finetuning.template(config, self.task),
             )
         ids, max_len = tok.encode(text), config.model.max_len
-        if config.model.family == "gpt":
+        if self.layout == Layout.DECODER:
             keep = max(max_len - max_new_tokens - 1, 1)
             return [tok.bos_id, *(ids[-keep:] if truncate else ids)]
         return [*(ids[-(max_len - 1) :] if truncate else ids), tok.eos_id]
@@ -119,13 +124,13 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
 
 def load(workdir: str, step: int = -1) -> Generator:
     """Restores a GPT or T5 run's parameters (checkpoint `step`, -1 = latest) for generation."""
-    source = init_from.resolve(ml_collections.ConfigDict({"workdir": workdir, "step": step}), "--")
+    source = restore.resolve(ml_collections.ConfigDict({"workdir": workdir, "step": step}), "--")
     config = source.config
-    family = config.model.family
-    if family not in ("gpt", "t5"):
+    family = models.family(config.model.family)
+    if not family.generates:
         raise KilnError(
-            f"--workdir={workdir!r} is a {family} run; kiln.sample generates with gpt and t5 runs"
-            " (a BERT masked LM does not generate left to right)."
+            f"--workdir={workdir!r} is a {family.name} run; kiln.tools.sample generates with"
+            " decoder (gpt) and encoder-decoder (t5) runs (a masked LM does not generate)."
         )
     task = finetuning.load(config) if config.get("task", {}).get("name") else None
     if task is not None and finetuning.uses_head(config, task):
@@ -133,16 +138,8 @@ def load(workdir: str, step: int = -1) -> Generator:
             f"--workdir={workdir!r} fine-tuned a classification head on {task.name}; it predicts"
             " labels, not text. Sample from its pre-training run, or use its predictions_*.jsonl."
         )
-    model = models.build_model(config.model)
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
-    example = models.example_inputs(model, 8)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **example)["params"])
-    abstract = checkpoint.abstract_like(nn.unbox(boxed), sharding.tree_shardings(boxed, mesh))
-    ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, "checkpoints"))
-    try:
-        params = ckpt.restore_params(source.step, abstract)
-    finally:
-        ckpt.close()
+    model, params = restore.params_for_inference(source, mesh)
     tok = tokenizer_lib.load_tokenizer(source.tokenizer_path)
     return Generator(source.workdir, source.step, config, model, params, tok, task, mesh)
 
@@ -172,7 +169,7 @@ def read_prompts(path: str) -> list[dict[str, str]]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kiln.sample", description=__doc__.split("\n\n")[0], allow_abbrev=False
+        prog="python -m kiln.tools.sample", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     p.add_argument("--workdir", required=True, help="a finished gpt or t5 run")
     p.add_argument("--step", type=int, default=-1, help="checkpoint step; -1 = the latest")
@@ -210,10 +207,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    host_memory.keep_freed_memory()  # Process-wide, so here and not on import: before JAX starts.
     try:
         _run(args)
     except KilnError as e:
-        print(f"kiln.sample: error: {e}", file=sys.stderr)
+        print(f"kiln.tools.sample: error: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -274,7 +272,7 @@ def _run(args: argparse.Namespace) -> None:
     else:
         for out in outputs:
             print(f"--- {out['id']}" + (f" #{out['sample']}" if args.num_samples > 1 else ""))
-            continues = generator.task is None and generator.config.model.family == "gpt"
+            continues = generator.task is None and generator.layout == Layout.DECODER
             print(out["prompt"] + out["generation"] if continues else out["generation"])
 
 

@@ -13,7 +13,7 @@ the resulting program runs in its own Python process (``python -I``) with:
 This keeps honest mistakes (infinite loops, memory hogs, stray files, fork bombs) from hurting
 the evaluator. It is not a security boundary against deliberately hostile code.
 
-Usage: ``python -m kiln.code_eval --samples samples.jsonl [--k 1,10] [--timeout 10]``.
+Usage: ``python -m kiln.tools.code_eval --samples samples.jsonl [--k 1,10] [--timeout 10]``.
 """
 
 from __future__ import annotations
@@ -36,115 +36,19 @@ from typing import BinaryIO
 
 from kiln.data import corpus
 from kiln.errors import KilnError
+from kiln.tools import sandbox_child
 
 HUMANEVAL_FILE = "HumanEval.jsonl.gz"
 _SAMPLE_EXAMPLE = '{"task_id": "HumanEval/0", "completion": "    return 1\\n"}'
 PROBLEM_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
 STATUSES = ("passed", "failed", "timeout")
-PROGRAM_FILE = "program.py"
+PROGRAM_FILE = sandbox_child.PROGRAM_FILE  # what the child runs from its working directory
 STDERR_FILE = "stderr.txt"
 DETAIL_CHARS = 400
 FILE_SIZE_MB = 16  # RLIMIT_FSIZE: the largest file (stderr included) a program may write
 
-# The child's bootstrap, run as ``python -I -c _BOOTSTRAP MODE MEMORY_MB CPU_S FILE_MB``. MODE is
-# "run" (isolate, limit, then execute program.py from the working directory), "guard" (the same
-# but skip the namespace attempt, to exercise the fallback) or "report" (print the mechanism).
-# Limits are set here rather than in ``preexec_fn``, which is unsafe with threads (``evaluate``
-# launches children from a thread pool), and after ``unshare`` so that RLIMIT_NPROC counts only
-# the sandbox's processes (Linux >= 5.14 counts processes per user namespace).
-_BOOTSTRAP = r"""
-import ctypes, os, re, resource, sys
-
-CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
-MIB = 1 << 20
-EXTRA_PROCESSES = 32
-
-
-def enter_namespaces():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def guard_sockets():
-    import _socket
-    import socket
-
-    def disabled(*args, **kwargs):
-        raise OSError("network disabled")
-
-    class DisabledSocket(socket.socket):
-        def __init__(self, *args, **kwargs):
-            raise OSError("network disabled")
-
-    for module in (socket, _socket):
-        for name in ("socketpair", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
-                     "create_connection", "create_server", "fromfd"):
-            if hasattr(module, name):
-                setattr(module, name, disabled)
-        module.socket = DisabledSocket
-
-
-def isolate(mode):
-    if mode != "guard" and enter_namespaces():
-        return "namespace"
-    guard_sockets()
-    return "socket guard"
-
-
-def own_processes():
-    uid, count = os.getuid(), 0
-    for entry in os.scandir("/proc"):
-        try:
-            count += entry.name.isdigit() and entry.stat().st_uid == uid
-        except OSError:
-            pass
-    return count
-
-
-def process_limit(namespaced):
-    # Outside a fresh user namespace (or before Linux 5.14) RLIMIT_NPROC counts all processes
-    # of the user, so allow a few more than exist now. The kernel exempts root from it anyway.
-    release = tuple(int(part) for part in re.findall(r"\d+", os.uname().release)[:2])
-    if namespaced and release >= (5, 14):
-        return EXTRA_PROCESSES
-    return own_processes() + EXTRA_PROCESSES
-
-
-def set_limit(kind, soft, hard):
-    _, current = resource.getrlimit(kind)
-    if current != resource.RLIM_INFINITY:
-        soft, hard = min(soft, current), min(hard, current)
-    resource.setrlimit(kind, (soft, hard))
-
-
-def apply_limits(memory_mb, cpu_s, file_mb, namespaced):
-    set_limit(resource.RLIMIT_CORE, 0, 0)
-    set_limit(resource.RLIMIT_FSIZE, file_mb * MIB, file_mb * MIB)
-    set_limit(resource.RLIMIT_CPU, cpu_s, cpu_s + 1)
-    nproc = process_limit(namespaced)
-    set_limit(resource.RLIMIT_NPROC, nproc, nproc)
-    set_limit(resource.RLIMIT_AS, memory_mb * MIB, memory_mb * MIB)
-
-
-def main(mode, memory_mb, cpu_s, file_mb):
-    mechanism = isolate(mode)
-    if mode == "report":
-        print(mechanism)
-        return
-    with open("program.py", encoding="utf-8") as file:
-        source = file.read()
-    apply_limits(int(memory_mb), int(cpu_s), int(file_mb), mechanism == "namespace")
-    del sys.argv[1:]
-    sys.argv[0] = "program.py"
-    code = compile(source, "program.py", "exec")
-    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-
-
-main(*sys.argv[1:5])
-"""
+# Run by file path: ``python -I`` with a minimal environment need not be able to import kiln.
+CHILD = sandbox_child.__file__
 
 
 @dataclass(frozen=True)
@@ -235,7 +139,7 @@ def network_isolation() -> str:
 
 
 def _run(source: str, *, timeout_s: float, memory_mb: int, mode: str) -> Outcome:
-    """Run ``source`` with the bootstrap in ``mode`` ("run" or "guard") and classify the exit."""
+    """Run ``source`` with the sandbox child in ``mode`` ("run" or "guard"); classify the exit."""
     _check_limits(timeout_s, memory_mb)
     cpu_s = math.ceil(timeout_s) + 1
     with tempfile.TemporaryDirectory(prefix="kiln-code-", ignore_cleanup_errors=True) as tmp:
@@ -280,9 +184,9 @@ def _check_limits(timeout_s: float, memory_mb: int) -> None:
 
 
 def _command(mode: str, *, memory_mb: int, cpu_s: int) -> list[str]:
-    """Return the argv that starts the bootstrap in an isolated-mode interpreter."""
+    """Return the argv that starts the sandbox child in an isolated-mode interpreter."""
     limits = [str(memory_mb), str(cpu_s), str(FILE_SIZE_MB)]
-    return [sys.executable, "-I", "-c", _BOOTSTRAP, mode, *limits]
+    return [sys.executable, "-I", CHILD, mode, *limits]
 
 
 def _child_env() -> dict[str, str]:
@@ -461,7 +365,7 @@ def parse_ks(text: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: evaluate a HumanEval samples file and print pass@k."""
     parser = argparse.ArgumentParser(
-        prog="python -m kiln.code_eval", description="HumanEval pass@k by executing samples."
+        prog="python -m kiln.tools.code_eval", description="HumanEval pass@k by executing samples."
     )
     parser.add_argument("--samples", required=True, help="JSONL of {task_id, completion} lines")
     parser.add_argument("--k", default="1,10", help="comma-separated k values (default 1,10)")

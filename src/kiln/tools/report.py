@@ -1,15 +1,16 @@
 """Reports: a markdown table of final metrics and matplotlib plots for a sweep, pipeline or run.
 
-  python -m kiln.report runs/sweep [--metric validation/perplexity] \
+  python -m kiln.tools.report runs/sweep [--metric validation/perplexity] \
       [--lower-is-better | --higher-is-better]
 
-The path is a sweep's workdir (sweep.json, from `kiln.sweep`), a pipeline's (comparison.json or
-stage folders) or one run's (summary.json). Writes `<path>/report.md`: one row per run with its
-swept values and final metrics (summary.json), best first by the primary metric (a validation
-metric: perplexity for pre-training, the task metric for a fine-tune; lower is better for loss
-and perplexity, higher for accuracy, F1, BLEU, chrF, ROUGE and exact match), unfinished runs
-last; and `<path>/plots/`: `loss.png` (training loss curves), `validation.png` (the validation
-metric against the step) and, for a sweep, `<key>.png` per swept key (final metric against it).
+The path is a sweep's workdir (sweep.json, from `kiln.tools.sweep`), a pipeline's
+(comparison.json or stage folders) or one run's (summary.json). Writes `<path>/report.md`: one
+row per run with its swept values and final metrics (summary.json), best first by the primary
+metric (a validation metric: perplexity for pre-training, the task metric for a fine-tune; lower
+is better for loss and perplexity, higher for accuracy, F1, BLEU, chrF, ROUGE and exact match),
+unfinished runs last; and `<path>/plots/`: `loss.png` (training loss curves), `validation.png`
+(the validation metric against the step) and, for a sweep, `<key>.png` per swept key (final
+metric against it).
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def load(path: str) -> Workdir:
             ]
         except (KeyError, TypeError) as e:
             raise KilnError(
-                f"{sweep_path} is not a kiln.sweep record (points with name and overrides:"
-                f" {e!r}); re-run kiln.sweep to rewrite it."
+                f"{sweep_path} is not a kiln.tools.sweep record (points with name and overrides:"
+                f" {e!r}); re-run kiln.tools.sweep to rewrite it."
             ) from None
         return Workdir("sweep", path, runs, spec=sweep.get("config", ""))
     if _is_run(path):
@@ -98,9 +99,9 @@ def load(path: str) -> Workdir:
     )
     if not stages:
         raise KilnError(
-            f"{path} holds no run: no sweep.json (kiln.sweep), comparison.json or stage folders"
-            " (a pipeline), nor summary.json/config.json (a run). Give the workdir that"
-            " kiln.sweep or kiln.main wrote."
+            f"{path} holds no run: no sweep.json (kiln.tools.sweep), comparison.json or stage"
+            " folders (a pipeline), nor summary.json/config.json (a run). Give the workdir that"
+            " kiln.tools.sweep or kiln.main wrote."
         )
     runs = [_run(name, os.path.join(path, name)) for name in stages]
     return Workdir("pipeline", path, runs, select=comparison.get("select", ""))
@@ -393,7 +394,7 @@ def write_report(
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kiln.report", description=__doc__.split("\n\n")[0], allow_abbrev=False
+        prog="python -m kiln.tools.report", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     p.add_argument("path", help="a sweep, pipeline or run workdir")
     p.add_argument("--metric", help="sort by this summary key (default: a validation metric)")
@@ -408,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report_path, written, markdown = write_report(args.path, args.metric, args.lower)
     except KilnError as e:
-        print(f"kiln.report: error: {e}", file=sys.stderr)
+        print(f"kiln.tools.report: error: {e}", file=sys.stderr)
         return 2
     print(markdown)
     where = f" and {len(written)} plots in {os.path.join(args.path, 'plots')}/" if written else ""

@@ -1,4 +1,4 @@
-"""Tests for kiln.code_eval: HumanEval loading, sandboxed execution, pass@k, evaluate, CLI."""
+"""Tests for kiln.tools.code_eval: HumanEval loading, sandboxed execution, pass@k, evaluate, CLI."""
 
 import itertools
 import json
@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from kiln import code_eval
-from kiln.code_eval import (
+from kiln.errors import KilnError
+from kiln.tools import code_eval
+from kiln.tools.code_eval import (
     Outcome,
     Problem,
     evaluate,
@@ -23,9 +24,8 @@ from kiln.code_eval import (
     program,
     run_program,
 )
-from kiln.errors import KilnError
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 WRONG = "    return None\n"
 
 
@@ -325,7 +325,7 @@ def test_evaluate_rejects_mismatched_completions(problems):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "kiln.code_eval", *args],
+        [sys.executable, "-m", "kiln.tools.code_eval", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

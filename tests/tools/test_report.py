@@ -1,4 +1,4 @@
-"""kiln.report on hand-written workdirs: table order, exact numbers, unfinished runs, PNGs."""
+"""kiln.tools.report on hand-written workdirs: table order, exact numbers, unfinished runs, PNGs."""
 
 import json
 import math
@@ -6,8 +6,8 @@ import math
 import matplotlib.image
 import pytest
 
-from kiln import report
 from kiln.errors import KilnError
+from kiln.tools import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -147,7 +147,9 @@ def test_direction_and_metric_flags(tmp_path, capsys):
     assert "--lower-is-better or --higher-is-better" in capsys.readouterr().err
     assert report.main([str(root), "--metric", "bleu"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kiln.report: error: --metric bleu") and "validation/perplexity" in err
+    assert (
+        err.startswith("kiln.tools.report: error: --metric bleu") and "validation/perplexity" in err
+    )
 
 
 def test_pipeline_dir(tmp_path):
@@ -224,7 +226,7 @@ def test_unfinished_sweep_point_not_started(tmp_path):
 def test_bad_paths(tmp_path, capsys):
     assert report.main([str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kiln.report: error:") and "is not a directory" in err
+    assert err.startswith("kiln.tools.report: error:") and "is not a directory" in err
     assert "Traceback" not in err
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2

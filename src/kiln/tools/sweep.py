@@ -1,6 +1,6 @@
 """Sweeps: one run per point of an experiment's `get_sweep()`, each into `<workdir>/<point>/`.
 
-  python -m kiln.sweep --config experiments/gpt/pretrain.py:size=tiny --workdir runs/sweep \
+  python -m kiln.tools.sweep --config experiments/gpt/pretrain.py:size=tiny --workdir runs/sweep \
       [--parallel N] [--dry-run | --emit slurm|tpu] [--config.key=value ...]
 
 An experiment file may define `get_sweep(arg)` beside `get_config(arg)`: a list of override
@@ -34,12 +34,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+from absl import flags as absl_flags
+from ml_collections import config_flags
 
 from kiln import config_lib
+from kiln import workdir as workdir_lib
 from kiln.errors import KilnError
 
 Point = dict[str, Any]
-SCALARS = (bool, int, float, str)
 _TYPE_NAMES = {bool: "a bool (True or False)", int: "an int", float: "a float", str: "a string"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
 _MAX_NAME = 200
@@ -257,28 +259,10 @@ def names(points: list[Point]) -> list[str]:
 # Running.
 
 
-def _parse_flag(key: str, text: str, default: Any) -> Any:
-    """A `--config.key=text` value typed like the field (as kiln.main will parse it)."""
-    try:
-        if isinstance(default, bool):
-            lowered = text.lower()
-            if lowered not in ("true", "t", "1", "false", "f", "0"):
-                raise ValueError(text)
-            return lowered in ("true", "t", "1")
-        if isinstance(default, int | float):
-            return type(default)(text)
-    except ValueError:
-        raise KilnError(
-            f"--config.{key}={text}: {key} is {_a(default)} field; give"
-            f" {_TYPE_NAMES[type(default)]}."
-        ) from None
-    return text
-
-
 def _common(
     flags: list[str], config: ml_collections.ConfigDict, points: list[Point]
 ) -> dict[str, str]:
-    """`--config.key=value` flags for every point: key -> value text (checked)."""
+    """`--config.key=value` flags for every point: key -> value text (keys checked)."""
     fields, out = _fields(config), {}
     for flag in flags:
         key, sep, text = flag.removeprefix("--config.").partition("=")
@@ -291,10 +275,27 @@ def _common(
             raise KilnError(
                 f"--config.{key} is also set by get_sweep(); drop the flag or the sweep axis."
             )
-        if isinstance(fields[key], SCALARS):
-            _parse_flag(key, text, fields[key])
         out[key] = text
     return out
+
+
+def _overridden(spec: str, common: dict[str, str], fields: dict[str, Any]) -> Any:
+    """The config with the common flags applied, parsed by ml_collections' own config flag,
+    exactly as kiln.main will parse them."""
+    argv = ["kiln.tools.sweep", "--config", spec, *(f"--config.{k}={v}" for k, v in common.items())]
+    values = absl_flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+    try:
+        values(argv)
+    except absl_flags.IllegalFlagValueError:  # Parsed left to right: the first one not present.
+        key = next(k for k in common if not values[f"config.{k}"].present)
+        kind = _TYPE_NAMES.get(type(fields[key]), "a value of its type")
+        raise KilnError(
+            f"--config.{key}={common[key]}: {key} is {_a(fields[key])} field; give {kind}."
+        ) from None
+    except absl_flags.Error as e:
+        raise KilnError(f"bad --config override: {' '.join(str(e).split())}") from None
+    return holder.value
 
 
 def _steps(config: ml_collections.ConfigDict, values: dict[str, Any]) -> dict[str, int]:
@@ -309,8 +310,8 @@ def _steps(config: ml_collections.ConfigDict, values: dict[str, Any]) -> dict[st
 
 
 def _finished(run_dir: str, steps: dict[str, int]) -> bool:
-    """Every stage (or the single run) finished: `config_lib.run_finished`."""
-    return all(config_lib.run_finished(os.path.join(run_dir, s), n) for s, n in steps.items())
+    """Every stage (or the single run) finished: `workdir.run_finished`."""
+    return all(workdir_lib.run_finished(os.path.join(run_dir, s), n) for s, n in steps.items())
 
 
 def command(spec: str, run_dir: str, flags: Sequence[str]) -> list[str]:
@@ -407,7 +408,7 @@ def script(kind: str, spec: str, jobs: list[_Job]) -> str:
     lines = [
         "#!/usr/bin/env bash",
         f"# Sweep of {spec}: one {launcher} run per point.",
-        "# Written by kiln.sweep; run it from the repository root.",
+        "# Written by kiln.tools.sweep; run it from the repository root.",
         "set -euo pipefail",
         f'if [[ ! -e {launcher} ]]; then echo "run this from the repository root" >&2; exit 2; fi',
     ]
@@ -445,15 +446,14 @@ def run_sweep(
     if emit not in ("", "slurm", "tpu"):
         raise KilnError(f"emit={emit!r}: choose slurm or tpu.")
     config, pts = _points(spec)
-    fields = _fields(config)
     common = _common(list(flags), config, pts)
-    typed = {k: _parse_flag(k, v, fields[k]) for k, v in common.items()}
+    config = _overridden(spec, common, _fields(config))
     jobs = []
     for name, point in zip(names(pts), pts):
         run_dir = os.path.join(workdir, name)
         job = _Job(name, run_dir, [f"--config.{k}={v}" for k, v in common.items()], {})
         job.flags += _flags(point)
-        job.steps = _steps(config, {**typed, **point})
+        job.steps = _steps(config, point)
         job.done = _finished(run_dir, job.steps)
         jobs.append(job)
     todo = [job for job in jobs if not job.done]
@@ -490,7 +490,7 @@ def run_sweep(
         f" {len(jobs) - len(todo)} skipped (finished), {len(failed)} failed"
         + (f" ({', '.join(f[0] for f in failed)}; re-run to retry them)" if failed else "")
         + (f", {len(stopped)} stopped early (re-run to continue)" if stopped else "")
-        + f".\nNext: python -m kiln.report {shlex.quote(workdir)}",
+        + f".\nNext: python -m kiln.tools.report {shlex.quote(workdir)}",
         flush=True,
     )
     return 1 if failed else 0
@@ -498,7 +498,7 @@ def run_sweep(
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kiln.sweep",
+        prog="python -m kiln.tools.sweep",
         description=__doc__.split("\n\n")[0],
         allow_abbrev=False,
         epilog="--config.key=value flags apply to every point.",
@@ -526,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags=rest,
         )
     except KilnError as e:
-        print(f"kiln.sweep: error: {e}", file=sys.stderr)
+        print(f"kiln.tools.sweep: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -1,5 +1,5 @@
-"""kiln.sweep: point helpers, checks against the config, the CLI (dry run, emitted scripts), and
-one end-to-end sweep of four tiny runs (resumed, then reported)."""
+"""kiln.tools.sweep: point helpers, checks against the config, the CLI (dry run, emitted
+scripts), and one end-to-end sweep of four tiny runs (resumed, then reported)."""
 
 import json
 import math
@@ -14,10 +14,10 @@ import time
 import matplotlib.image
 import pytest
 
-from kiln import report, sweep
 from kiln.errors import KilnError
+from kiln.tools import report, sweep
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 GPT = "experiments/gpt/pretrain.py:size=tiny"
 SHELLCHECK = REPO / ".venv" / "bin" / "shellcheck"
 
@@ -42,7 +42,8 @@ def experiment(tmp_path, sweep_body, name="exp.py", tiny=False):
     """An experiment file in tmp_path: gpt/pretrain.py's tiny config (shrunk to seconds per run
     when `tiny`) and a get_sweep returning `sweep_body` (None: no get_sweep)."""
     lines = [
-        "from kiln import config_lib, sweep",
+        "from kiln import config_lib",
+        "from kiln.tools import sweep",
         "",
         "def get_config(arg=None):",
         f"    c = config_lib.load_config({str(REPO / GPT)!r})",
@@ -174,7 +175,7 @@ def test_no_get_sweep(tmp_path, capsys):
         sweep.points(spec)
     assert sweep.main(["--config", spec, "--workdir", str(tmp_path / "s"), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kiln.sweep: error:") and "no get_sweep()" in err
+    assert err.startswith("kiln.tools.sweep: error:") and "no get_sweep()" in err
     assert "Traceback" not in err
 
 
@@ -348,7 +349,16 @@ def run_sweep(spec, workdir, *flags):
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
     )
-    cmd = [sys.executable, "-m", "kiln.sweep", "--config", spec, "--workdir", str(workdir), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kiln.tools.sweep",
+        "--config",
+        spec,
+        "--workdir",
+        str(workdir),
+        *flags,
+    ]
     start = time.monotonic()
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return result, time.monotonic() - start
@@ -376,7 +386,7 @@ def test_sweep_end_to_end(tmp_path):
         assert config["optim"]["lr"] == float(lr[3:]) and config["seed"] == int(seed[5:])
         assert "Done: validation perplexity" in (workdir / name / "log.txt").read_text()
     assert "4 points: 4 run, 0 skipped (finished), 0 failed" in result.stdout
-    assert f"python -m kiln.report {workdir}" in result.stdout
+    assert f"python -m kiln.tools.report {workdir}" in result.stdout
 
     logs = {name: (workdir / name / "log.txt").stat().st_size for name in names}
     result, seconds = run_sweep(spec, workdir)

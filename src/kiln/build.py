@@ -1,0 +1,68 @@
+"""One `build(config)`: the model and what its train and eval steps need, for the run loop,
+`kiln.tools.fits`, the benchmarks and the tests alike."""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+
+from kiln import models, optim, sharding, train
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    """A run's model, optimizer, mesh, state layout and jitted steps."""
+
+    model: nn.Module
+    schedule: optax.Schedule
+    optimizer: optax.GradientTransformation
+    mesh: jax.sharding.Mesh
+    abstract: train.TrainState  # shapes of the state as training holds it
+    shardings: train.TrainState  # where each leaf of the state lives on the mesh
+    train_step: Callable  # (state, batch) -> (state, metrics); the state is donated
+    eval_step: Callable  # (params, batch) -> loss sums (and classes for a classifier)
+    seq_len: int
+
+    def fresh_state(self, seed: int) -> train.TrainState:
+        """A new train state from `seed`, created on its shardings."""
+        init = jax.jit(
+            lambda: train.init_state(self.model, self.optimizer, seed, self.seq_len),
+            out_shardings=self.shardings,
+        )
+        with sharding.activation_rules(self.mesh):
+            return init()
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    num_classes: int = 0,
+    devices: Sequence[jax.Device] | None = None,
+) -> Built:
+    """Everything the steps of `config` need: the model of its `model` section (with a head of
+    `num_classes` classes, pooled as `task.pooling` says, when > 0), the `optim` section's
+    schedule and optimizer over `train.steps`, the `mesh` over `devices` (default: all), the
+    state shardings at `data.seq_len`, and the jitted steps (`optim.grad_accum_steps`
+    microbatches, `train.loss_chunks`)."""
+    pooling = config.task.pooling if "task" in config else ""
+    model = models.build_model(config.model, num_classes, pooling)
+    steps = config.train.steps
+    schedule = optim.make_schedule(config.optim, steps)
+    optimizer = optim.make_optimizer(config.optim, steps, config.model.n_layers)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    seq_len = config.data.seq_len
+    abstract, shardings = train.state_shardings(model, optimizer, mesh, seq_len)
+    train_step, eval_step = train.jit_steps(
+        model,
+        optimizer,
+        schedule,
+        config.optim.grad_accum_steps,
+        shardings,
+        mesh,
+        loss_chunks=config.train.get("loss_chunks", 0),
+    )
+    return Built(
+        model, schedule, optimizer, mesh, abstract, shardings, train_step, eval_step, seq_len
+    )

@@ -1,0 +1,223 @@
+"""A run's inputs: its tokenizer, the pre-training stream or labeled task data, and the fixed
+evaluation batches (`prepare`)."""
+
+import dataclasses
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from kiln import finetuning, metrics, models, restore
+from kiln import workdir as workdir_lib
+from kiln.data import corpus, finetune, objectives, pipeline, tasks
+from kiln.data import tokenizer as tokenizer_lib
+from kiln.errors import KilnError
+
+
+@dataclasses.dataclass
+class Data:
+    """Everything the loop reads: the tokenizer, the train iterator, fixed eval batches and,
+    when fine-tuning, the labeled task with the examples its metrics score."""
+
+    tokenizer: tokenizer_lib.Tokenizer
+    train_iter: Any
+    validation: list[dict[str, np.ndarray]]
+    test: list[dict[str, np.ndarray]]
+    task: tasks.Task | None = None  # set when fine-tuning on a labeled task
+    examples: dict[str, list[tasks.Example]] = dataclasses.field(default_factory=dict)
+
+
+def sync(name: str) -> None:
+    """A barrier across the run's processes (a no-op with one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def prepare_tokenizer(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    train_documents: list[str],
+    source_run: restore.Source | None = None,
+) -> tokenizer_lib.Tokenizer:
+    """Loads the workdir's tokenizer, else copies the `init_from` run's or `tokenizer.path`,
+    else trains one on `train_documents`."""
+    dest = os.path.join(workdir, workdir_lib.TOKENIZER)
+    if not os.path.exists(dest) and jax.process_index() == 0:
+        source = config.tokenizer.path
+        if source_run is not None:
+            theirs = source_run.tokenizer_path
+            if source and not _same_file(_tokenizer_file(source), theirs):
+                raise KilnError(
+                    f"tokenizer.path={source!r} is not the tokenizer of the init_from run"
+                    f" ({theirs}): a fine-tune must use the vocabulary it was pre-trained with."
+                    ' Set tokenizer.path="" to take it from the init_from run.'
+                )
+            source = theirs
+        if source:
+            source = _tokenizer_file(source)
+            if not os.path.exists(source):
+                raise KilnError(
+                    f"tokenizer.path={config.tokenizer.path!r}: no {workdir_lib.TOKENIZER}"
+                    " there. Point it at a tokenizer.model file or a finished run's workdir, or"
+                    ' set it to ""'
+                    " to train a new tokenizer."
+                )
+            shutil.copyfile(source, dest)
+        else:
+            metrics.log(f"Training a {config.tokenizer.model_type} tokenizer ...")
+            tokenizer_lib.train_tokenizer(
+                train_documents[: config.tokenizer.max_sentences],
+                dest,
+                vocab_size=config.model.vocab_size,
+                model_type=config.tokenizer.model_type,
+                seed=config.seed,
+            )
+    sync("tokenizer")
+    tok = tokenizer_lib.load_tokenizer(dest)
+    if tok.vocab_size != config.model.vocab_size:
+        raise KilnError(
+            f"model.vocab_size={config.model.vocab_size} but {dest} has {tok.vocab_size} pieces."
+            f" Set --config.model.vocab_size={tok.vocab_size}."
+        )
+    return tok
+
+
+def _tokenizer_file(path: str) -> str:
+    return os.path.join(path, workdir_lib.TOKENIZER) if os.path.isdir(path) else path
+
+
+def _same_file(a: str, b: str) -> bool:
+    if not (os.path.exists(a) and os.path.exists(b)):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
+def prepare_task_data(
+    config: ml_collections.ConfigDict, workdir: str, source_run: restore.Source | None
+) -> Data:
+    """Fine-tuning data: the labeled task's train stream and eval batches."""
+    task = finetuning.load(config)
+    texts = [f"{e.input}\n{e.target}" for e in task.splits["train"]]
+    tok = prepare_tokenizer(config, workdir, texts, source_run)
+    return task_data(config, task, tok)
+
+
+def make_objective(
+    config: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer
+) -> objectives.Objective:
+    """The pre-training objective the `objective` section describes."""
+    o = config.objective
+    return objectives.make_objective(
+        o.name,
+        models.family(config.model.family).layout,
+        tok,
+        config.data.seq_len,
+        mask_rate=o.mask_rate,
+        whole_word=o.whole_word,
+        noise_density=o.noise_density,
+        mean_noise_span_length=o.mean_noise_span_length,
+    )
+
+
+def prepare(
+    config: ml_collections.ConfigDict, workdir: str, source_run: restore.Source | None = None
+) -> Data:
+    """The run's `Data`: a labeled task's when `task.name` is set, else the pre-training
+    corpus's (its tokenizer trained or copied into `workdir` first)."""
+    if config.task.name:
+        return prepare_task_data(config, workdir, source_run)
+    d = config.data
+    data_dir = d.data_dir or None
+    train_docs = corpus.read_documents(d.corpus, "train", data_dir)
+    tok = prepare_tokenizer(config, workdir, train_docs, source_run)
+    objective = make_objective(config, tok)
+    dataset = pipeline.make_train_dataset(
+        train_docs,
+        tok,
+        seq_len=d.seq_len,
+        global_batch_size=d.global_batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        objective=objective,
+        streams=d.streams,
+    )
+
+    def eval_batches(split: str) -> list[dict[str, np.ndarray]]:
+        docs = corpus.read_documents(d.corpus, split, data_dir)
+        # A fixed sample of the split (seed 0 for every run, so runs compare on the same text);
+        # in corpus order the first batches would hold one source only.
+        docs = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))]
+        batches = pipeline.make_eval_batches(
+            docs,
+            tok,
+            seq_len=d.seq_len,
+            batch_size=d.global_batch_size,
+            max_batches=config.eval.batches,
+            objective=objective,
+        )
+        return [
+            pipeline.process_slice(b, jax.process_index(), jax.process_count()) for b in batches
+        ]
+
+    return Data(tok, iter(dataset), eval_batches("validation"), eval_batches("test"))
+
+
+def task_data(
+    config: ml_collections.ConfigDict, task: tasks.Task, tok: tokenizer_lib.Tokenizer
+) -> Data:
+    """A labeled task's `Data`: its training subset encoded as an endless stream, and the
+    scored validation/test examples in fixed batches."""
+    t, d = config.task, config.data
+    family = models.family(config.model.family)
+    layout = family.layout  # `finetune.check_task` (in make_train_dataset) checks the pairing.
+    train = tasks.low_resource_subset(task.splits["train"], t.train_examples)
+    common = dict(
+        seq_len=d.seq_len, target_len=t.target_len, template=finetuning.template(config, task)
+    )
+    dataset, cut = finetune.make_train_dataset(
+        task,
+        layout,
+        tok,
+        train,
+        global_batch_size=d.global_batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        pack=t.pack,
+        **common,
+    )
+    target_len = t.target_len if task.kind == "generation" or not family.uses_head(task.kind) else 0
+    _log_truncated("train", cut, len(train), d.seq_len, target_len)
+    examples, batches = {}, {}
+    for split in ("validation", "test"):
+        chosen = task.splits[split]
+        if t.eval_examples > 0:
+            chosen = tasks.low_resource_subset(chosen, t.eval_examples)
+        examples[split] = chosen
+        full, cut = finetune.make_eval_batches(
+            task, layout, tok, chosen, batch_size=d.global_batch_size, **common
+        )
+        index, count = jax.process_index(), jax.process_count()
+        batches[split] = [pipeline.process_slice(b, index, count) for b in full]
+        _log_truncated(split, cut, len(chosen), d.seq_len, target_len)
+    metrics.log(
+        f"Task {task.name} ({task.kind}): {len(train):,} training examples of"
+        f" {len(task.splits['train']):,}; {len(examples['validation']):,} validation and"
+        f" {len(examples['test']):,} test examples scored"
+    )
+    return Data(tok, iter(dataset), batches["validation"], batches["test"], task, examples)
+
+
+def _log_truncated(split: str, cut: int, total: int, seq_len: int, target_len: int) -> None:
+    if cut:
+        limit = f" (or task.target_len={target_len})" if target_len else ""
+        metrics.log(
+            f"Note: {cut:,} of {total:,} {split} examples were longer than data.seq_len={seq_len}"
+            f"{limit} and were truncated"
+        )
