@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import optax
 
-from kiln import models, optim, sharding, train
+from kiln import losses, models, optim, sharding, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +54,13 @@ def build(
     mesh = sharding.make_mesh(config.mesh, devices)
     seq_len = config.data.seq_len
     abstract, shardings = train.state_shardings(model, optimizer, mesh, seq_len)
+    # The loss belongs to what the run trains: a classification head, or a language model.
+    if num_classes:
+        loss = losses.classifier
+    else:
+        loss = losses.language_model(config.train.get("loss_chunks", 0))
     train_step, eval_step = train.jit_steps(
-        model,
-        optimizer,
-        schedule,
-        config.optim.grad_accum_steps,
-        shardings,
-        mesh,
-        loss_chunks=config.train.get("loss_chunks", 0),
+        model, optimizer, schedule, config.optim.grad_accum_steps, shardings, mesh, loss
     )
     return Built(
         model, schedule, optimizer, mesh, abstract, shardings, train_step, eval_step, seq_len

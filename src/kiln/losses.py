@@ -1,10 +1,61 @@
-"""Token-level losses, as sums (not means), so microbatches and hosts add up exactly."""
+"""Losses, as sums (not means), so microbatches and hosts add up exactly.
+
+A `LossFn` takes (model, params, batch, dropout rng or None) and returns float32 sums:
+`loss_sum`, `correct_sum`, `weight_sum` (and, for a classifier, each row's predicted class as
+`classes`). The train and eval steps call the one `kiln.build` picks for the run
+(`language_model` or `classifier`), so a loss that is not token cross-entropy needs a new
+`LossFn`, never an edit of the trainer.
+"""
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[nn.Module, Any, Batch, jax.Array | None], dict[str, jax.Array]]
+SUM_KEYS = ("loss_sum", "correct_sum", "weight_sum")
+LABEL_KEYS = ("targets", "weights")
+
+
+def apply_model(
+    model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, **kwargs: Any
+) -> Any:
+    """The model's output for a batch; every key but targets/weights is a model argument.
+    Dropout iff `rng`."""
+    return model.apply(
+        {"params": params},
+        **{k: v for k, v in batch.items() if k not in LABEL_KEYS},
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+        **kwargs,
+    )
+
+
+def language_model(loss_chunks: int = 0) -> LossFn:
+    """Token cross-entropy of a language model's logits [B, L, V] against `targets` [B, L]
+    weighted by `weights`; with `loss_chunks` > 0, fused with the output projection in that
+    many sequence chunks, so the full logits never exist (`fused_cross_entropy_sums`)."""
+
+    def loss(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None) -> dict:
+        if loss_chunks:
+            head = apply_model(model, params, batch, rng, head_inputs=True)
+            return fused_cross_entropy_sums(*head, batch["targets"], batch["weights"], loss_chunks)
+        logits = apply_model(model, params, batch, rng)
+        return cross_entropy_sums(logits, batch["targets"], batch["weights"])
+
+    return loss
+
+
+def classifier(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None) -> dict:
+    """Cross-entropy of a classification head's logits [B, C] against the class `targets` [B]
+    (weight per row), and each row's predicted class."""
+    logits_BC = apply_model(model, params, batch, rng)
+    sums = cross_entropy_sums(logits_BC, batch["targets"], batch["weights"])
+    return {**sums, "classes": jnp.argmax(logits_BC, axis=-1)}
 
 
 def _token_terms(

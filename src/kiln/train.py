@@ -25,37 +25,6 @@ class TrainState:
     rng: jax.Array  # base key; step and microbatch are folded in, so resumes replay exactly
 
 
-LABEL_KEYS = ("targets", "weights")
-
-
-def apply_model(
-    model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, **kwargs: Any
-) -> Any:
-    """Logits for a batch; every key but targets/weights is a model argument. Dropout iff rng."""
-    return model.apply(
-        {"params": params},
-        **{k: v for k, v in batch.items() if k not in LABEL_KEYS},
-        deterministic=rng is None,
-        rngs=None if rng is None else {"dropout": rng},
-        **kwargs,
-    )
-
-
-def loss_sums(
-    model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None, loss_chunks: int = 0
-) -> dict[str, jax.Array]:
-    """`losses.cross_entropy_sums` of the model on a batch; with `loss_chunks` (and token
-    targets), fused with the output projection in that many sequence chunks, so the full
-    logits never exist (`losses.fused_cross_entropy_sums`)."""
-    if loss_chunks and batch["targets"].ndim == 2:
-        head = apply_model(model, params, batch, rng, head_inputs=True)
-        return losses.fused_cross_entropy_sums(
-            *head, batch["targets"], batch["weights"], loss_chunks
-        )
-    logits = apply_model(model, params, batch, rng)
-    return losses.cross_entropy_sums(logits, batch["targets"], batch["weights"])
-
-
 def init_state(
     model: nn.Module, optimizer: optax.GradientTransformation, seed: int, seq_len: int
 ) -> TrainState:
@@ -131,13 +100,14 @@ def _microbatches(batch: Batch, count: int) -> Batch:
 
 
 def accumulate_grads(
-    model: nn.Module, params: Any, batch: Batch, rng: jax.Array, count: int, loss_chunks: int = 0
+    model: nn.Module, params: Any, batch: Batch, rng: jax.Array, count: int, loss: losses.LossFn
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Summed gradients and loss sums over `count` microbatches (one pass when count == 1)."""
 
     def grads_of(micro: Batch, micro_rng: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
         def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            sums = loss_sums(model, p, micro, micro_rng, loss_chunks)
+            out = loss(model, p, micro, micro_rng)
+            sums = {k: out[k] for k in losses.SUM_KEYS}
             return sums["loss_sum"], sums
 
         return jax.grad(loss_fn, has_aux=True)(params)
@@ -150,7 +120,7 @@ def accumulate_grads(
         return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct_sum", "weight_sum")}
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in losses.SUM_KEYS}
     rngs = jax.random.split(rng, count)
     (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (_microbatches(batch, count), rngs))
     return grads, sums
@@ -164,12 +134,12 @@ def train_step(
     optimizer: optax.GradientTransformation,
     schedule: Callable[[jax.Array], jax.Array],
     grad_accum_steps: int,
-    loss_chunks: int = 0,
+    loss: losses.LossFn,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on the mean token loss over the whole global batch (`loss_chunks`:
-    see `loss_sums`)."""
+    """One optimizer step on `loss` (a `losses.LossFn`) divided by the weight of the whole global
+    batch: the mean over its tokens (or rows)."""
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, sums = accumulate_grads(model, state.params, batch, rng, grad_accum_steps, loss_chunks)
+    grads, sums = accumulate_grads(model, state.params, batch, rng, grad_accum_steps, loss)
     # Dividing the summed gradient by all tokens of the global batch makes k microbatches
     # exactly equivalent to one big batch, whatever the padding in each microbatch.
     denominator = jnp.maximum(sums["weight_sum"], 1.0)
@@ -188,14 +158,12 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
-    """Loss, correct-prediction and token sums for one batch (add them up over batches); a
-    classifier (logits [B, C]) also returns each row's predicted class as `classes`."""
-    logits = apply_model(model, params, batch, None)
-    out = losses.cross_entropy_sums(logits, batch["targets"], batch["weights"])
-    if logits.ndim == 2:
-        out["classes"] = jnp.argmax(logits, axis=-1)
-    return out
+def eval_step(
+    params: Any, batch: Batch, *, model: nn.Module, loss: losses.LossFn
+) -> dict[str, jax.Array]:
+    """The loss's sums for one batch (add them up over batches) and, for a classifier, each
+    row's predicted class (`classes`)."""
+    return loss(model, params, batch, None)
 
 
 def jit_steps(
@@ -205,10 +173,11 @@ def jit_steps(
     grad_accum_steps: int,
     shardings: TrainState,
     mesh: Mesh,
-    loss_chunks: int = 0,
+    loss: losses.LossFn | None = None,
 ) -> tuple[Callable, Callable]:
-    """The train step (state donated) and eval step, jitted with explicit shardings;
-    `loss_chunks` > 0 fuses the train loss with the output projection (see `loss_sums`)."""
+    """The train step (state donated) and eval step of `loss` (default: a language model's
+    token cross-entropy, `losses.language_model()`), jitted with explicit shardings."""
+    loss = loss or losses.language_model()
     batch = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
     step = jax.jit(
@@ -218,14 +187,14 @@ def jit_steps(
             optimizer=optimizer,
             schedule=schedule,
             grad_accum_steps=grad_accum_steps,
-            loss_chunks=loss_chunks,
+            loss=loss,
         ),
         in_shardings=(shardings, batch),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, model=model),
+        functools.partial(eval_step, model=model, loss=loss),
         in_shardings=(shardings.params, batch),
         out_shardings=replicated,
     )
