@@ -246,7 +246,8 @@ def test_finetune_of_each_family_scores_its_task(family, task, metric, tmp_path,
         _check_sample_cli_continues_like_recomputation(source, capsys)
         if task == "kjv2web":  # Once is enough.
             _check_humaneval_cli(source, tmp_path, capsys)
-    if not finetuning.uses_head(config, finetuning.load(config)):
+    loaded = finetuning.load(config.task, config.data.data_dir)
+    if not finetuning.uses_head(config.model.family, loaded):
         _check_sample_cli_reproduces_predictions(tmp_path, task, rows)
 
 

@@ -16,27 +16,29 @@ from kiln.data import finetune, tasks
 from kiln.data import tokenizer as tokenizer_lib
 
 
-def load(config: ml_collections.ConfigDict) -> tasks.Task:
-    """The labeled task named by the `task` section."""
-    t = config.task
+def load(task_cfg: ml_collections.ConfigDict, data_dir: str = "") -> tasks.Task:
+    """The labeled task named by the `task` section (`data_dir`: `data.data_dir`)."""
+    t = task_cfg
     labels = tuple(x.strip() for x in t.labels.split(",") if x.strip())
     return tasks.load_task(
-        t.name, data_dir=config.data.data_dir or None, path=t.path, kind=t.kind, labels=labels
+        t.name, data_dir=data_dir or None, path=t.path, kind=t.kind, labels=labels
     )
 
 
-def uses_head(config: ml_collections.ConfigDict, task: tasks.Task) -> bool:
-    """Classification with a head (bert, gpt); t5 classifies by generating the label."""
-    return models.family(config.model.family).uses_head(task.kind)
+def uses_head(family: str, task: tasks.Task) -> bool:
+    """Whether a `family` model answers `task` with a head (bert, gpt classification); t5
+    classifies by generating the label."""
+    return models.family(family).uses_head(task.kind)
 
 
-def num_classes(config: ml_collections.ConfigDict, task: tasks.Task) -> int:
-    return len(task.labels) if uses_head(config, task) else 0
+def num_classes(family: str, task: tasks.Task) -> int:
+    """The head's class count for a `family` model on `task` (0: no head)."""
+    return len(task.labels) if uses_head(family, task) else 0
 
 
-def template(config: ml_collections.ConfigDict, task: tasks.Task) -> str:
+def template(task_cfg: ml_collections.ConfigDict, task: tasks.Task) -> str:
     """`task.template`, or the task's default (the encoder checks its {input} placeholder)."""
-    return config.task.template or task.template
+    return task_cfg.template or task.template
 
 
 def predictions(
@@ -55,7 +57,7 @@ def predictions(
     (the run's eval pass computes it); generation tasks decode per the `decode` section, with
     rows sharded over `mesh` if given.
     """
-    if uses_head(config, task):
+    if uses_head(config.model.family, task):
         return [task.labels[i] for i in classes[: len(examples)]]
     new_tokens = config.task.target_len
     prompts = [
@@ -66,7 +68,7 @@ def predictions(
             example,
             seq_len=config.data.seq_len,
             max_new_tokens=new_tokens,
-            template=template(config, task),
+            template=template(config.task, task),
         )
         for example in examples
     ]

@@ -101,7 +101,7 @@ def prepare_task_data(
     config: ml_collections.ConfigDict, workdir: str, source_run: restore.Source | None
 ) -> Data:
     """Fine-tuning data: the labeled task's train stream and eval batches."""
-    task = finetuning.load(config)
+    task = finetuning.load(config.task, config.data.data_dir)
     texts = [f"{e.input}\n{e.target}" for e in task.splits["train"]]
     tok = prepare_tokenizer(config, workdir, texts, source_run)
     return task_data(config, task, tok)
@@ -177,9 +177,7 @@ def task_data(
     family = models.family(config.model.family)
     layout = family.layout  # `finetune.check_task` (in make_train_dataset) checks the pairing.
     train = tasks.low_resource_subset(task.splits["train"], t.train_examples)
-    common = dict(
-        seq_len=d.seq_len, target_len=t.target_len, template=finetuning.template(config, task)
-    )
+    common = dict(seq_len=d.seq_len, target_len=t.target_len, template=finetuning.template(t, task))
     dataset, cut = finetune.make_train_dataset(
         task,
         layout,

@@ -149,7 +149,7 @@ _NOT_SHOWN = ("loss", "perplexity", "tokens")
 def _validate(run: "_Run", params: Any) -> dict[str, float]:
     """Validation loss metrics, plus the task metrics when they are cheap (a classifier head)."""
     task = run.data.task
-    cheap = task is not None and finetuning.uses_head(run.config, task)
+    cheap = task is not None and finetuning.uses_head(run.config.model.family, task)
     return run.evaluate(params, "validation", with_task=cheap)
 
 
@@ -210,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             source = restore.resolve(config.init_from)
             restore.check_architecture(config.model, source)
         data = inputs.prepare(config, workdir, source)
-        classes = finetuning.num_classes(config, data.task) if data.task else 0
+        classes = finetuning.num_classes(config.model.family, data.task) if data.task else 0
         built = build.build(config, classes)
         metrics.log(f"Mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} devices")
         writer = metrics.MetricsWriter(workdir)
@@ -283,7 +283,7 @@ def _finish(
     predictions: dict[str, list[str]] = {}
     for split in ("validation", "test"):
         reuse = split == "validation" and last_eval is not None and last_eval[0] == step
-        if reuse and (task is None or finetuning.uses_head(config, task)):
+        if reuse and (task is None or finetuning.uses_head(config.model.family, task)):
             result = dict(last_eval[1])  # The loop evaluated this very state already.
         else:
             result = run.evaluate(state.params, split, with_task=task is not None)

@@ -80,7 +80,8 @@ def synthetic_batch(config: ml_collections.ConfigDict, rows: int, seed: int) -> 
         small.data.global_batch_size, small.seed = rows, seed
         small.task.train_examples, small.task.eval_examples = rows, 1
         with contextlib.redirect_stdout(io.StringIO()):  # Its counts describe these few rows.
-            return next(inputs.task_data(small, finetuning.load(config), tok).train_iter)
+            task = finetuning.load(config.task, config.data.data_dir)
+            return next(inputs.task_data(small, task, tok).train_iter)
     objective = inputs.make_objective(config, tok)
     length = objective.packed_length(config.data.seq_len)
     rng = np.random.default_rng(seed)
@@ -96,7 +97,10 @@ def memory_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Bytes per device of the compiled train step (see the module docstring) and the device's
     memory (0 where it does not say)."""
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
-    classes = finetuning.num_classes(config, finetuning.load(config)) if config.task.name else 0
+    classes = 0
+    if config.task.name:
+        task = finetuning.load(config.task, config.data.data_dir)
+        classes = finetuning.num_classes(config.model.family, task)
     built = build.build(config, classes)
     mesh, abstract, shardings = built.mesh, built.abstract, built.shardings
     rows = config.data.global_batch_size

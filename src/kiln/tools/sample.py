@@ -73,7 +73,7 @@ class Generator:
                 example,
                 seq_len=config.data.seq_len,
                 max_new_tokens=max_new_tokens,
-                template=finetuning.template(config, self.task),
+                template=finetuning.template(config.task, self.task),
             )
         ids, max_len = tok.encode(text), config.model.max_len
         if self.layout == Layout.DECODER:
@@ -132,8 +132,9 @@ def load(workdir: str, step: int = -1) -> Generator:
             f"--workdir={workdir!r} is a {family.name} run; kiln.tools.sample generates with"
             " decoder (gpt) and encoder-decoder (t5) runs (a masked LM does not generate)."
         )
-    task = finetuning.load(config) if config.get("task", {}).get("name") else None
-    if task is not None and finetuning.uses_head(config, task):
+    has_task = config.get("task", {}).get("name")
+    task = finetuning.load(config.task, config.data.data_dir) if has_task else None
+    if task is not None and finetuning.uses_head(config.model.family, task):
         raise KilnError(
             f"--workdir={workdir!r} fine-tuned a classification head on {task.name}; it predicts"
             " labels, not text. Sample from its pre-training run, or use its predictions_*.jsonl."
