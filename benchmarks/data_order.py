@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from unittest import mock
 
 import common
+import data_throughput
 import numpy as np
 
 from kiln import run
@@ -54,14 +55,7 @@ def continued(config, tok: tokenizer_lib.Tokenizer, batches: int) -> float:
     d = config.data
     documents = corpus.read_documents(d.corpus, "train", d.data_dir or None)
     places = pipeline.PlaceTokenizer(tok, documents)
-    stream = pipeline.make_train_dataset(
-        documents,
-        places,
-        seq_len=d.seq_len,
-        global_batch_size=d.global_batch_size,
-        seed=config.seed,
-        streams=d.streams,
-    )
+    stream = data_throughput.train_stream(config, documents, places)
     return pipeline.continued_fraction(list(itertools.islice(stream, batches)))
 
 
