@@ -5,9 +5,7 @@
 At the peers.py shape (4 layers, d_model 256, seq_len 256, vocab 8192, batch 16, float32),
 compiles kiln's train step once per option and runs the variants in turns (A B C A B C ...):
 
-- default: what kiln does (blockwise causal attention, 2-D matmuls, plain loss, no remat);
-- one attention block: causal attention over every key (the future blocks are computed and
-  masked, as before blockwise attention);
+- default: what kiln does (2-D matmuls, plain loss, no remat);
 - remat=dots / remat=full: `model.remat`;
 - loss_chunks=8: `train.loss_chunks`, the loss fused with the output projection.
 
@@ -18,27 +16,23 @@ memory_analysis: what the options change), appends the table to benchmarks/RESUL
 import argparse
 import statistics
 import time
-from collections.abc import Callable
-from unittest import mock
 
 import common
 import jax
 import peers
 
 from kiln import checkpoint, sharding
-from kiln.models import attention
 from kiln.tools import fits
 
-VARIANTS: dict[str, tuple[dict, Callable | None]] = {
-    "default": ({}, None),
-    "one attention block": ({}, lambda length, kv_length: 1),
-    "remat=dots": ({"remat": "dots"}, None),
-    "remat=full": ({"remat": "full"}, None),
-    "loss_chunks=8": ({"loss_chunks": 8}, None),
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "remat=dots": {"remat": "dots"},
+    "remat=full": {"remat": "full"},
+    "loss_chunks=8": {"loss_chunks": 8},
 }
 
 
-def compile_variant(family: str, overrides: dict, blocks: Callable | None):
+def compile_variant(family: str, overrides: dict):
     """(step, state, batch, temporary bytes) of kiln's train step with these overrides."""
     config = peers.kiln_config(family)
     config.model.remat = overrides.get("remat", config.model.remat)
@@ -47,11 +41,9 @@ def compile_variant(family: str, overrides: dict, blocks: Callable | None):
     batch = jax.device_put(
         fits.synthetic_batch(config, peers.SHAPE["batch"], 0), sharding.batch_sharding(mesh)
     )
-    # Attention's block count is read while tracing: lower and run the step under the patch.
-    with mock.patch.object(attention, "causal_blocks", blocks or attention.causal_blocks):
-        compiled = step.lower(checkpoint.abstract_like(abstract, shardings), batch).compile()
-        state, out = step(state, batch)
-        jax.block_until_ready(out)
+    compiled = step.lower(checkpoint.abstract_like(abstract, shardings), batch).compile()
+    state, out = step(state, batch)
+    jax.block_until_ready(out)
     return step, state, batch, compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -68,9 +60,9 @@ def main() -> None:
     ]
     for family in args.families:
         runs = {}
-        for name, (overrides, blocks) in VARIANTS.items():
+        for name, overrides in VARIANTS.items():
             print(f"[{family}] compiling {name} ...", flush=True)
-            runs[name] = [*compile_variant(family, overrides, blocks), []]
+            runs[name] = [*compile_variant(family, overrides), []]
         for r in range(args.rounds):
             for run in runs.values():
                 step, state, batch, _, times = run

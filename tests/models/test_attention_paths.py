@@ -1,5 +1,5 @@
-"""The fast paths compute the same function: blockwise causal attention, the
-jax.nn.dot_product_attention path, and the head inputs the fused loss takes."""
+"""The attention paths compute the same function: kiln's own attention (CPUs), the
+jax.nn.dot_product_attention path (GPUs), and the head inputs the fused loss takes."""
 
 import dataclasses
 
@@ -10,16 +10,6 @@ import pytest
 
 from kiln.models import attention, bert, gpt, layers, t5
 from kiln.models.layers import TransformerConfig
-
-
-def test_causal_blocks_rule():
-    assert attention.causal_blocks(256, 256) == 4
-    assert attention.causal_blocks(512, 512) == 8
-    assert attention.causal_blocks(4096, 4096) == 8
-    assert attention.causal_blocks(128, 128) == 2
-    assert attention.causal_blocks(64, 64) == 1  # blocks of fewer than 64 queries: not worth it
-    assert attention.causal_blocks(200, 200) == 2
-    assert attention.causal_blocks(1, 256) == 1  # decoding: one query against the cache
 
 
 def _packed_segments(rows: int, length: int, seed: int) -> np.ndarray:
@@ -43,9 +33,10 @@ def _numpy_attention(q, k, v, bias):
 
 
 @pytest.mark.parametrize("per_head_bias", [False, True], ids=["mask", "mask+relative"])
-def test_blockwise_causal_attention_equals_numpy(per_head_bias):
-    """Query blocks attending to past key blocks only == full attention (values and
-    gradients), for packed, padded rows, grouped kv heads and a per-head bias (as T5's)."""
+def test_attention_equals_numpy(per_head_bias):
+    """kiln's attention == a float64 numpy reference for packed, padded causal rows, grouped kv
+    heads and a per-head bias (as T5's); its gradients == those of the numpy formula's jax
+    twin."""
     b, length, h, k, e = 2, 32, 4, 2, 8
     rng = np.random.default_rng(0)
     q, key, v = (rng.normal(size=(b, length, n, e)).astype(np.float32) for n in (h, k, k))
@@ -53,22 +44,22 @@ def test_blockwise_causal_attention_equals_numpy(per_head_bias):
     if per_head_bias:
         bias = bias + rng.normal(size=(b, h, length, length)).astype(np.float32)
 
-    def attend(q, key, v, blocks):
-        return attention._blockwise_attention(q, key, v, bias, blocks, lambda p: p, jnp.float32)
+    def attend(q, key, v):
+        return attention._attention(q, key, v, bias, lambda p: p, jnp.float32)
 
-    want = _numpy_attention(q, key, v, bias)
-    grads = {}
-    for blocks in (1, 2, 4, 8):
-        out = attend(q, key, v, blocks)
-        np.testing.assert_allclose(out, want, atol=1e-5)
+    def reference(q, key, v):  # The numpy formula in jax, for gradients.
+        groups = h // k
+        key, v = jnp.repeat(key, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        probs = jax.nn.softmax(jnp.einsum("blhe,bshe->bhls", q, key) + bias, axis=-1)
+        return jnp.einsum("bhls,bshe->blhe", probs, v)
 
-        def loss(q, key, v, blocks=blocks):
-            return jnp.sum(jnp.sin(attend(q, key, v, blocks)))
-
-        grads[blocks] = jax.grad(loss, argnums=(0, 1, 2))(q, key, v)
-    for blocks in (2, 4, 8):
-        for got, ref in zip(grads[blocks], grads[1]):
-            np.testing.assert_allclose(got, ref, atol=1e-5)
+    np.testing.assert_allclose(attend(q, key, v), _numpy_attention(q, key, v, bias), atol=1e-5)
+    grads = [
+        jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, key, v)
+        for f in (attend, reference)
+    ]
+    for got, ref in zip(*grads):
+        np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 GPT_MODERN = TransformerConfig(
@@ -83,7 +74,7 @@ T5 = dataclasses.replace(
     relative_max_distance=32, n_decoder_layers=1,
 )  # fmt: skip
 T5_TIED = dataclasses.replace(T5, tie_embeddings=True)
-LENGTH = 128  # two blocks of 64 queries in causal attention
+LENGTH = 128
 
 
 def _case(name: str):
@@ -111,17 +102,13 @@ CASES = ["gpt", "gpt2", "bert", "t5", "t5_tied"]
 
 @pytest.mark.parametrize("name", CASES)
 def test_models_agree_through_every_attention_path(name, monkeypatch):
-    """Default (blockwise causal on CPU) == one block == jax.nn.dot_product_attention."""
+    """Default (kiln's attention on CPU) == jax.nn.dot_product_attention."""
     module, inputs = _case(name)
     params = module.init(jax.random.PRNGKey(0), **inputs)
     default = np.asarray(module.apply(params, **inputs))
-    monkeypatch.setattr(attention, "causal_blocks", lambda length, kv_length: 1)
-    one_block = np.asarray(module.apply(params, **inputs))
     monkeypatch.setattr(attention, "use_dot_product_attention", lambda: True)
     fused_kernel = np.asarray(module.apply(params, **inputs))
-    scale = np.abs(default).max()
-    np.testing.assert_allclose(one_block, default, atol=1e-5 * scale)
-    np.testing.assert_allclose(fused_kernel, default, atol=1e-5 * scale)
+    np.testing.assert_allclose(fused_kernel, default, atol=1e-5 * np.abs(default).max())
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -1,4 +1,4 @@
-"""Attention: multi-head with grouped kv heads, its KV cache, and blockwise causal attention.
+"""Attention: multi-head with grouped kv heads, and its KV cache.
 
 Shape suffixes as in `layers.py`: B batch, L queries, S keys/values, H heads, K kv heads,
 G query groups (H // K), E head_dim, D d_model.
@@ -82,7 +82,6 @@ class Attention(nn.Module):
         decode: bool = False,
         cache_index: jax.Array | None = None,
         static_kv: bool = False,
-        causal: bool = False,
     ) -> jax.Array:
         """Attends queries from xq to keys/values from xkv.
 
@@ -103,8 +102,6 @@ class Attention(nn.Module):
           static_kv: with decode, for cross-attention: the call that creates the cache stores
             the keys/values of xkv as `cross_key` / `cross_value` [B, S, K, E]; later calls read
             them and ignore xkv (the encoder output does not change while decoding).
-          causal: `bias` masks every key after its query (causal self-attention over L = S),
-            so key blocks wholly in the future are skipped (`causal_blocks`).
 
         Returns:
           Output [B, L, D] in the compute dtype.
@@ -120,7 +117,7 @@ class Attention(nn.Module):
             k_BSKE = layers.apply_rope(k_BSKE, kv_pos_BS, cfg.rope_theta)
         if decode and not static_kv:
             k_BSKE, v_BSKE = self._cached_kv(k_BSKE, v_BSKE, cache_index)
-        out_BLHE = self._attend(q_BLHE, k_BSKE, v_BSKE, bias, deterministic, causal)
+        out_BLHE = self._attend(q_BLHE, k_BSKE, v_BSKE, bias, deterministic)
         std_out = 0.02 / math.sqrt(2 * cfg.n_layers)
         out_names = ("heads", "head_dim", "embed")
         return layers.make_dense(cfg, cfg.d_model, (-2, -1), out_names, std_out, "out")(out_BLHE)
@@ -169,7 +166,6 @@ class Attention(nn.Module):
         v_BSKE: jax.Array,
         bias: jax.Array | None,
         deterministic: bool,
-        causal: bool,
     ) -> jax.Array:
         """softmax(q k^T * scale + bias) v [B, L, H, E], on the path this backend runs best."""
         cfg = self.config
@@ -184,12 +180,11 @@ class Attention(nn.Module):
                 scale=scale,
             )
         dropout = nn.Dropout(cfg.dropout)
-        return _blockwise_attention(
+        return _attention(
             q_BLHE * jnp.asarray(scale, q_BLHE.dtype),
             k_BSKE,
             v_BSKE,
             bias,
-            causal_blocks(q_BLHE.shape[1], k_BSKE.shape[1]) if causal else 1,
             lambda p: dropout(p, deterministic=deterministic),
             cfg.dtype,
         )
@@ -197,74 +192,37 @@ class Attention(nn.Module):
 
 def use_dot_product_attention() -> bool:
     """Whether attention goes through `jax.nn.dot_product_attention` (cuDNN's fused kernel
-    where it applies, else XLA's): on GPUs. Elsewhere kiln's own blockwise attention, faster
-    on CPUs (benchmarks/RESULTS.md); both compute the same function."""
+    where it applies, else XLA's): on GPUs. Elsewhere kiln's own attention (`_attention`),
+    faster on CPUs (benchmarks/RESULTS.md); both compute the same function."""
     return jax.default_backend() == "gpu"
 
 
-def causal_blocks(length: int, kv_length: int) -> int:
-    """Query blocks for causal attention: up to 8 blocks of at least 64 queries, so that the
-    strictly-future key blocks (up to 7/16 of the scores) are never computed; 1 when the
-    lengths differ (decoding) or the sequence is short."""
-    if length != kv_length:
-        return 1
-    return next((n for n in (8, 4, 2) if length % n == 0 and length // n >= 64), 1)
-
-
-def _slice_bias(bias: jax.Array | None, queries: slice, keys: int) -> jax.Array | None:
-    """bias [..., L or 1, S or 1] restricted to the query rows `queries` and the first `keys`."""
-    if bias is None:
-        return None
-    if bias.shape[-2] > 1:
-        bias = bias[..., queries, :]
-    return bias[..., :keys] if bias.shape[-1] > 1 else bias
-
-
-def _blockwise_attention(
+def _attention(
     q_BLHE: jax.Array,
     k_BSKE: jax.Array,
     v_BSKE: jax.Array,
     bias: jax.Array | None,
-    blocks: int,
     dropout: Callable[[jax.Array], jax.Array],
     dtype: layers.Dtype,
 ) -> jax.Array:
-    """softmax(q k^T + bias) v with grouped kv heads; q already scaled. With `blocks` > 1
-    (causal only), query block i attends to the keys of blocks 0..i only.
-
-    Why blocks: under a causal mask the scores of a query block against later key blocks are
-    all masked, so splitting the queries into n blocks and giving block i only the first i + 1
-    key blocks skips (n - 1) / 2n of the work, exactly: every skipped score would have had
-    weight exp(NEG_INF - max) = 0. The bias still masks within the diagonal block.
-    """
+    """softmax(q k^T + bias) v with grouped kv heads; q already scaled."""
     b, length, h, e = q_BLHE.shape
-    k = k_BSKE.shape[2]
+    k, keys = k_BSKE.shape[2], k_BSKE.shape[1]
     g = h // k
-    size = length // blocks
     # Batched matmuls over one leading axis (B * K): XLA's CPU backend runs these (and their
     # gradients) ~1.5x faster than the same einsum over [B, K, G, L, S].
     k_NSE = jnp.swapaxes(k_BSKE, 1, 2).reshape(b * k, -1, e)
     v_NSE = jnp.swapaxes(v_BSKE, 1, 2).reshape(b * k, -1, e).astype(dtype)
-    outs = []
-    for i in range(blocks):
-        rows = slice(i * size, (i + 1) * size) if blocks > 1 else slice(None)
-        keys = (i + 1) * size if blocks > 1 else k_BSKE.shape[1]
-        # Query head n uses kv head n // G: [B, L, K, G, E] -> [B * K, G * L, E].
-        q_BLKGE = q_BLHE[:, rows].reshape(b, -1, k, g, e)
-        n_queries = q_BLKGE.shape[1]
-        q_NQE = jnp.transpose(q_BLKGE, (0, 2, 3, 1, 4)).reshape(b * k, g * n_queries, e)
-        # Logits and softmax in float32: in bf16 the exp overflows sooner and the row sums
-        # lose precision (8 mantissa bits), which biases the attention weights.
-        logits_NQS = jnp.einsum(
-            "nqe,nse->nqs", q_NQE, k_NSE[:, :keys], preferred_element_type=jnp.float32
-        )
-        logits_BHLS = logits_NQS.reshape(b, h, n_queries, keys)
-        block_bias = _slice_bias(bias, rows, keys)
-        if block_bias is not None:
-            logits_BHLS = logits_BHLS + block_bias.astype(jnp.float32)
-        probs_BHLS = dropout(jax.nn.softmax(logits_BHLS, axis=-1))
-        probs_NQS = probs_BHLS.reshape(b * k, g * n_queries, keys).astype(dtype)
-        out_NQE = jnp.einsum("nqs,nse->nqe", probs_NQS, v_NSE[:, :keys])
-        out_BKGLE = out_NQE.reshape(b, k, g, n_queries, e)
-        outs.append(jnp.transpose(out_BKGLE, (0, 3, 1, 2, 4)).reshape(b, n_queries, h, e))
-    return outs[0] if blocks == 1 else jnp.concatenate(outs, axis=1)
+    # Query head n uses kv head n // G: [B, L, K, G, E] -> [B * K, G * L, E].
+    q_BLKGE = q_BLHE.reshape(b, length, k, g, e)
+    q_NQE = jnp.transpose(q_BLKGE, (0, 2, 3, 1, 4)).reshape(b * k, g * length, e)
+    # Logits and softmax in float32: in bf16 the exp overflows sooner and the row sums lose
+    # precision (8 mantissa bits), which biases the attention weights.
+    logits_NQS = jnp.einsum("nqe,nse->nqs", q_NQE, k_NSE, preferred_element_type=jnp.float32)
+    logits_BHLS = logits_NQS.reshape(b, h, length, keys)
+    if bias is not None:
+        logits_BHLS = logits_BHLS + bias.astype(jnp.float32)
+    probs_BHLS = dropout(jax.nn.softmax(logits_BHLS, axis=-1))
+    probs_NQS = probs_BHLS.reshape(b * k, g * length, keys).astype(dtype)
+    out_BKGLE = jnp.einsum("nqs,nse->nqe", probs_NQS, v_NSE).reshape(b, k, g, length, e)
+    return jnp.transpose(out_BKGLE, (0, 3, 1, 2, 4)).reshape(b, length, h, e)

@@ -35,12 +35,10 @@ class BlockMode:
     Attributes:
       deterministic: disables dropout.
       decode: self-attention reads and extends the KV cache (see `attention.Attention`).
-      causal: the self-attention bias is causal, so future key blocks can be skipped.
     """
 
     deterministic: bool = True
     decode: bool = False
-    causal: bool = False
 
 
 # Position of `mode` in a block's __call__(self, x, args, mode); self is 0.
@@ -93,7 +91,6 @@ class TransformerBlock(nn.Module):
             deterministic=mode.deterministic,
             decode=mode.decode,
             cache_index=args.cache_index,
-            causal=mode.causal,
         )
         x_BLD = x_BLD + dropout(h_BLD)
         x_BLD = x_BLD if pre else norm(x_BLD, "attn")

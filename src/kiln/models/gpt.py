@@ -85,8 +85,7 @@ class GPT(nn.Module):
         args = blocks.BlockArgs(
             bias=bias_B1LS, positions_BL=rope_positions_BL, cache_index=cache_index
         )
-        causal = not decode and prefix_mask is None
-        mode = blocks.BlockMode(deterministic=deterministic, decode=decode, causal=causal)
+        mode = blocks.BlockMode(deterministic=deterministic, decode=decode)
         x_BLD = blocks.apply_blocks(self, self.blocks, x_BLD, args, mode)
         if cfg.norm_position == "pre":
             x_BLD = self.final_norm(x_BLD)

@@ -122,7 +122,6 @@ class DecoderBlock(nn.Module):
             deterministic=mode.deterministic,
             decode=mode.decode,
             cache_index=args.cache_index,
-            causal=mode.causal,
         )
         y_BLD = y_BLD + nn.Dropout(cfg.dropout)(h_BLD, deterministic=mode.deterministic)
         h_BLD = layers.make_norm(cfg, "pre_cross_attn_norm")(y_BLD)
@@ -241,7 +240,7 @@ class Decoder(nn.Module):
                 cross_bias_B1LS=cross_bias_B1LS,
                 cache_index=cache_index,
             ),
-            blocks.BlockMode(deterministic=deterministic, decode=decode, causal=not decode),
+            blocks.BlockMode(deterministic=deterministic, decode=decode),
         )
         y_BLD = layers.make_norm(cfg, "final_norm")(y_BLD)
         y_BLD = nn.Dropout(cfg.dropout)(y_BLD, deterministic=deterministic)
