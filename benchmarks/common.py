@@ -9,13 +9,14 @@ import platform
 import jax
 import ml_collections
 
-from kiln import build, config_lib, host_memory
+from kiln import build, config_lib
+from kiln.tools import host_memory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 # Benchmarks time kiln as its entry points run it, with freed host memory kept mapped
-# (kiln.host_memory; KILN_KEEP_HOST_MEMORY=0 opts out). Every benchmark script imports this
+# (kiln.tools.host_memory; KILN_KEEP_HOST_MEMORY=0 opts out). Every benchmark script imports this
 # module before anything starts JAX's CPU backend, so the setting is applied here.
 host_memory.keep_freed_memory()
 

@@ -4,7 +4,7 @@
       [--rounds 5] [--no-append]
 
 At the peers.py shape, two worker processes per system and family (peer_worker.py), one with
-KILN_KEEP_HOST_MEMORY=1 (`kiln.host_memory`: one malloc arena, no mmap, no trimming; given to
+KILN_KEEP_HOST_MEMORY=1 (`kiln.tools.host_memory`: one malloc arena, no mmap, no trimming; given to
 a peer by peer_worker.py), one with KILN_KEEP_HOST_MEMORY=0, all take turns for several rounds
 after the same warm-up. Prints step ms (median over rounds), the speed-up over the same system
 with glibc's defaults, the process's minor page faults and kernel CPU seconds per step, and its
@@ -19,7 +19,7 @@ import tempfile
 import common
 import peers
 
-from kiln import host_memory
+from kiln.tools import host_memory
 
 VARIANTS = {"kept": "1", "glibc defaults": "0"}  # values of host_memory.ENV
 

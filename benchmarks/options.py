@@ -6,6 +6,8 @@ At the peers.py shape (4 layers, d_model 256, seq_len 256, vocab 8192, batch 16,
 compiles kiln's train step once per option and runs the variants in turns (A B C A B C ...):
 
 - default: what kiln does (2-D matmuls, plain loss, no remat);
+- batched dot_general: dense layers as one dot_general on [B, L, ...] operands, what
+  `layers.matmul` replaces by a 2-D [rows, in] x [in, out] matmul (patched in for this variant);
 - remat=dots / remat=full: `model.remat`;
 - loss_chunks=8: `train.loss_chunks`, the loss fused with the output projection.
 
@@ -14,22 +16,39 @@ memory_analysis: what the options change), appends the table to benchmarks/RESUL
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import common
 import jax
+import jax.numpy as jnp
 import peers
 
 from kiln import checkpoint, sharding
+from kiln.models import layers
 from kiln.tools import fits
 
 VARIANTS: dict[str, dict] = {
     "default": {},
+    "batched dot_general": {"dot_general": True},
     "remat=dots": {"remat": "dots"},
     "remat=full": {"remat": "full"},
     "loss_chunks=8": {"loss_chunks": 8},
 }
+
+
+@contextlib.contextmanager
+def batched_dot_general(active: bool):
+    """While active, `layers.matmul` contracts [B, L, ...] operands in one dot_general (what
+    XLA gets without kiln's 2-D reshape); traced steps keep what they were traced with."""
+    original = layers.matmul
+    if active:
+        layers.matmul = lambda x, kernel, n_in=1: jnp.tensordot(x, kernel, axes=n_in)
+    try:
+        yield
+    finally:
+        layers.matmul = original
 
 
 def compile_variant(family: str, overrides: dict):
@@ -37,13 +56,14 @@ def compile_variant(family: str, overrides: dict):
     config = peers.kiln_config(family)
     config.model.remat = overrides.get("remat", config.model.remat)
     config.train.loss_chunks = overrides.get("loss_chunks", config.train.loss_chunks)
-    step, state, mesh, abstract, shardings = common.kiln_train_step(config)
-    batch = jax.device_put(
-        fits.synthetic_batch(config, peers.SHAPE["batch"], 0), sharding.batch_sharding(mesh)
-    )
-    compiled = step.lower(checkpoint.abstract_like(abstract, shardings), batch).compile()
-    state, out = step(state, batch)
-    jax.block_until_ready(out)
+    with batched_dot_general(overrides.get("dot_general", False)):
+        step, state, mesh, abstract, shardings = common.kiln_train_step(config)
+        batch = jax.device_put(
+            fits.synthetic_batch(config, peers.SHAPE["batch"], 0), sharding.batch_sharding(mesh)
+        )
+        compiled = step.lower(checkpoint.abstract_like(abstract, shardings), batch).compile()
+        state, out = step(state, batch)
+        jax.block_until_ready(out)
     return step, state, batch, compiled.memory_analysis().temp_size_in_bytes
 
 

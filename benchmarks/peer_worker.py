@@ -9,7 +9,7 @@ seq_len), compiles and warms up (5 steps) its train step (forward, backward, Ada
 "minor_faults", "kernel_seconds"} (the process's page faults and kernel CPU time over them);
 "quit" ends it with {"max_rss_bytes"}. Every system computes the same loss: the weighted mean
 token cross-entropy of the full-vocabulary logits against `targets`. KILN_KEEP_HOST_MEMORY=1
-gives a peer kiln's host memory setting (`kiln.host_memory`; kiln has it unless it is 0).
+gives a peer kiln's host memory setting (`kiln.tools.host_memory`; kiln has it unless it is 0).
 
 Systems: `kiln` (needs kiln's venv), `hf_flax` (transformers' Flax models under jax.jit with
 optax), `torch` (transformers' PyTorch models, eager, torch.optim.AdamW). Dropout is off.
@@ -178,7 +178,7 @@ def main() -> None:
         # kiln runs with it as its entry points do (unless KILN_KEEP_HOST_MEMORY=0), a peer only
         # with KILN_KEEP_HOST_MEMORY=1 (benchmarks/host_memory.py compares a peer with and
         # without it); before jax or torch starts its threads.
-        from kiln import host_memory
+        from kiln.tools import host_memory
 
         host_memory.keep_freed_memory()
     with open(args.shape) as f:

@@ -8,7 +8,7 @@ For each family (gpt, bert, t5) at one shape (default: 4 layers, 4 heads, d_mode
 by kiln's objective: causal LM, masked LM, span corruption) with forward + backward + AdamW:
 
 - kiln: the real jitted, donated `kiln.train.train_step`, with kiln's host memory setting
-  (`kiln.host_memory`, which the peers run without; benchmarks/host_memory.py measures both).
+  (`kiln.tools.host_memory`, which the peers run without; benchmarks/host_memory.py measures both).
 - hf_flax: transformers 4.57.6 Flax models (FlaxGPT2LMHeadModel, FlaxBertForMaskedLM,
   FlaxT5ForConditionalGeneration) under jax.jit with optax.adamw, the same jax as kiln.
 - torch: the PyTorch models of the same families, eager, torch 2.13.0 CPU build.

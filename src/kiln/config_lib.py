@@ -41,16 +41,14 @@ def _fail(key: str, value: Any, why: str, fix: str) -> None:
     raise config_error(key, value, why, fix)
 
 
-def decode_options(config: ml_collections.ConfigDict, max_new_tokens: int | None = None) -> Any:
-    """The run's `decoding.DecodeOptions`: the decode section, the run's seed, and
-    `max_new_tokens` (default task.target_len)."""
+def decode_options(decode_cfg: ml_collections.ConfigDict, seed: int, max_new_tokens: int) -> Any:
+    """The `decoding.DecodeOptions` of the `decode` section, the run's seed and
+    `max_new_tokens`."""
     from kiln import decoding  # Local import: decoding imports jax, config parsing need not.
 
     try:
         return decoding.decode_options(
-            **config.decode.to_dict(),
-            seed=config.seed,
-            max_new_tokens=config.task.target_len if max_new_tokens is None else max_new_tokens,
+            **decode_cfg.to_dict(), seed=seed, max_new_tokens=max_new_tokens
         )
     except KilnError as e:
         raise KilnError(f"Config section decode: {e}") from None
@@ -78,7 +76,9 @@ def validate(
     _check_data(config, family)
     _check_training(config)
     _check_task(config, family)
-    decode_options(config)  # Fails on bad decoding options before any training.
+    _check_init_from(config)
+    # Fails on bad decoding options before any training.
+    decode_options(config.decode, config.seed, config.task.target_len)
     return _check_mesh_and_batch(config, num_devices, process_count)
 
 
@@ -142,6 +142,20 @@ def _check_task(config: ml_collections.ConfigDict, family: "Family") -> None:
     if t.name:
         finetune.check_task(t.name, t.kind, family.layout, t.pack)
         family.check_pooling(t.pooling)
+
+
+def _check_init_from(config: ml_collections.ConfigDict) -> None:
+    """The `init_from` section: one source at most, and what it can give."""
+    i = config.init_from
+    if i.load not in ("params", "state"):
+        _fail("init_from.load", i.load, "is unknown", "Use 'params' or 'state'.")
+    hf = i.get("hf", "")
+    if hf and i.workdir:
+        why = f"is set together with init_from.workdir={i.workdir!r}"
+        _fail("init_from.hf", hf, why, "A run starts from one source: clear one of them.")
+    if hf and i.load == "state":
+        why = "has parameters but no optimizer state"
+        _fail("init_from.hf", hf, why, "Use init_from.load='params'.")
 
 
 def _check_mesh_and_batch(

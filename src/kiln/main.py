@@ -1,17 +1,23 @@
 """Command line: `python -m kiln.main --config experiments/<file>.py:<args> --workdir runs/<name>`.
 
 Override any config field with `--config.section.key=value`; the config is locked, so a
-misspelt key fails and names the nearest valid one. Re-running the same command resumes.
+misspelt key fails and names the nearest valid one. Re-running the same command resumes. With
+`distributed.initialize` (or KILN_DISTRIBUTED=1) each process first joins JAX's
+multi-controller runtime (`join_processes`).
 """
 
 import ast
+import os
+import socket
 import sys
+import time
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kiln import host_memory
 from kiln.errors import KilnError
+from kiln.tools import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -60,10 +66,10 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         _fail(f"{_one_paragraph(e)}\n{USAGE}")
     try:
-        from kiln import distributed, pipelines  # Before anything touches the JAX backend.
+        from kiln import pipelines
 
         first = config[config.stages[0]] if pipelines.is_pipeline(config) else config
-        distributed.maybe_initialize(first.distributed)
+        join_processes(first.distributed)  # Before anything touches the JAX backend.
         from kiln import run
 
         if pipelines.is_pipeline(config):
@@ -72,6 +78,69 @@ def main(argv: list[str]) -> None:
             run.train_and_evaluate(config, _WORKDIR.value)
     except KilnError as e:
         _fail(str(e))
+
+
+def join_processes(distributed_config: Any) -> None:
+    """Joins JAX's multi-controller runtime (every process runs the same program): calls
+    `jax.distributed.initialize` when the config or KILN_DISTRIBUTED=1 asks for it.
+
+    Empty fields are left to JAX's auto-detection (TPU pods, SLURM, Kubernetes). Must run before
+    anything else touches the JAX backend.
+    """
+    if not (distributed_config.initialize or os.environ.get("KILN_DISTRIBUTED") == "1"):
+        return
+    import jax  # Here: importing kiln.main must not load JAX before the host-memory setting.
+
+    kwargs: dict[str, Any] = {"initialization_timeout": int(distributed_config.timeout_s)}
+    if distributed_config.coordinator_address:
+        kwargs["coordinator_address"] = distributed_config.coordinator_address
+    if distributed_config.num_processes > 0:
+        kwargs["num_processes"] = distributed_config.num_processes
+    if distributed_config.process_id >= 0:
+        kwargs["process_id"] = distributed_config.process_id
+    if distributed_config.coordinator_address and distributed_config.process_id > 0:
+        # An unreachable coordinator makes the runtime abort the process from C++ after the
+        # timeout, with no Python error: check reachability here first.
+        _wait_for_coordinator(distributed_config.coordinator_address, distributed_config.timeout_s)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        raise KilnError(
+            f"jax.distributed.initialize({kwargs}) failed: {_first_line(e)}. Check that every"
+            " process was started and can reach the coordinator, and"
+            " distributed.coordinator_address/num_processes/process_id (distributed.timeout_s"
+            " is how long to wait), or unset distributed.initialize and KILN_DISTRIBUTED for a"
+            " single-process run."
+        ) from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Returns once a TCP connection to `address` (host:port) succeeds; KilnError after
+    `timeout_s` seconds of failures."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise KilnError(
+            f"distributed.coordinator_address={address!r} is not host:port, e.g. 10.0.0.2:1234."
+        )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise KilnError(
+                    f"The coordinator {address} (process 0) could not be reached for"
+                    f" {timeout_s:g} s ({e}). Start process 0 with the same"
+                    " distributed.coordinator_address, check the host and port are reachable"
+                    " from here, or raise distributed.timeout_s."
+                ) from None
+            time.sleep(0.5)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

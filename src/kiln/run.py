@@ -66,7 +66,7 @@ def sample_text(run: "_Run", params: Any) -> str:
     """eval.sample_prompt continued as the decode section says (KV cache, sharded like training)."""
     config, tok = run.config, run.data.tokenizer
     ids = [tok.bos_id, *tok.encode(config.eval.sample_prompt)][: config.model.max_len]
-    options = config_lib.decode_options(config, config.eval.sample_tokens)
+    options = config_lib.decode_options(config.decode, config.seed, config.eval.sample_tokens)
     out = decoding.generate(
         run.built.model,
         params,
@@ -165,6 +165,17 @@ class _Run:
     writer: metrics.MetricsWriter
     source: restore.Source | None = None
 
+    def answering(self) -> finetuning.Answering:
+        """How the fine-tuned model answers the task (`finetuning.predictions`)."""
+        c = self.config
+        return finetuning.Answering(
+            family=c.model.family,
+            seq_len=c.data.seq_len,
+            batch_size=c.data.global_batch_size,
+            template=finetuning.template(c.task, self.data.task),
+            decode=config_lib.decode_options(c.decode, c.seed, c.task.target_len),
+        )
+
     def evaluate(self, params: Any, split: str, with_task: bool = False) -> dict[str, Any]:
         """Loss metrics of a split; with `with_task`, a fine-tune's task metrics too (one pass
         for a classifier head) and the predictions under the key "predictions"."""
@@ -181,7 +192,7 @@ class _Run:
         result["token_accuracy"] = result.pop("accuracy")  # Task metrics carry plain names.
         if with_task:
             scores, preds = finetuning.score(
-                self.config,
+                self.answering(),
                 self.data.task,
                 self.data.examples[split],
                 self.built.model,
@@ -206,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = None
     try:
         source = None
-        if ckpt.latest_step() is None and config.init_from.workdir:
+        if ckpt.latest_step() is None and (config.init_from.workdir or config.init_from.get("hf")):
             source = restore.resolve(config.init_from)
             restore.check_architecture(config.model, source)
         data = inputs.prepare(config, workdir, source)

@@ -30,13 +30,13 @@ from kiln import (
     checkpoint,
     config_lib,
     finetuning,
-    host_memory,
     inputs,
     pipelines,
     sharding,
 )
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
+from kiln.tools import host_memory
 
 
 class _Pieces:

@@ -26,12 +26,12 @@ from typing import Any
 import jax
 import ml_collections
 
-from kiln import decoding, finetuning, host_memory, models, restore, sharding
+from kiln import decoding, finetuning, models, restore, sharding
 from kiln.data import corpus, finetune, tasks
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.data.objectives import Layout
 from kiln.errors import KilnError
-from kiln.tools import code_eval
+from kiln.tools import code_eval, host_memory
 
 # Where a HumanEval completion ends: the next top-level statement (Chen et al. 2021).
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")

@@ -5,28 +5,28 @@ import math
 
 import pytest
 
-from kiln import task_metrics
+from kiln import finetuning
 from kiln.errors import KilnError
 
 
 def test_accuracy_and_macro_f1_by_hand():
     refs = ["a", "a", "a", "b", "b", "c"]
     preds = ["a", "a", "b", "b", "c", "c"]
-    assert task_metrics.accuracy(preds, refs) == pytest.approx(4 / 6)
+    assert finetuning.accuracy(preds, refs) == pytest.approx(4 / 6)
     # a: tp 2, predicted 2, actual 3 -> 4/5; b: tp 1, 2, 2 -> 1/2; c: tp 1, 2, 1 -> 2/3.
     expected = (4 / 5 + 1 / 2 + 2 / 3) / 3
-    assert task_metrics.macro_f1(preds, refs, ["a", "b", "c", "d"]) == pytest.approx(expected)
+    assert finetuning.macro_f1(preds, refs, ["a", "b", "c", "d"]) == pytest.approx(expected)
 
 
 def test_macro_f1_invalid_prediction_is_wrong_but_no_class():
     refs = ["a", "b"]
     preds = ["a", "not a label"]
     # a: tp 1, predicted 1, actual 1 -> 1; b: tp 0, predicted 0, actual 1 -> 0.
-    assert task_metrics.macro_f1(preds, refs, ["a", "b"]) == pytest.approx(0.5)
+    assert finetuning.macro_f1(preds, refs, ["a", "b"]) == pytest.approx(0.5)
 
 
 def test_exact_match_normalises_case_and_space():
-    assert task_metrics.exact_match(["  Dog ", "big  cat", "x"], ["dog", "Big cat", "y"]) == (
+    assert finetuning.exact_match(["  Dog ", "big  cat", "x"], ["dog", "Big cat", "y"]) == (
         pytest.approx(2 / 3)
     )
 
@@ -51,15 +51,15 @@ def _bleu_by_formula(hyps: list[str], refs: list[str]) -> float:
 def test_bleu_matches_its_definition():
     hyps = ["the cat sat on the mat today", "a dog ran in the big park"]
     refs = ["the cat sat on a mat today", "a dog ran in the park"]
-    assert task_metrics.bleu(hyps, refs) == pytest.approx(_bleu_by_formula(hyps, refs), rel=1e-6)
-    assert task_metrics.bleu(refs, refs) == pytest.approx(100.0)
+    assert finetuning.bleu(hyps, refs) == pytest.approx(_bleu_by_formula(hyps, refs), rel=1e-6)
+    assert finetuning.bleu(refs, refs) == pytest.approx(100.0)
 
 
 def test_chrf_bounds_and_order():
     refs = ["in the beginning god created the heavens"]
-    assert task_metrics.chrf(refs, refs) == pytest.approx(100.0)
-    close = task_metrics.chrf(["in the beginning god created the heaven"], refs)
-    far = task_metrics.chrf(["zzz qqq"], refs)
+    assert finetuning.chrf(refs, refs) == pytest.approx(100.0)
+    close = finetuning.chrf(["in the beginning god created the heaven"], refs)
+    far = finetuning.chrf(["zzz qqq"], refs)
     assert 0.0 <= far < close < 100.0
 
 
@@ -81,13 +81,13 @@ def test_rouge_l_matches_lcs_by_hand():
         lcs = _lcs(p.split(), r.split())
         precision, recall = lcs / len(p.split()), lcs / len(r.split())
         expected.append(2 * precision * recall / (precision + recall))
-    assert task_metrics.rouge_l(preds, refs) == pytest.approx(100 * sum(expected) / 2)
+    assert finetuning.rouge_l(preds, refs) == pytest.approx(100 * sum(expected) / 2)
 
 
 def test_compute_and_bad_input():
-    out = task_metrics.compute(["accuracy", "macro_f1"], ["a", "b"], ["a", "a"], ["a", "b"])
+    out = finetuning.compute(["accuracy", "macro_f1"], ["a", "b"], ["a", "a"], ["a", "b"])
     assert out == {"accuracy": 0.5, "macro_f1": pytest.approx((2 / 3 + 0.0) / 2)}
     with pytest.raises(KilnError, match="Unknown metric"):
-        task_metrics.compute(["f2"], ["a"], ["a"])
+        finetuning.compute(["f2"], ["a"], ["a"])
     with pytest.raises(KilnError, match="as many predictions"):
-        task_metrics.accuracy(["a"], ["a", "b"])
+        finetuning.accuracy(["a"], ["a", "b"])

@@ -1,4 +1,4 @@
-"""kiln.host_memory: the entry points keep XLA's freed scratch buffers mapped, so a jitted
+"""kiln.tools.host_memory: the entry points keep XLA's freed scratch buffers mapped, so a jitted
 function's repeated calls stop page-faulting their temporaries in; KILN_KEEP_HOST_MEMORY=0
 keeps glibc's defaults; importing kiln changes nothing. Each case runs in a fresh process (the
 setting must precede JAX's CPU backend)."""
@@ -20,7 +20,7 @@ glibc_only = pytest.mark.skipif(
 # size, then the process's minor page faults in each of 15 calls after 3 warm-up calls.
 PROGRAM = """
 import resource
-from kiln import host_memory
+from kiln.tools import host_memory
 host_memory.keep_freed_memory()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0) @ jnp.tanh(x @ x.T))
@@ -115,11 +115,11 @@ def test_importing_kiln_leaves_malloc_alone():
     assert _mmapped("") == 1  # glibc's default: a 64 MiB block is mmapped.
     imports = "import kiln, kiln.main, kiln.run, kiln.tools.fits, kiln.tools.sample"
     assert _mmapped(imports) == 1
-    assert _mmapped("from kiln import host_memory\nhost_memory.keep_freed_memory()") == 0
+    assert _mmapped("from kiln.tools import host_memory\nhost_memory.keep_freed_memory()") == 0
 
 
 @glibc_only
 def test_kiln_main_applies_it_unless_opted_out():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = __file__.rsplit("/tests/", 1)[0]
     assert _mmapped(MAIN, cwd=root) == 0
     assert _mmapped(MAIN, keep="0", cwd=root) == 1
