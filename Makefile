@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 PIPELINE ?= bert_wn_lexname
 RUNS ?= runs
 
@@ -23,7 +24,13 @@ quickstart: $(STAMP)
 	$(BIN)/python -m kiln.main --config experiments/pipelines/$(PIPELINE).py:size=tiny \
 		--workdir $(RUNS)/quickstart_$(PIPELINE)
 
-test: $(STAMP)
+# The tests also need requirements-test.txt (transformers, torch CPU: reference
+# implementations for the Hugging Face interop tests), installed here only, not by quickstart.
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(BIN)/pip install --quiet -r requirements-test.txt
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n 2 tests
 
 # kiln against transformers (Flax, PyTorch) and MaxText, same shapes, interleaved; prints the

@@ -207,3 +207,17 @@ def test_write_atomically_never_exposes_a_partial_file(tmp_path):
     writer.join()
     assert reads > 0
     assert not [p for p in os.listdir(tmp_path) if p != "config.json"], "temporary file left"
+
+
+def test_an_older_runs_model_section_reads_with_the_defaults_of_newer_fields(tmp_path):
+    """A config.json written before `head_dim`/`gelu_approximate` existed still resumes: the
+    missing fields read as their defaults, which is what that run computed with."""
+    config = config_lib.load_config("experiments/bert/pretrain.py:size=tiny")
+    old = config.to_dict()
+    for key in ("head_dim", "gelu_approximate"):
+        del old["model"][key]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    loaded = config_lib.load_json(path)
+    assert loaded.model.to_dict() == config.model.to_dict()
+    assert config_lib.diff(loaded.to_dict(), config_lib.to_dict(config)) == []

@@ -212,8 +212,48 @@ def save_json(config: ml_collections.ConfigDict, path: str | os.PathLike) -> Non
 
 
 def load_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    """A config.json written by a run; a `model` section written before a model field existed
+    gets that field's default (what the run computed with), so older runs resume and
+    fine-tune. A file that cannot be read or is not a JSON object of config sections is a
+    KilnError naming it."""
+    config = _read_config_json(path)
+    model = config.get("model")
+    if isinstance(model, dict) and "family" in model:
+        from kiln import defaults
+
+        config["model"] = {**defaults.model_section(model["family"]).to_dict(), **model}
+    try:
+        return ml_collections.ConfigDict(config)
+    except Exception as e:  # ml_collections rejects some keys (dotted, reserved names).
+        raise _bad_config_json(path, f"it has keys a config cannot hold ({e})") from None
+
+
+def _read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in `path`, each of its kiln sections an object; else a KilnError."""
+    from kiln import defaults
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as e:
+        raise KilnError(f"{path} cannot be read: {e.strerror or e}.") from None
+    except ValueError as e:  # Not UTF-8 (UnicodeDecodeError), or not JSON.
+        raise _bad_config_json(path, f"it is not JSON text ({e})") from None
+    if not isinstance(config, dict):
+        raise _bad_config_json(path, f"it holds a JSON {type(config).__name__}, not an object")
+    sections = ["model", *defaults.run_sections(seq_len=1, batch=1, steps=1, lr=0.0, objective="")]
+    for key in sections:
+        if key in config and key != "seed" and not isinstance(config[key], dict):
+            raise _bad_config_json(path, f"its {key!r} section is not an object")
+    return config
+
+
+def _bad_config_json(path: str | os.PathLike, why: str) -> KilnError:
+    return KilnError(
+        f"{path} is not a config.json kiln wrote: {why}. kiln writes it when a run starts; if"
+        " it was damaged, delete it and re-run the run's command (same --config), or restore it"
+        " from a copy."
+    )
 
 
 def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -22,12 +22,14 @@ def model_section(family: str, **fields: Any) -> ml_collections.ConfigDict:
     m.norm = "layernorm"  # layernorm | rmsnorm
     m.norm_position = "pre"  # pre | post (classic BERT)
     m.mlp = "gelu"  # gelu | relu | swiglu | geglu
+    m.gelu_approximate = True  # tanh GELU (GPT-2, T5 v1.1); False: exact erf GELU (HF BERT)
     m.use_bias = True  # biases of dense layers and LayerNorm
     m.tie_embeddings = True  # output projection = token embedding
     m.type_vocab_size = 0  # token-type embeddings (BERT: 2); 0 = none
     m.relative_buckets = 32  # t5 relative position bias buckets
     m.relative_max_distance = 128  # t5: distances beyond share the last bucket
     m.scale_attention = True  # divide logits by sqrt(head_dim); T5 folds it into the init
+    m.head_dim = 0  # attention head size (T5's d_kv); 0 = d_model // n_heads
     m.dropout = 0.0  # probability, on attention weights and residual branches
     m.norm_eps = 1e-5
     m.rope_theta = 10_000.0
@@ -62,7 +64,8 @@ def run_sections(
 def _add_inputs(c: ml_collections.ConfigDict, seq_len: int, batch: int, objective: str) -> None:
     """The `tokenizer`, `data` and `objective` sections."""
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.path = ""  # "" trains one into the workdir; else a tokenizer.model or a workdir
+    # "" trains one into the workdir; else a tokenizer.model, a workdir or an HF tokenizer directory
+    c.tokenizer.path = ""
     c.tokenizer.model_type = "bpe"  # bpe | unigram
     c.tokenizer.max_sentences = 300_000  # documents sampled for tokenizer training
 
@@ -115,6 +118,10 @@ def _add_init_from_and_task(c: ml_collections.ConfigDict) -> None:
     # Another run's workdir (or <workdir>/checkpoints/<step>) to start from; "" = scratch. In a
     # pipeline, "@<stage>" names an earlier stage. This workdir's own checkpoint comes first.
     c.init_from.workdir = ""
+    # A Hugging Face save_pretrained directory (config.json + model.safetensors, the tokenizer
+    # files) to start from instead, imported at the start (kiln.hf). Its model section and
+    # tokenizer are the run's: build the config on kiln.hf.checkpoints.kiln_config(dir).
+    c.init_from.hf = ""
     c.init_from.step = -1  # -1 = the source's latest checkpoint
     c.init_from.skip = ""  # regex on parameter paths ("mlm_head/.*|pooler/.*") initialised fresh
     c.init_from.load = "params"  # params | state (params and optimizer moments; step still 0)
@@ -223,6 +230,7 @@ def finetune_stage(
     c.optim.end_lr_fraction = 0.0
     c.optim.warmup_fraction = 0.1
     c.init_from.workdir = init_from
+    c.init_from.hf = ""  # Not the pre-training run's own source.
     c.init_from.skip = skip
     if target_len is not None:
         c.task.target_len = target_len

@@ -13,7 +13,7 @@ from jax.experimental import multihost_utils
 
 from kiln import finetuning, metrics, models, restore
 from kiln import workdir as workdir_lib
-from kiln.data import corpus, finetune, objectives, pipeline, tasks
+from kiln.data import corpus, finetune, hf_tokenizer, objectives, pipeline, tasks
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
 
@@ -42,11 +42,12 @@ def prepare_tokenizer(
     workdir: str,
     train_documents: list[str],
     source_run: restore.Source | None = None,
-) -> tokenizer_lib.Tokenizer:
-    """Loads the workdir's tokenizer, else copies the `init_from` run's or `tokenizer.path`,
-    else trains one on `train_documents`."""
-    dest = os.path.join(workdir, workdir_lib.TOKENIZER)
-    if not os.path.exists(dest) and jax.process_index() == 0:
+) -> tokenizer_lib.AnyTokenizer:
+    """Loads the workdir's tokenizer, else copies the `init_from` run's or `tokenizer.path`'s
+    (a tokenizer.model, a run's workdir or a Hugging Face tokenizer directory: kiln's own as
+    <workdir>/tokenizer.model, an imported one as <workdir>/tokenizer/), else trains one on
+    `train_documents`."""
+    if workdir_lib.find_tokenizer(workdir) is None and jax.process_index() == 0:
         source = config.tokenizer.path
         if source_run is not None:
             theirs = source_run.tokenizer_path
@@ -58,40 +59,74 @@ def prepare_tokenizer(
                 )
             source = theirs
         if source:
-            source = _tokenizer_file(source)
-            if not os.path.exists(source):
-                raise KilnError(
-                    f"tokenizer.path={config.tokenizer.path!r}: no {workdir_lib.TOKENIZER}"
-                    " there. Point it at a tokenizer.model file or a finished run's workdir, or"
-                    ' set it to ""'
-                    " to train a new tokenizer."
-                )
-            shutil.copyfile(source, dest)
+            _copy_tokenizer(_tokenizer_file(source), workdir)
         else:
             metrics.log(f"Training a {config.tokenizer.model_type} tokenizer ...")
             tokenizer_lib.train_tokenizer(
                 train_documents[: config.tokenizer.max_sentences],
-                dest,
+                os.path.join(workdir, workdir_lib.TOKENIZER),
                 vocab_size=config.model.vocab_size,
                 model_type=config.tokenizer.model_type,
                 seed=config.seed,
             )
     sync("tokenizer")
+    dest = workdir_lib.tokenizer_path(workdir)
     tok = tokenizer_lib.load_tokenizer(dest)
-    if tok.vocab_size != config.model.vocab_size:
+    imported = not isinstance(tok, tokenizer_lib.Tokenizer)
+    if tok.vocab_size > config.model.vocab_size or (
+        not imported and tok.vocab_size != config.model.vocab_size
+    ):
+        more = " (or more: an imported model may have padding rows)" if imported else ""
         raise KilnError(
             f"model.vocab_size={config.model.vocab_size} but {dest} has {tok.vocab_size} pieces."
-            f" Set --config.model.vocab_size={tok.vocab_size}."
+            f" Set --config.model.vocab_size={tok.vocab_size}{more}."
         )
     return tok
 
 
 def _tokenizer_file(path: str) -> str:
-    return os.path.join(path, workdir_lib.TOKENIZER) if os.path.isdir(path) else path
+    """The tokenizer `tokenizer.path` names: a tokenizer.model file, or a directory (a run's
+    workdir, or a Hugging Face tokenizer directory, also when `path` names its tokenizer.json
+    or spiece.model)."""
+    if os.path.isfile(path) and os.path.basename(path) in workdir_lib.HF_TOKENIZER_FILES:
+        return os.path.dirname(path) or "."
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        if (found := workdir_lib.find_tokenizer(path)) is not None:
+            return found
+        raise KilnError(
+            f"tokenizer.path={path!r} is a directory without a tokenizer: expected"
+            f" {workdir_lib.TOKENIZER} or {workdir_lib.TOKENIZER_DIR}/ (a kiln run), or"
+            f" {' or '.join(workdir_lib.HF_TOKENIZER_FILES)} (a Hugging Face tokenizer"
+            " directory, with tokenizer_config.json)."
+        )
+    raise KilnError(
+        f"tokenizer.path={path!r}: no such file or directory. Point it at a tokenizer.model"
+        " file, a finished run's workdir or a Hugging Face tokenizer directory, or set it to"
+        ' "" to train a new tokenizer.'
+    )
+
+
+def _copy_tokenizer(source: str, workdir: str) -> None:
+    """Copies a tokenizer file to <workdir>/tokenizer.model, or a tokenizer directory's files
+    (checked to load first; never the weights beside them) to <workdir>/tokenizer/."""
+    if not os.path.isdir(source):
+        shutil.copyfile(source, os.path.join(workdir, workdir_lib.TOKENIZER))
+        return
+    tok = tokenizer_lib.load_tokenizer(source)
+    tmp = os.path.join(workdir, f".{workdir_lib.TOKENIZER_DIR}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer_lib.save_tokenizer(tok, tmp)
+    os.replace(tmp, os.path.join(workdir, workdir_lib.TOKENIZER_DIR))
 
 
 def _same_file(a: str, b: str) -> bool:
-    if not (os.path.exists(a) and os.path.exists(b)):
+    """Whether two tokenizers are the same: files byte for byte, directories by the file that
+    defines their vocabulary (tokenizer.json or spiece.model)."""
+    if os.path.isdir(a) and os.path.isdir(b):
+        a, b = str(hf_tokenizer.main_file(a)), str(hf_tokenizer.main_file(b))
+    if not (os.path.isfile(a) and os.path.isfile(b)):
         return False
     with open(a, "rb") as fa, open(b, "rb") as fb:
         return fa.read() == fb.read()

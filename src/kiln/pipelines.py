@@ -86,6 +86,12 @@ def _summary(workdir: str, name: str) -> dict[str, Any]:
     return summary
 
 
+def _source_name(init_from: ml_collections.ConfigDict) -> str:
+    """What a stage starts from, for the comparison: its init_from run or HF directory."""
+    source = init_from.workdir or init_from.get("hf", "")
+    return os.path.basename(os.path.normpath(source)) if source else "scratch"
+
+
 def comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Each stage's validation and test metrics, and each arm's variant chosen on validation."""
     select = config.get("select", "")
@@ -95,7 +101,7 @@ def comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         stage = config[name]
         rows[name] = {
             "task": stage.task.name or "pre-training",
-            "init_from": os.path.basename(stage.init_from.workdir) or "scratch",
+            "init_from": _source_name(stage.init_from),
             "steps": summary["step"],
             "metrics": {k: v for k, v in summary.items() if k.startswith(("validation/", "test/"))},
         }

@@ -2,8 +2,10 @@
 checkpoint (a resume: state and data position) > `init_from` (another run's parameters, or its
 whole state, with regex skips for new heads; step and schedule restart at 0) > scratch.
 
-An `init_from` source is a workdir (its latest checkpoint, or `init_from.step`) or a checkpoint
-folder `<workdir>/checkpoints/<step>`. Parameters are matched by path: every parameter of this
+An `init_from` source is a workdir (its latest checkpoint, or `init_from.step`), a checkpoint
+folder `<workdir>/checkpoints/<step>`, or a Hugging Face save_pretrained directory
+(`init_from.hf`, imported in memory by `kiln.hf.checkpoints`: parameters only, and the run's
+model section must be the checkpoint's). Parameters are matched by path: every parameter of this
 run that the source has with the same shape is loaded, unless its path matches
 `init_from.skip`; the rest (the new task's heads) keep their fresh initialisation. Checkpoints
 always hold per-layer blocks (`on_disk`), whatever `model.scan_layers` says, so runs with and
@@ -22,6 +24,7 @@ import ml_collections
 from kiln import build, checkpoint, config_lib, metrics, models, sharding, train
 from kiln import workdir as workdir_lib
 from kiln.errors import KilnError
+from kiln.hf import checkpoints as hf_checkpoints
 
 # Model fields a fine-tune may set differently from the run it starts from.
 MAY_DIFFER = ("dropout", "dtype", "param_dtype", "remat", "scan_layers")
@@ -31,18 +34,29 @@ MAY_DIFFER = ("dropout", "dtype", "param_dtype", "remat", "scan_layers")
 class Source:
     """A finished (or checkpointed) run to start from: its workdir, step and config."""
 
-    workdir: str
+    workdir: str  # For init_from.hf, the HF directory.
     step: int
     config: ml_collections.ConfigDict
+    # init_from.hf: the imported per-layer parameters (NumPy); None: `workdir`'s checkpoint.
+    params: Any = None
 
     @property
     def tokenizer_path(self) -> str:
-        return os.path.join(self.workdir, workdir_lib.TOKENIZER)
+        """The run's tokenizer: its tokenizer.model, an imported tokenizer/ directory, or (for
+        init_from.hf) the Hugging Face directory itself (`workdir.tokenizer_path`)."""
+        return workdir_lib.tokenizer_path(self.workdir)
 
 
 def resolve(init_cfg: ml_collections.ConfigDict, where: str = "init_from.") -> Source:
     """The source run and step named by the `init_from` section (errors say what to fix and
-    name the options as `where` + workdir / step)."""
+    name the options as `where` + workdir / step / hf)."""
+    if init_cfg.get("hf", ""):
+        if init_cfg.workdir:
+            raise KilnError(
+                f"{where}hf={init_cfg.hf!r} and {where}workdir={init_cfg.workdir!r} are both set;"
+                " a run starts from one source. Clear one of them."
+            )
+        return hf_source(init_cfg.hf)
     path = os.path.abspath(os.path.expanduser(init_cfg.workdir))
     step = int(init_cfg.step)
     parent = os.path.dirname(path)
@@ -73,6 +87,19 @@ def resolve(init_cfg: ml_collections.ConfigDict, where: str = "init_from.") -> S
     return Source(path, step, config_lib.load_json(config_path))
 
 
+def hf_source(hf_dir: str) -> Source:
+    """An HF save_pretrained directory as a source: its parameters mapped to kiln in memory,
+    its config the kiln config `kiln.hf.checkpoints.kiln_config` gives."""
+    imported = hf_checkpoints.load(hf_dir)
+    metrics.log(
+        f"Restore: imported {imported.hf_dir} (HF model_type"
+        f" {imported.hf_config['model_type']!r}); HF tensors not used:"
+        f" {list(imported.unused) or 'none'}"
+    )
+    config = hf_checkpoints.kiln_config(imported.model)
+    return Source(imported.hf_dir, 0, config, imported.params)
+
+
 def check_architecture(own: ml_collections.ConfigDict, source: Source) -> None:
     """Fails with the list of differing model keys (dropout, dtypes and remat may differ)."""
     mine = {k: v for k, v in config_lib.to_dict(own).items() if k not in MAY_DIFFER}
@@ -84,10 +111,15 @@ def check_architecture(own: ml_collections.ConfigDict, source: Source) -> None:
         )
     changed = config_lib.diff(theirs, mine)
     if changed:
+        fix = "Use the source's model section (a pipeline copies it) or start from a matching run."
+        if source.params is not None:
+            fix = (
+                "Take the model section from the checkpoint:"
+                " kiln.hf.checkpoints.kiln_config(<HF directory>).model."
+            )
         raise KilnError(
             f"init_from: this run's model section differs from {source.workdir}'s"
-            f" (source != this run): {changed}. Use the source's model section (a pipeline"
-            " copies it) or start from a matching run."
+            f" (source != this run): {changed}. {fix}"
         )
 
 
@@ -116,16 +148,7 @@ def plan(source: Source, abstract_params: Any, skip: str) -> tuple[list[str], li
         pattern = re.compile(skip) if skip else None
     except re.error as e:
         raise KilnError(f"init_from.skip={skip!r} is not a valid regex: {e}.") from e
-    source_model = models.build_model(source.config.model)
-    source_shapes = _flat(
-        nn.unbox(
-            jax.eval_shape(
-                lambda: source_model.init(
-                    jax.random.PRNGKey(0), **models.example_inputs(source_model, 8)
-                )["params"]
-            )
-        )
-    )
+    source_shapes = _flat(source.params) if source.params is not None else _source_shapes(source)
     target = _flat(abstract_params)
     loaded, fresh = [], []
     for path, leaf in target.items():
@@ -143,6 +166,23 @@ def plan(source: Source, abstract_params: Any, skip: str) -> tuple[list[str], li
     return loaded, fresh, unused
 
 
+def _source_shapes(source: Source) -> dict[str, Any]:
+    """The shapes of the source's parameters: an imported checkpoint's as recorded (a BERT
+    import may hold a classifier and no MLM head), else its model section's."""
+    imported = hf_checkpoints.param_shapes(source.workdir)
+    if imported is not None:
+        return {path: jax.ShapeDtypeStruct(shape, "float32") for path, shape in imported.items()}
+    model = models.build_model(source.config.model)
+    example = models.example_inputs(model, 8)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **example)["params"])
+    return _flat(nn.unbox(boxed))
+
+
+def _place(array: Any, target: jax.sharding.Sharding) -> jax.Array:
+    """A host array (the same on every process) as a global array on `target`."""
+    return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
 def load_params(source: Source, fresh_params: Any, loaded: list[str]) -> Any:
     """`fresh_params` with the `loaded` paths replaced by the source's values (same shardings)."""
     flat = _flat(fresh_params)
@@ -150,11 +190,15 @@ def load_params(source: Source, fresh_params: Any, loaded: list[str]) -> Any:
         path: jax.ShapeDtypeStruct(flat[path].shape, flat[path].dtype, sharding=flat[path].sharding)
         for path in loaded
     }
-    ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, workdir_lib.CHECKPOINTS))
-    try:
-        restored = _flat(ckpt.restore_params(source.step, _nest(abstract)))
-    finally:
-        ckpt.close()
+    if source.params is not None:
+        theirs = _flat(source.params)
+        restored = {path: _place(theirs[path], abstract[path].sharding) for path in loaded}
+    else:
+        ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, workdir_lib.CHECKPOINTS))
+        try:
+            restored = _flat(ckpt.restore_params(source.step, _nest(abstract)))
+        finally:
+            ckpt.close()
     flat.update({path: restored[path].astype(flat[path].dtype) for path in loaded})
     return jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(fresh_params), [flat[p] for p in _flat(fresh_params)]
@@ -163,6 +207,11 @@ def load_params(source: Source, fresh_params: Any, loaded: list[str]) -> Any:
 
 def load_state(source: Source, abstract_state: Any) -> Any:
     """The source's whole train state (params and optimizer moments) onto this run's shardings."""
+    if source.params is not None or hf_checkpoints.import_record(source.workdir) is not None:
+        raise KilnError(
+            f"init_from.load='state': {source.workdir} is an imported Hugging Face checkpoint,"
+            " which has parameters but no optimizer state. Use init_from.load='params'."
+        )
     ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, workdir_lib.CHECKPOINTS))
     try:
         return ckpt.restore(source.step, abstract_state)
@@ -237,7 +286,10 @@ def params_for_inference(source: Source, mesh: jax.sharding.Mesh) -> tuple[nn.Mo
     model = models.build_model(source.config.model)
     example = models.example_inputs(model, 8)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **example)["params"])
-    abstract = checkpoint.abstract_like(nn.unbox(boxed), sharding.tree_shardings(boxed, mesh))
+    shardings = sharding.tree_shardings(boxed, mesh)
+    if source.params is not None:
+        return model, jax.tree.map(_place, source.params, shardings)
+    abstract = checkpoint.abstract_like(nn.unbox(boxed), shardings)
     ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, workdir_lib.CHECKPOINTS))
     try:
         return model, ckpt.restore_params(source.step, abstract)

@@ -2,7 +2,9 @@
 the summary. Every module that reads or writes a workdir takes the names from here.
 
     <workdir>/config.json      the resolved config (read back on resume and by fine-tunes)
-    <workdir>/tokenizer.model  the sentencepiece model every later stage uses
+    <workdir>/tokenizer.model  the sentencepiece model every later stage uses (kiln-trained)
+    <workdir>/tokenizer/       or: an imported Hugging Face tokenizer's files (tokenizer.json
+                               or spiece.model, tokenizer_config.json, ...)
     <workdir>/checkpoints/N    orbax: train state and data iterator position at step N
     <workdir>/metrics.jsonl    one line per logged step; tensorboard/ holds the same
     <workdir>/summary.json     final metrics, written when the run ends
@@ -19,6 +21,9 @@ from kiln.errors import KilnError
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
+TOKENIZER_DIR = "tokenizer"
+# The files that make a directory a Hugging Face tokenizer (kiln.data.hf_tokenizer).
+HF_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -54,6 +59,36 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
             )
     if jax.process_index() == 0:
         config_lib.save_json(config, path)
+
+
+def find_tokenizer(workdir: str | os.PathLike) -> str | None:
+    """The tokenizer of `workdir`: its tokenizer.model (kiln-trained), else its tokenizer/
+    directory (imported), else the workdir itself if it is a Hugging Face tokenizer directory
+    (a save_pretrained checkpoint); None if it has none. A directory with a tokenizer.json is
+    an HF one even beside a tokenizer.model (Llama checkpoints ship both)."""
+    if os.path.isfile(os.path.join(workdir, HF_TOKENIZER_FILES[0])):
+        return str(workdir)
+    candidates = [os.path.join(workdir, TOKENIZER), os.path.join(workdir, TOKENIZER_DIR)]
+    for path in candidates:
+        if os.path.isfile(path) or _is_hf_tokenizer(path):
+            return path
+    return str(workdir) if _is_hf_tokenizer(workdir) else None
+
+
+def tokenizer_path(workdir: str | os.PathLike) -> str:
+    """`find_tokenizer(workdir)`, or a KilnError naming what was expected there."""
+    path = find_tokenizer(workdir)
+    if path is None:
+        raise KilnError(
+            f"No tokenizer in {workdir}: expected {TOKENIZER} (a tokenizer kiln trained) or a"
+            f" {TOKENIZER_DIR}/ directory with {' or '.join(HF_TOKENIZER_FILES)} (an imported"
+            " one). Point at a run that finished setting up, or copy the tokenizer there."
+        )
+    return path
+
+
+def _is_hf_tokenizer(path: str | os.PathLike) -> bool:
+    return any(os.path.isfile(os.path.join(path, name)) for name in HF_TOKENIZER_FILES)
 
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:

@@ -1,5 +1,7 @@
 """NumPy references of the layers, shared by the tests of `layers`, `attention` and `blocks`."""
 
+import math
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -17,6 +19,11 @@ def softmax(x):
 
 def gelu_tanh(x):
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def gelu_erf(x):
+    """Exact GELU, x * Phi(x), with the standard normal CDF from math.erf."""
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
 
 
 def layernorm(x, eps, scale=1.0, bias=0.0):

@@ -88,3 +88,17 @@ def test_fully_masked_query_gives_finite_output():
     attn = attention.Attention(CFG)
     out = jax.jit(attn.apply)(_init_attention(CFG), x, x, bias)
     assert np.isfinite(np.asarray(out)).all()
+
+
+def test_separate_head_dim_matches_numpy():
+    # T5's d_kv: 4 heads of 12 (48 != d_model 32) over 2 kv heads; the output projects back.
+    cfg = dataclasses.replace(CFG, n_kv_heads=2, head_dim=12)
+    x = np.random.default_rng(2).normal(size=(2, 6, cfg.d_model)).astype(np.float32)
+    mask = np.asarray(layers.causal_mask(jnp.asarray([[1] * 6, [1] * 4 + [0] * 2])))
+    variables = jax.tree.map(lambda a: a + 0.1 * jnp.ones_like(a), _init_attention(cfg))
+    p = numpy_refs.params(variables)
+    assert p["query"]["kernel"].shape == (32, 4, 12) and p["key"]["kernel"].shape == (32, 2, 12)
+    assert p["out"]["kernel"].shape == (4, 12, 32)
+    out = jax.jit(attention.Attention(cfg).apply)(variables, x, x, layers.mask_to_bias(mask))
+    want = numpy_refs.attention(p, x, x, mask, cfg.n_heads, cfg.n_kv_heads)  # / sqrt(12).
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import model_checks
 import numpy as np
+import numpy_refs
 import pytest
 
 from kiln.models.bert import BERT
@@ -38,6 +39,8 @@ PRE = dataclasses.replace(
     n_kv_heads=2,
 )
 STYLES = pytest.mark.parametrize("cfg", [POST, PRE], ids=["post_ln", "pre_ln"])
+# HF BERT's exact (erf) GELU in the MLP and the MLM head; layernorm epsilon as HF BERT's.
+EXACT = dataclasses.replace(POST, gelu_approximate=False, norm_eps=1e-12)
 ALLOWED_NAMES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "max_len", "type_vocab"}
 
 # Row 0 packs two documents (5 and 7 tokens) and 4 pads; row 1 is a single document.
@@ -128,26 +131,43 @@ def test_predicting_at_chosen_positions_equals_every_position(cfg):
     np.testing.assert_allclose(sparse, want, rtol=1e-5, atol=1e-5)
 
 
-@STYLES
-def test_mlm_head_is_tied_to_the_token_embedding(cfg):
-    variables = jax.tree.map(lambda a: a + 0.1 * jnp.ones_like(a), _params(cfg))  # Biases != 0.
-    p = jax.tree.map(np.asarray, variables["params"])
+def _np_mlm_head(cfg, p, x, gelu):
+    """The MLM head in NumPy: dense, gelu, norm (returned), tied output plus bias (returned)."""
     head = p["mlm_head"]
-    assert set(head) == {"mlm_transform", "mlm_norm", "bias"}  # No untied output matrix.
-    assert head["bias"].shape == (cfg.vocab_size,)
-    x = np.asarray(_apply(cfg, "encode")(variables, TOKENS, SEG, POS))
-    assert x.shape == (2, 16, cfg.d_model)
-    h = _np_gelu_tanh(x @ head["mlm_transform"]["kernel"] + head["mlm_transform"].get("bias", 0))
+    h = gelu(x @ head["mlm_transform"]["kernel"] + head["mlm_transform"].get("bias", 0))
     norm = head["mlm_norm"]
     if cfg.norm == "layernorm":
         h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + cfg.norm_eps)
         h = h * norm["scale"] + norm["bias"]
     else:
         h = h / np.sqrt((h**2).mean(-1, keepdims=True) + cfg.norm_eps) * norm["scale"]
-    want = h @ p["token_embed"]["embedding"].T + head["bias"]
+    return h, h @ p["token_embed"]["embedding"].T + head["bias"]
+
+
+# EXACT's transform kernel is scaled up so its pre-activations reach |x| ~ 2, where the exact
+# and tanh GELUs differ by ~2e-4 after the norm (at init by ~1e-5 in the logits, below atol).
+@pytest.mark.parametrize(
+    "cfg, scale", [(POST, 1.0), (PRE, 1.0), (EXACT, 20.0)], ids=["post_ln", "pre_ln", "exact"]
+)
+def test_mlm_head_is_tied_to_the_token_embedding(cfg, scale):
+    variables = jax.tree.map(lambda a: a + 0.1 * jnp.ones_like(a), _params(cfg))  # Biases != 0.
+    transform = variables["params"]["mlm_head"]["mlm_transform"]
+    transform["kernel"] = transform["kernel"] * scale
+    p = jax.tree.map(np.asarray, variables["params"])
+    head = p["mlm_head"]
+    assert set(head) == {"mlm_transform", "mlm_norm", "bias"}  # No untied output matrix.
+    assert head["bias"].shape == (cfg.vocab_size,)
+    x = np.asarray(_apply(cfg, "encode")(variables, TOKENS, SEG, POS))
+    assert x.shape == (2, 16, cfg.d_model)
+    gelu = _np_gelu_tanh if cfg.gelu_approximate else numpy_refs.gelu_erf
+    h, want = _np_mlm_head(cfg, p, x, gelu)
     logits = _apply(cfg)(variables, TOKENS, SEG, POS)
     assert logits.dtype == jnp.float32 and logits.shape == (2, 16, cfg.vocab_size)
     np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4)
+    if not cfg.gelu_approximate:  # The head's normed hidden states: erf, not tanh.
+        got = np.asarray(BERT(cfg).apply(variables, TOKENS, SEG, POS, head_inputs=True).x_BLD)
+        np.testing.assert_allclose(got, h, atol=1e-5, rtol=1e-5)
+        assert np.abs(_np_mlm_head(cfg, p, x, _np_gelu_tanh)[0] - got).max() > 1e-4
 
 
 def test_token_types_change_the_output(cfg=POST):

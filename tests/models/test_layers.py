@@ -89,6 +89,27 @@ def test_mlp_matches_numpy(mlp):
     np.testing.assert_allclose(jax.jit(module.apply)(variables, x), dense("wo", hidden), atol=1e-5)
 
 
+@pytest.mark.parametrize("mlp", ["gelu", "geglu"])
+def test_exact_gelu_mlp_matches_numpy(mlp):
+    cfg = dataclasses.replace(CFG, mlp=mlp, gelu_approximate=False)
+    x = np.random.default_rng(4).normal(size=(2, 3, cfg.d_model)).astype(np.float32)
+    variables = jax.jit(layers.Mlp(cfg).init)(jax.random.key(0), x)
+    variables = jax.tree.map(lambda a: a * 30 + 0.1, variables)  # Pre-activations of order 1.
+    p = numpy_refs.params(variables)
+
+    def dense(name, h):
+        return h @ p[name]["kernel"] + p[name]["bias"]
+
+    if mlp == "geglu":
+        hidden = numpy_refs.gelu_erf(dense("wi_0", x)) * dense("wi_1", x)
+    else:
+        hidden = numpy_refs.gelu_erf(dense("wi", x))
+    exact = jax.jit(layers.Mlp(cfg).apply)(variables, x)
+    np.testing.assert_allclose(exact, dense("wo", hidden), atol=1e-5, rtol=1e-5)
+    tanh = jax.jit(layers.Mlp(dataclasses.replace(cfg, gelu_approximate=True)).apply)
+    assert np.abs(tanh(variables, x) - exact).max() > 1e-4  # The two GELUs differ here.
+
+
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 def test_norm_matches_numpy(norm):
     cfg = dataclasses.replace(CFG, norm=norm)
@@ -140,9 +161,23 @@ def test_embed_lookup_and_attend():
         {"dtype": "float64"},
         {"param_dtype": "float16"},
         {"remat": "some"},
+        {"head_dim": -1},
+        {"position": "rope", "head_dim": 7},
     ],
 )
 def test_config_rejects_invalid_values(change):
     with pytest.raises(KilnError, match="model\\.(" + "|".join(change) + ")="):
         dataclasses.replace(CFG, **change)
     assert CFG.head_dim == 8
+
+
+def test_head_dim_defaults_to_d_model_over_n_heads_and_may_be_set():
+    assert CFG.head_dim == 8 and not CFG.head_dim_given
+    # replace derives it again from the new sizes unless it was set.
+    assert dataclasses.replace(CFG, d_model=48).head_dim == 12
+    wide = dataclasses.replace(CFG, n_heads=6, n_kv_heads=3, head_dim=20)  # 6 * 20 != 32.
+    assert wide.head_dim == 20 and wide.head_dim_given
+    assert dataclasses.replace(wide, d_model=48).head_dim == 20
+    assert dataclasses.replace(CFG, head_dim=8) == CFG  # The same architecture.
+    with pytest.raises(KilnError, match="model\\.d_model="):
+        dataclasses.replace(wide, head_dim=0)  # 32 % 6 again.

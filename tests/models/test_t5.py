@@ -44,6 +44,9 @@ TIED = dataclasses.replace(
     dropout=0.2,
 )
 STYLES = pytest.mark.parametrize("cfg", [V11, TIED], ids=["v11", "tied"])
+# T5's d_kv apart from d_model / n_heads (as in t5-3b): 4 heads of 12 over d_model 32.
+WIDE = dataclasses.replace(V11, head_dim=12)
+WITH_WIDE = pytest.mark.parametrize("cfg", [V11, TIED, WIDE], ids=["v11", "tied", "d_kv"])
 ALLOWED_NAMES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "max_len"}
 ALLOWED_NAMES |= {"relpos_buckets"}
 
@@ -199,7 +202,7 @@ def test_encoder_pad_ids_do_not_change_logits(cfg):
     np.testing.assert_allclose(logits[DEC_SEG != 0], logits_other[DEC_SEG != 0], atol=1e-6)
 
 
-@STYLES
+@WITH_WIDE
 def test_packed_examples_match_examples_alone(cfg):
     enc, dec = BATCH["encoder_inputs"][0], BATCH["decoder_inputs"][0]
     alone = {k: np.zeros((2, v.shape[1]), v.dtype) for k, v in BATCH.items()}
@@ -266,7 +269,7 @@ def test_each_stack_uses_its_own_buckets(cfg=V11):
         assert used == want, stack
 
 
-@STYLES
+@WITH_WIDE
 def test_parameter_tree_names_and_logical_axes(cfg):
     variables = _init(cfg)
     assert set(variables) == {"params"}

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from kiln.data import tokenizer as tokenizer_lib
 from kiln.data.objectives import Layout, as_layout
 from kiln.data.pipeline import process_slice
 from kiln.data.tasks import Example, Task
@@ -99,7 +100,7 @@ def generation_prompt(
             "(plus bos and [SEP]): raise seq_len or lower max_new_tokens."
         )
     ids = tokenizer.encode(_prompt(template, example))
-    return [tokenizer.bos_id, *ids[:budget], tokenizer.sep_id]
+    return [tokenizer.bos_id, *ids[:budget], tokenizer_lib.separator_id(tokenizer)]
 
 
 def make_train_dataset(
@@ -323,7 +324,8 @@ def _decoder_row(
     cut_target = target[: target_len - 1]
     budget = seq_len - 3 - len(cut_target)
     cut_prompt = prompt[:budget]
-    tokens = [tokenizer.bos_id, *cut_prompt, tokenizer.sep_id, *cut_target, tokenizer.eos_id]
+    sep_id = tokenizer_lib.separator_id(tokenizer)
+    tokens = [tokenizer.bos_id, *cut_prompt, sep_id, *cut_target, tokenizer.eos_id]
     sep = len(cut_prompt) + 1
     weights = np.zeros(len(tokens), dtype=np.float32)
     weights[sep : len(tokens) - 1] = 1.0  # Predicting each target token and the eos.

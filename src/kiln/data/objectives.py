@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from kiln.data import tokenizer as tokenizer_lib
 from kiln.data.tokenizer import NUM_SPECIAL_IDS
 from kiln.errors import KilnError
 
@@ -48,6 +49,8 @@ OBJECTIVES = {
     Layout.ENCODER_DECODER: ("span_corruption", "prefix_lm"),
 }
 WORD_START = "\u2581"  # SentencePiece's space marker: a piece starting with it begins a word.
+BYTE_LEVEL_SPACE = "\u0120"  # Byte-level BPE's (GPT-2's) space marker, the same role.
+WORDPIECE_CONTINUES = "##"  # WordPiece's mark of a piece that continues a word.
 
 
 def as_layout(layout: str) -> Layout:
@@ -143,7 +146,8 @@ class PrefixLM(Objective):
 class MaskedLM(Objective):
     """BERT masked LM.
 
-    Only ordinary tokens (ids ``>= NUM_SPECIAL_IDS``, not padding) can be selected. Per row,
+    Only ordinary tokens (``ordinary``: ids without a special role; by default kiln's layout,
+    ids ``>= NUM_SPECIAL_IDS``; never padding) can be selected. Per row,
     exactly ``round(mask_rate * candidates)`` of them are selected uniformly; with ``word_start``
     (whole-word masking) each word is instead selected with probability ``mask_rate``, so the
     expected fraction of selected tokens is still ``mask_rate``. A word starts at a piece that
@@ -165,11 +169,18 @@ class MaskedLM(Objective):
     mask_token_fraction: float = 0.8
     random_token_fraction: float = 0.1
     word_start: np.ndarray | None = None  # [vocab_size] bool: piece begins a word; None: tokens.
+    ordinary: np.ndarray | None = None  # [vocab_size] bool: maskable ids; None: kiln's layout.
+
+    def _ordinary(self) -> np.ndarray:
+        if self.ordinary is not None:
+            return self.ordinary
+        return np.arange(self.vocab_size) >= NUM_SPECIAL_IDS
 
     def __call__(self, batch: Batch, rng: np.random.Generator | None) -> Batch:
         tokens = np.asarray(batch["tokens"], dtype=np.int32)
         segment_ids = np.asarray(batch["segment_ids"], dtype=np.int32)
-        candidate = (tokens >= NUM_SPECIAL_IDS) & (segment_ids != 0)
+        ordinary = self._ordinary()
+        candidate = ordinary[tokens] & (segment_ids != 0)
         if self.word_start is None:
             selected = _select_exactly(candidate, self.mask_rate, rng)
         else:
@@ -179,7 +190,8 @@ class MaskedLM(Objective):
         to_random = (
             selected & ~to_mask & (u < self.mask_token_fraction + self.random_token_fraction)
         )
-        random_tokens = rng.integers(NUM_SPECIAL_IDS, self.vocab_size, tokens.shape, dtype=np.int32)
+        ordinary_ids = np.flatnonzero(ordinary).astype(np.int32)
+        random_tokens = ordinary_ids[rng.integers(0, len(ordinary_ids), tokens.shape)]
         inputs = np.where(
             to_mask, np.int32(self.mask_id), np.where(to_random, random_tokens, tokens)
         )
@@ -555,18 +567,30 @@ def _masked_lm(
     """BERT's masked LM (its rates checked by `check_options`); the tokenizer gives the mask id
     (and word starts)."""
     mask_id = _special_id(tokenizer, "mask_id", "[MASK]", "mlm")
-    word_start = None
-    if whole_word:
-        pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
-        word_start = np.array([p.startswith(WORD_START) for p in pieces], bool)
+    ordinary = np.ones(tokenizer.vocab_size, bool)
+    ordinary[sorted(tokenizer_lib.special_ids(tokenizer))] = False
     return MaskedLM(
         mask_id=mask_id,
         vocab_size=tokenizer.vocab_size,
         mask_rate=mask_rate,
         mask_token_fraction=mask_token_fraction,
         random_token_fraction=random_token_fraction,
-        word_start=word_start,
+        word_start=_word_starts(tokenizer) if whole_word else None,
+        ordinary=ordinary,
     )
+
+
+def _word_starts(tokenizer: Any) -> np.ndarray:
+    """[vocab_size] bool: whether each piece begins a word. WordPiece (BERT) marks the pieces
+    that continue a word (``##``); SentencePiece (``▁``) and byte-level BPE (``Ġ``, GPT-2)
+    mark the pieces that follow a space, whichever of the two the vocabulary uses more."""
+    pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+    backend_model = getattr(getattr(tokenizer, "backend", None), "model", None)
+    if type(backend_model).__name__ == "WordPiece":
+        return np.array([not p.startswith(WORDPIECE_CONTINUES) for p in pieces], bool)
+    counts = {m: sum(p.startswith(m) for p in pieces) for m in (WORD_START, BYTE_LEVEL_SPACE)}
+    marker = max(counts, key=counts.get)
+    return np.array([p.startswith(marker) for p in pieces], bool)
 
 
 def _span_corruption(
@@ -622,9 +646,11 @@ def _check_rate(key: str, value: float, *, low_open: bool = False, high_open: bo
 
 
 def _tokenizer_error(tokenizer: Any, name: str, what: str) -> KilnError:
+    where = getattr(tokenizer, "path", None) or repr(tokenizer)
     return KilnError(
-        f"objective.name={name!r} needs {what}, which tokenizer {tokenizer!r} lacks. Use a kiln"
-        ' tokenizer (tokenizer.path="" trains one; kiln.data.tokenizer.train_tokenizer).'
+        f"objective.name={name!r} needs {what}; the tokenizer at {where} has none. Use a"
+        ' tokenizer that has them (tokenizer.path="" trains kiln\'s own, which has every special'
+        " token), or an objective this tokenizer supports."
     )
 
 

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import grain
 import numpy as np
 
+from kiln.data import tokenizer as tokenizer_lib
 from kiln.data.objectives import CausalLM, Objective
 from kiln.data.tokenizer import NUM_SPECIAL_IDS, Tokenizer
 from kiln.errors import KilnError
@@ -51,7 +52,8 @@ def process_slice(batch: Batch, index: int, count: int) -> Batch:
 
 
 class Tokenized:
-    """Documents tokenized as ``[bos] + ids + [eos]``, one flat int32 array.
+    """Documents tokenized as ``[bos] + ids + [eos]`` (``[CLS]``/``[SEP]`` for a tokenizer without
+    bos/eos, `tokenizer.document_ids`), one flat int32 array.
 
     Document ``d`` is ``tokens[starts[d] : starts[d + 1]]``.
     """
@@ -61,9 +63,10 @@ class Tokenized:
         many tokens are held."""
         arrays: list[np.ndarray] = []
         total, it = 0, iter(documents)
+        first, last = tokenizer_lib.document_ids(tokenizer)
         while chunk := list(itertools.islice(it, _ENCODE_CHUNK)):
             for ids in tokenizer.encode_batch(chunk):
-                arrays.append(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32))
+                arrays.append(np.asarray([first, *ids, last], np.int32))
                 total += len(arrays[-1])
             if max_tokens and total >= max_tokens:
                 break

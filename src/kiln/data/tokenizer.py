@@ -1,6 +1,16 @@
-"""SentencePiece tokenizer with kiln's fixed special ids.
+"""Tokenizers: kiln's own SentencePiece models, Hugging Face tokenizer directories, and export.
 
-Every kiln tokenizer has the same layout at the start of its vocabulary:
+:func:`load_tokenizer` reads kiln's ``tokenizer.model`` (a :class:`Tokenizer`, below) or a
+Hugging Face tokenizer directory (``tokenizer.json`` or T5's ``spiece.model``; see
+`kiln.data.hf_tokenizer`). Every tokenizer has the same interface: ``vocab_size``, the role ids
+``pad_id``, ``unk_id``, ``bos_id``, ``eos_id``, ``mask_id``, ``cls_id``, ``sep_id`` (``None``
+where an imported tokenizer lacks the role, but ``pad_id`` falls back to eos and T5's
+``bos_id`` is its pad id), ``sentinel_ids``, ``encode`` (no special tokens added),
+``encode_batch``, ``decode`` (special tokens dropped), ``id_to_piece`` and ``path``.
+:func:`save_tokenizer` writes any of them as a directory that both :func:`load_tokenizer` and
+``transformers.AutoTokenizer`` load with the same ids.
+
+Every kiln-trained tokenizer has the same layout at the start of its vocabulary:
 
 ====== ==========================================
 id     piece
@@ -30,6 +40,7 @@ character decodes as a space.
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -38,6 +49,9 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from kiln.data import hf_tokenizer, spm_to_json
+from kiln.data.hf_tokenizer import HFTokenizer
+from kiln.data.t5_tokenizer import T5SentencePieceTokenizer
 from kiln.errors import KilnError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -54,10 +68,11 @@ MODEL_TYPES = ("bpe", "unigram")
 # training results depend on the number of threads).
 _TRAIN_THREADS = 16
 _MAX_LINE_BYTES = 1 << 16
+_ROLE_NAMES = ("pad", "unk", "bos", "eos", "mask", "cls", "sep")
 
 
 class Tokenizer:
-    """A trained SentencePiece model with kiln's special ids (see the module docstring)."""
+    """A kiln-trained SentencePiece model with kiln's special ids (see the module docstring)."""
 
     def __init__(self, processor: spm.SentencePieceProcessor, path: str | os.PathLike):
         self._sp = processor
@@ -235,16 +250,27 @@ def train_tokenizer(
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(buffer.getvalue())
     os.replace(tmp, path)
-    return load_tokenizer(path)
+    return Tokenizer(spm.SentencePieceProcessor(model_proto=buffer.getvalue()), path)
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a tokenizer written by :func:`train_tokenizer`.
+# Any tokenizer load_tokenizer returns: they share the interface of the module docstring.
+AnyTokenizer = Tokenizer | HFTokenizer | T5SentencePieceTokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
+    """Loads a tokenizer: kiln's ``tokenizer.model`` (written by :func:`train_tokenizer`), or a
+    Hugging Face tokenizer directory (``tokenizer.json``, or T5's ``spiece.model``; naming
+    either file also loads its directory).
 
     Raises:
-        KilnError: If the file is missing or is not a kiln tokenizer.
+        KilnError: If the path is missing, is a directory without either file, or a
+            ``.model`` file is not a kiln tokenizer.
     """
     path = Path(path)
+    if path.is_dir():
+        return _load_directory(path)
+    if path.name in (hf_tokenizer.TOKENIZER_JSON, hf_tokenizer.SPIECE) and path.is_file():
+        return _load_directory(path.parent)
     if not path.is_file():
         raise KilnError(
             f"No tokenizer at {path}: expected the tokenizer.model of the run in "
@@ -256,3 +282,88 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except (OSError, RuntimeError) as e:
         raise KilnError(f"{path} is not a valid SentencePiece model ({e}); delete it.") from e
     return Tokenizer(processor, path)
+
+
+def _load_directory(path: Path) -> HFTokenizer | T5SentencePieceTokenizer:
+    """A Hugging Face tokenizer directory: tokenizer.json first, else spiece.model."""
+    if (path / hf_tokenizer.TOKENIZER_JSON).is_file():
+        return HFTokenizer(path)
+    if (path / hf_tokenizer.SPIECE).is_file():
+        return T5SentencePieceTokenizer(path)
+    raise KilnError(
+        f"No tokenizer in the directory {path}: expected {hf_tokenizer.TOKENIZER_JSON} (a Hugging"
+        f" Face fast tokenizer) or {hf_tokenizer.SPIECE} (T5's SentencePiece model), with"
+        f" {hf_tokenizer.TOKENIZER_CONFIG}. Point at a save_pretrained directory or at kiln's"
+        " tokenizer.model."
+    )
+
+
+def save_tokenizer(tokenizer: AnyTokenizer, directory: str | os.PathLike) -> None:
+    """Writes ``tokenizer`` into ``directory`` (created if needed; other files there are kept)
+    so that :func:`load_tokenizer` and ``transformers.AutoTokenizer.from_pretrained`` load it
+    with the same ids and special tokens.
+
+    An imported tokenizer's files are copied. A kiln tokenizer is written as ``tokenizer.json``
+    (rebuilt from the SentencePiece model, `kiln.data.spm_to_json`) with
+    ``tokenizer_config.json`` and ``special_tokens_map.json`` naming its special tokens; its
+    config sets ``split_special_tokens`` so that, as in kiln, text never encodes to a special id.
+
+    Raises:
+        KilnError: If the tokenizer is of no known kind or its model cannot be exported.
+    """
+    directory = Path(directory)
+    if isinstance(tokenizer, HFTokenizer | T5SentencePieceTokenizer):
+        hf_tokenizer.copy_files(tokenizer.path, directory)
+        return
+    if not isinstance(tokenizer, Tokenizer):
+        raise KilnError(
+            f"Cannot save {tokenizer!r}: save_tokenizer takes a tokenizer from load_tokenizer "
+            "or train_tokenizer."
+        )
+    proto = spm_to_json.parse_model(tokenizer.processor.serialized_model_proto())
+    backend = spm_to_json.to_tokenizer(proto, str(tokenizer.path))
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens = {
+        f"{role}_token": tokenizer.id_to_piece(getattr(tokenizer, f"{role}_id"))
+        for role in _ROLE_NAMES
+    }
+    tokens["additional_special_tokens"] = [tokenizer.id_to_piece(i) for i in tokenizer.sentinel_ids]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **tokens,
+        "split_special_tokens": True,  # kiln never encodes text to a special id
+        "clean_up_tokenization_spaces": False,  # decode gives the text back as it was
+    }
+    files = {
+        hf_tokenizer.TOKENIZER_JSON: backend.to_str(),
+        hf_tokenizer.TOKENIZER_CONFIG: json.dumps(config, indent=2, ensure_ascii=False),
+        hf_tokenizer.SPECIAL_TOKENS_MAP: json.dumps(tokens, indent=2, ensure_ascii=False),
+    }
+    for name, text in files.items():
+        hf_tokenizer.write_atomically(directory / name, text.encode())
+
+
+def document_ids(tokenizer: AnyTokenizer) -> tuple[int, int]:
+    """The ids that open and close a document in a packed pre-training row: bos and eos, else
+    (a BERT WordPiece tokenizer has neither) [CLS] and [SEP]."""
+    first = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.cls_id
+    last = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
+    if first is None or last is None:
+        raise KilnError(
+            f"The tokenizer at {tokenizer.path} has no bos/eos (nor [CLS]/[SEP]) token to mark"
+            " where a document starts and ends: use a tokenizer that defines them."
+        )
+    return first, last
+
+
+def separator_id(tokenizer: AnyTokenizer) -> int:
+    """The id between a prompt and its completion in a decoder row: [SEP], else eos (GPT-2 and
+    Llama tokenizers have no [SEP])."""
+    return tokenizer.sep_id if tokenizer.sep_id is not None else tokenizer.eos_id
+
+
+def special_ids(tokenizer: AnyTokenizer) -> frozenset[int]:
+    """Every id with a role (pad, unk, bos, eos, mask, cls, sep) or a sentinel: ids that text
+    does not stand for (for kiln's layout exactly 0 .. NUM_SPECIAL_IDS - 1)."""
+    roles = (getattr(tokenizer, f"{role}_id") for role in _ROLE_NAMES)
+    return frozenset(i for i in (*roles, *tokenizer.sentinel_ids) if i is not None)

@@ -132,6 +132,15 @@ def check_model_section(model_config: Any) -> Family:
                     f"Remove the override (default {default[key]!r}), or use"
                     f" model.family={other.name!r}.",
                 )
+    uses_gelu = config.mlp in ("gelu", "geglu") or fam.lm_head_transform  # BERT's MLM head.
+    if not config.gelu_approximate and not uses_gelu:
+        raise config_error(
+            "model.gelu_approximate",
+            False,
+            f"has no GELU to apply to: model.mlp={config.mlp!r} in a model.family={fam.name!r}"
+            " model",
+            'Remove the override (default True), or use model.mlp="gelu" or "geglu".',
+        )
     return fam
 
 

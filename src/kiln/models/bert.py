@@ -33,7 +33,7 @@ class MlmHead(nn.Module):
             param_dtype=cfg.param_dtype,
             name="mlm_transform",
         )(x_BLD)
-        h_BLD = layers.make_norm(cfg, "mlm_norm")(nn.gelu(h_BLD))
+        h_BLD = layers.make_norm(cfg, "mlm_norm")(layers.gelu(cfg)(h_BLD))
         bias_V = self.param(
             "bias",
             nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),

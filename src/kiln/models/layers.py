@@ -7,7 +7,9 @@ K kv heads, G query groups (H // K), E head_dim, F d_ff, V vocab.
 """
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -66,6 +68,9 @@ class TransformerConfig:
     position: str = "learned"  # "learned" | "rope" | "none"
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     mlp: str = "gelu"  # "gelu" | "relu" | "swiglu" | "geglu"
+    # GELU (mlp gelu/geglu, BERT's MLM head) as tanh approximation (GPT-2's and T5 v1.1's
+    # "gelu_new"); False: the exact erf form (HF BERT's "gelu").
+    gelu_approximate: bool = True
     use_bias: bool = True  # Biases of dense layers and of layernorm.
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -79,6 +84,9 @@ class TransformerConfig:
     relative_max_distance: int = 128  # T5: distances beyond this share the last bucket.
     n_decoder_layers: int = 0  # T5 decoder depth; 0: n_layers.
     scale_attention: bool = True  # Divide attention logits by sqrt(head_dim); T5 does not.
+    # Attention head size (T5's d_kv): q/k/v project d_model -> n_heads * head_dim and the
+    # output back. 0 = d_model // n_heads. Read back, `cfg.head_dim` is always the size used.
+    head_dim: int = 0
     # Recompute in the backward pass what a block does not keep: "none" keeps everything,
     # "dots" keeps the matmul outputs only, "full" keeps only the block inputs. Same parameters
     # and the same function; less memory for more compute.
@@ -91,10 +99,18 @@ class TransformerConfig:
         # The model section's rules live here only: `config_lib.validate` builds this config.
         _check_sizes(self)
         _check_values(self)
+        if not self.head_dim_given:
+            object.__setattr__(self, "head_dim", _DerivedHeadDim(self.d_model // self.n_heads))
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_dim_given(self) -> bool:
+        """Whether `head_dim` was set (else it is d_model // n_heads)."""
+        return bool(self.head_dim) and not isinstance(self.head_dim, _DerivedHeadDim)
+
+
+class _DerivedHeadDim(int):
+    """A `head_dim` filled in as d_model // n_heads. `dataclasses.replace` passes it back to
+    the new config, which derives it again from its own d_model and n_heads."""
 
 
 def _fail(key: str, value: object, why: str, fix: str) -> None:
@@ -109,9 +125,12 @@ def _check_sizes(cfg: TransformerConfig) -> None:
     for key in _POSITIVE:
         if getattr(cfg, key) <= 0:
             _fail(key, getattr(cfg, key), "must be positive", "Set a value above 0.")
-    if cfg.d_model % cfg.n_heads:
+    if cfg.head_dim < 0:
+        _fail("head_dim", cfg.head_dim, "is negative", "Use 0 (d_model // n_heads) or more.")
+    if not cfg.head_dim_given and cfg.d_model % cfg.n_heads:
         why = f"is not divisible by model.n_heads={cfg.n_heads}"
-        _fail("d_model", cfg.d_model, why, "Pick d_model = n_heads * head_dim.")
+        fix = "Pick d_model = n_heads * head_dim, or set model.head_dim."
+        _fail("d_model", cfg.d_model, why, fix)
     if cfg.n_heads % cfg.n_kv_heads:
         _fail(
             "n_kv_heads",
@@ -119,9 +138,11 @@ def _check_sizes(cfg: TransformerConfig) -> None:
             f"does not divide model.n_heads={cfg.n_heads}",
             "Grouped-query attention needs n_heads to be a multiple of n_kv_heads.",
         )
-    if cfg.position == "rope" and cfg.head_dim % 2:
-        why = "gives an odd head_dim, which RoPE cannot rotate"
-        _fail("n_heads", cfg.n_heads, why, "Choose n_heads so that d_model / n_heads is even.")
+    size = cfg.head_dim if cfg.head_dim_given else cfg.d_model // cfg.n_heads
+    if cfg.position == "rope" and size % 2:
+        key, why = ("head_dim", "is odd") if cfg.head_dim_given else ("n_heads", "gives an odd")
+        why += " head size, which RoPE cannot rotate"
+        _fail(key, getattr(cfg, key), why, "Choose an even head_dim (d_model / n_heads if 0).")
 
 
 def _check_values(cfg: TransformerConfig) -> None:
@@ -358,6 +379,11 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
 
 
+def gelu(cfg: TransformerConfig) -> Callable[[jax.Array], jax.Array]:
+    """GELU, tanh-approximate or exact (erf) as `cfg.gelu_approximate` says."""
+    return functools.partial(nn.gelu, approximate=cfg.gelu_approximate)
+
+
 class Mlp(nn.Module):
     """Feed-forward block: GELU/ReLU, or gated SwiGLU/GeGLU (gate `wi_0`, linear `wi_1`)."""
 
@@ -367,7 +393,7 @@ class Mlp(nn.Module):
     def __call__(self, x_BLD: jax.Array, *, deterministic: bool = True) -> jax.Array:
         cfg = self.config
         std_out = 0.02 / math.sqrt(2 * cfg.n_layers)
-        act = {"gelu": nn.gelu, "geglu": nn.gelu, "relu": nn.relu, "swiglu": nn.silu}[cfg.mlp]
+        act = {"gelu": gelu(cfg), "geglu": gelu(cfg), "relu": nn.relu, "swiglu": nn.silu}[cfg.mlp]
         if cfg.mlp in ("swiglu", "geglu"):
             gate_BLF = make_dense(cfg, cfg.d_ff, -1, ("embed", "mlp"), 0.02, "wi_0")(x_BLD)
             up_BLF = make_dense(cfg, cfg.d_ff, -1, ("embed", "mlp"), 0.02, "wi_1")(x_BLD)
