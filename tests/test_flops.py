@@ -1,5 +1,6 @@
 import jax
 import numpy as np
+import pytest
 
 from kiln import config_lib, flops, models
 
@@ -24,7 +25,8 @@ def kernel_sizes(model):
 
 
 def test_matmul_params_count_the_model_kernels_plus_the_output_projection():
-    for style in ({}, {"mlp": "swiglu", "n_kv_heads": 2, "tie_embeddings": False}):
+    styles = ({}, {"mlp": "swiglu", "n_kv_heads": 2, "tie_embeddings": False}, {"head_dim": 48})
+    for style in styles:
         model = model_section(**style)
         head = 0 if not model["tie_embeddings"] else model["vocab_size"] * model["d_model"]
         assert flops.matmul_params(model) == kernel_sizes(model) + head
@@ -37,8 +39,9 @@ def test_train_flops_formula():
     assert flops.train_flops_per_token(model, seq_len) == expected
 
 
-def test_forward_flops_agree_with_xla_cost_analysis():
-    model = model_section(dropout=0.0)
+@pytest.mark.parametrize("head_dim", [0, 48])
+def test_forward_flops_agree_with_xla_cost_analysis(head_dim):
+    model = model_section(dropout=0.0, head_dim=head_dim)
     seq_len, rows = 64, 2
     module = models.build_model(model)
     tokens = np.zeros((rows, seq_len), np.int32)

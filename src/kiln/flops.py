@@ -39,9 +39,19 @@ _PEAKS = {
 }
 
 
+def _head_dim(model: dict) -> int:
+    return model.get("head_dim") or model["d_model"] // model["n_heads"]
+
+
+def _attention_width(model: dict) -> int:
+    """Width of the attention scores' contractions: n_heads * head_dim (d_model unless
+    `head_dim` is set, as in T5 checkpoints with d_kv != d_model / n_heads)."""
+    return model["n_heads"] * _head_dim(model)
+
+
 def _attention_params(model: dict) -> int:
     d, h, k = model["d_model"], model["n_heads"], model["n_kv_heads"]
-    return d * (d // h) * (2 * h + 2 * k)
+    return d * _head_dim(model) * (2 * h + 2 * k)
 
 
 def _mlp_params(model: dict) -> int:
@@ -76,7 +86,7 @@ def train_flops_per_step(
 ) -> float:
     """Model FLOPs of one train step over `rows` sequences (t5: also `decoder_length`);
     `predicted`: the head runs at that many positions per row only (bert's masked positions)."""
-    d = model["d_model"]
+    d = _attention_width(model)
     if not _encoder_decoder(model):
         forward = 2 * matmul_params(model) + 4 * model["n_layers"] * length * d
         total = rows * length * forward

@@ -3,11 +3,10 @@ weights, perturbed so that biases and norm scales are not trivial, saved with sa
 to temporary directories (no network)."""
 
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from .lm_checks import BOS, EOS, VOCAB  # noqa: E402 (after the skips)
+from .lm_checks import BOS, EOS, VOCAB
 
 
 def perturbed(model: "torch.nn.Module", seed: int) -> "torch.nn.Module":
@@ -44,15 +43,19 @@ def gpt2_dir(tmp_path_factory) -> str:
     return path
 
 
+def _tiny_task_texts() -> list[str]:
+    from kiln.data import tasks
+
+    task = tasks.load_task("wn_lexname", data_dir="data/tiny")
+    return [f"{e.input}\n{e.target}" for e in task.splits["train"]]
+
+
 def _byte_level_bpe(vocab_size: int) -> "transformers.PreTrainedTokenizerFast":
     """A GPT-2 style tokenizer (byte-level BPE, <|endoftext|> as bos, eos and unk) of exactly
     `vocab_size` tokens, trained on the tiny wn_lexname texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from kiln.data import tasks
-
-    task = tasks.load_task("wn_lexname", data_dir="data/tiny")
-    texts = [f"{e.input}\n{e.target}" for e in task.splits["train"]]
+    texts = _tiny_task_texts()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -88,4 +91,36 @@ def llama_dir(tmp_path_factory) -> str:
     )
     path = str(tmp_path_factory.mktemp("hf_llama"))
     perturbed(transformers.LlamaForCausalLM(config), seed=2).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> str:
+    """A BertForMaskedLM (exact GELU, eps 1e-12, two token types) with an uncased WordPiece
+    tokenizer trained on the tiny wn_lexname texts, saved with safetensors."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    trainer = trainers.WordPieceTrainer(vocab_size=600, special_tokens=specials)
+    tok.train_from_iterator(_tiny_task_texts(), trainer)
+    tokenizer = transformers.BertTokenizerFast(tokenizer_object=tok)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=160,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    path = str(tmp_path_factory.mktemp("hf_bert"))
+    perturbed(transformers.BertForMaskedLM(config), seed=3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path

@@ -5,8 +5,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -267,57 +265,3 @@ def test_config_rules_of_init_from_hf():
     config.init_from.load = "state"
     with pytest.raises(KilnError, match="init_from.hf=.*no optimizer state"):
         config_lib.validate(config, 1)
-
-
-_PIPELINE = '''
-"""Fine-tune an imported GPT-2 (init_from.workdir), the same straight from its HF directory
-(init_from.hf): a pipeline of two tiny wn_lexname runs."""
-
-from kiln import config_lib, defaults
-from kiln.hf import checkpoints
-
-IMPORTED, HF = {imported!r}, {hf!r}
-
-
-def _stage(pretrain, workdir="", hf=""):  # The tokenizer comes from the source.
-    c = defaults.finetune_stage(
-        pretrain, task="wn_lexname", train_examples=40, epochs=0.4, lr=1e-3, seq_len=32,
-        batch=8, init_from=workdir,
-    )
-    c.init_from.hf = hf
-    c.tokenizer.path = ""
-    c.data.data_dir = "data/tiny"
-    c.task.eval_examples = 16
-    c.eval.batches = 1
-    return c
-
-
-def get_config(arg=None):
-    pretrain = config_lib.load_json(IMPORTED + "/config.json")
-    stages = {{
-        "finetune": _stage(pretrain, workdir=IMPORTED),
-        "hf": _stage(checkpoints.kiln_config(HF), hf=HF),
-    }}
-    return defaults.pipeline(stages, select="accuracy")
-'''
-
-
-@pytest.mark.slow
-def test_finetune_of_an_imported_gpt2_through_main(gpt2_dir, tmp_path):
-    """`python -m kiln.main` runs a pipeline that fine-tunes the imported GPT-2 on a shipped
-    task, from its kiln import and straight from the HF directory: the same run."""
-    imported, workdir = str(tmp_path / "gpt2"), tmp_path / "runs"
-    assert convert.main(["--from-hf", gpt2_dir, "--out", imported]) == 0
-    config = tmp_path / "pipeline.py"
-    config.write_text(_PIPELINE.format(imported=imported, hf=gpt2_dir))
-    cmd = [sys.executable, "-m", "kiln.main", f"--config={config}", f"--workdir={workdir}"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"init_from {imported} step 0: " in result.stdout
-    assert f"Restore: imported {gpt2_dir} (HF model_type 'gpt2')" in result.stdout
-    stages = json.loads((workdir / "comparison.json").read_text())["stages"]
-    metrics = {name: stage["metrics"] for name, stage in stages.items()}
-    assert 0.0 <= metrics["finetune"]["test/accuracy"] <= 1.0
-    assert metrics["hf"] == metrics["finetune"]  # The same parameters, tokenizer and data.
-    table = (workdir / "comparison.md").read_text()
-    assert "| finetune | gpt2 |" in table and f"| hf | {os.path.basename(gpt2_dir)} |" in table
