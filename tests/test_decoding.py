@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kiln import decoding, models, sharding
+from kiln import decoding, models, search, sharding
 from kiln.errors import KilnError
 from kiln.models.gpt import GPT
 from kiln.models.layers import TransformerConfig
@@ -503,7 +503,7 @@ def test_filter_logits_matches_numpy():
     rng = np.random.default_rng(5)
     logits = rng.normal(size=(6, 50)).astype(np.float32) * 2
     for top_k, top_p in [(0, 1.0), (1, 1.0), (5, 1.0), (0, 0.5), (10, 0.8), (0, 0.05), (50, 0.99)]:
-        got = np.asarray(decoding.filter_logits(logits, np.int32(top_k), np.float32(top_p)))
+        got = np.asarray(search.filter_logits(logits, np.int32(top_k), np.float32(top_p)))
         for row, kept in zip(logits, got, strict=True):
             want = _filter_numpy(row, top_k, top_p)
             np.testing.assert_array_equal(np.isfinite(kept), want)
