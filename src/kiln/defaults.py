@@ -67,7 +67,7 @@ def _add_inputs(c: ml_collections.ConfigDict, seq_len: int, batch: int, objectiv
     # "" trains one into the workdir; else a tokenizer.model, a workdir or an HF tokenizer directory
     c.tokenizer.path = ""
     c.tokenizer.model_type = "bpe"  # bpe | unigram
-    c.tokenizer.max_sentences = 300_000  # documents sampled for tokenizer training
+    c.tokenizer.max_sentences = 300_000  # documents sampled (across all sources) to train it
 
     c.data = ml_collections.ConfigDict()
     c.data.corpus = "bible,wordnet"  # comma-separated names or .txt/.jsonl paths
@@ -79,6 +79,12 @@ def _add_inputs(c: ml_collections.ConfigDict, seq_len: int, batch: int, objectiv
     # rows: with a process count dividing it no document is read twice. The data order depends
     # on it, never on the process count. 0 = gcd(global_batch_size, 8).
     c.data.streams = 0
+    # A weighted mixture of large sources instead of data.corpus: "name=path [weight=W]
+    # [field=F]; ..." (path: a .txt/.jsonl(.gz/.xz/.zst)/.parquet file, a directory or a glob).
+    # Each is tokenized once into a memory-mapped cache (kiln.tools.prepare, or at run start).
+    c.data.sources = ""
+    c.data.cache_dir = ""  # "" = <workdir>/token_cache; one subdirectory per source
+    c.data.prepare_workers = 1  # processes tokenizing the sources' caches
 
     c.objective = ml_collections.ConfigDict()
     # gpt: causal_lm | prefix_lm; bert: mlm; t5: span_corruption | prefix_lm
@@ -132,7 +138,11 @@ def _add_init_from_and_task(c: ml_collections.ConfigDict) -> None:
     # wn_reverse_dictionary | jsonl
     c.task.name = ""
     c.task.path = ""  # jsonl: the file (text/label or input/target fields per line)
-    c.task.kind = ""  # jsonl: classification | generation; "" = from the fields
+    c.task.kind = ""  # jsonl: classification | generation | regression; "" = from the fields
+    # jsonl: the file's names for kiln's fields, "text=sentence1,text_pair=sentence2,label=y"
+    c.task.fields = ""
+    c.task.metrics = ""  # comma-separated metrics (task_metrics.METRICS_BY_KIND); "" = defaults
+    c.task.positive_label = ""  # binary_f1's positive class; "" = the second sorted label
     c.task.labels = ""  # jsonl classification: comma-separated label set; "" = train labels
     c.task.template = ""  # prompt template with {input}; "" = the task's default
     c.task.train_examples = 0  # low-resource subset: the first N by md5 of the id; 0 = all
@@ -151,6 +161,13 @@ def _add_loop(c: ml_collections.ConfigDict, steps: int) -> None:
     # > 0: the LM loss is fused with the output projection in this many sequence chunks, so the
     # [batch, length, vocab] logits never exist at once (less memory at large vocabularies).
     c.train.loss_chunks = 0
+    # Divergence: each step's loss and the norms of its gradient, update and new parameters
+    # must be finite (checked before that state is evaluated or checkpointed). On a failure:
+    # stop (name the last good checkpoint) | rollback (go on from it with half the learning
+    # rate, skipping the batches since; at most max_rollbacks times per run). docs/reliability.md
+    c.train.on_nonfinite = "stop"
+    c.train.max_loss_spike = 0.0  # > 1: a loss above this multiple of its running mean diverged
+    c.train.max_rollbacks = 3
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 100  # steps between validation evaluations (also at the start and the end)

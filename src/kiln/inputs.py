@@ -4,6 +4,7 @@ evaluation batches (`prepare`)."""
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -13,7 +14,16 @@ from jax.experimental import multihost_utils
 
 from kiln import finetuning, metrics, models, restore
 from kiln import workdir as workdir_lib
-from kiln.data import corpus, finetune, hf_tokenizer, objectives, pipeline, tasks
+from kiln.data import (
+    corpus,
+    finetune,
+    hf_tokenizer,
+    mixture,
+    objectives,
+    pipeline,
+    tasks,
+    token_cache,
+)
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
 
@@ -29,6 +39,11 @@ class Data:
     test: list[dict[str, np.ndarray]]
     task: tasks.Task | None = None  # set when fine-tuning on a labeled task
     examples: dict[str, list[tasks.Example]] = dataclasses.field(default_factory=dict)
+    # A data.sources mixture's eval batches by split and source: `validation` and `test` are
+    # these lists concatenated (each source's share of eval.batches by its weight).
+    by_source: dict[str, dict[str, list[dict[str, np.ndarray]]]] = dataclasses.field(
+        default_factory=dict
+    )
 
 
 def sync(name: str) -> None:
@@ -40,13 +55,14 @@ def sync(name: str) -> None:
 def prepare_tokenizer(
     config: ml_collections.ConfigDict,
     workdir: str,
-    train_documents: list[str],
+    train_documents: list[str] | Callable[[], list[str]],
     source_run: restore.Source | None = None,
 ) -> tokenizer_lib.AnyTokenizer:
     """Loads the workdir's tokenizer, else copies the `init_from` run's or `tokenizer.path`'s
     (a tokenizer.model, a run's workdir or a Hugging Face tokenizer directory: kiln's own as
     <workdir>/tokenizer.model, an imported one as <workdir>/tokenizer/), else trains one on
-    `train_documents`."""
+    `tokenizer.max_sentences` documents sampled from `train_documents` (or on what the callable
+    returns, called only then)."""
     if workdir_lib.find_tokenizer(workdir) is None and jax.process_index() == 0:
         source = config.tokenizer.path
         if source_run is not None:
@@ -62,8 +78,14 @@ def prepare_tokenizer(
             _copy_tokenizer(_tokenizer_file(source), workdir)
         else:
             metrics.log(f"Training a {config.tokenizer.model_type} tokenizer ...")
+            if callable(train_documents):
+                sample = train_documents()
+            else:
+                sample = sample_documents(
+                    train_documents, config.tokenizer.max_sentences, config.seed
+                )
             tokenizer_lib.train_tokenizer(
-                train_documents[: config.tokenizer.max_sentences],
+                sample,
                 os.path.join(workdir, workdir_lib.TOKENIZER),
                 vocab_size=config.model.vocab_size,
                 model_type=config.tokenizer.model_type,
@@ -82,6 +104,15 @@ def prepare_tokenizer(
             f" Set --config.model.vocab_size={tok.vocab_size}{more}."
         )
     return tok
+
+
+def sample_documents(documents: list[str], count: int, seed: int) -> list[str]:
+    """``count`` documents drawn uniformly (seeded) from all of ``documents``, in their order;
+    all of them when there are no more than ``count``."""
+    if len(documents) <= count:
+        return documents
+    chosen = np.sort(np.random.default_rng([seed, 7]).choice(len(documents), count, replace=False))
+    return [documents[i] for i in chosen]
 
 
 def _tokenizer_file(path: str) -> str:
@@ -137,7 +168,8 @@ def prepare_task_data(
 ) -> Data:
     """Fine-tuning data: the labeled task's train stream and eval batches."""
     task = finetuning.load(config.task, config.data.data_dir)
-    texts = [f"{e.input}\n{e.target}" for e in task.splits["train"]]
+    finetuning.check_model(config.model, task)
+    texts = [f"{e.input}\n{e.pair}\n{e.target}" for e in task.splits["train"]]
     tok = prepare_tokenizer(config, workdir, texts, source_run)
     return task_data(config, task, tok)
 
@@ -167,21 +199,13 @@ def prepare(
     if config.task.name:
         return prepare_task_data(config, workdir, source_run)
     d = config.data
+    if d.get("sources"):
+        return prepare_sources(config, workdir, source_run)
     data_dir = d.data_dir or None
     train_docs = corpus.read_documents(d.corpus, "train", data_dir)
     tok = prepare_tokenizer(config, workdir, train_docs, source_run)
     objective = make_objective(config, tok)
-    dataset = pipeline.make_train_dataset(
-        train_docs,
-        tok,
-        seq_len=d.seq_len,
-        global_batch_size=d.global_batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        objective=objective,
-        streams=d.streams,
-    )
+    dataset = _train_dataset(config, tok, objective, train_docs)
 
     def eval_batches(split: str) -> list[dict[str, np.ndarray]]:
         docs = corpus.read_documents(d.corpus, split, data_dir)
@@ -201,6 +225,70 @@ def prepare(
         ]
 
     return Data(tok, iter(dataset), eval_batches("validation"), eval_batches("test"))
+
+
+def _train_dataset(
+    config: ml_collections.ConfigDict,
+    tok: tokenizer_lib.AnyTokenizer,
+    objective: objectives.Objective,
+    documents: Any,
+    weights: list[float] | None = None,
+) -> Any:
+    """The pre-training batches of `documents` (a list of texts, or one tokenized source per
+    `weights` entry) for this process, as the `data` section says."""
+    d = config.data
+    return pipeline.make_train_dataset(
+        documents,
+        tok,
+        seq_len=d.seq_len,
+        global_batch_size=d.global_batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        objective=objective,
+        streams=d.streams,
+        weights=weights,
+    )
+
+
+def prepare_sources(
+    config: ml_collections.ConfigDict, workdir: str, source_run: restore.Source | None
+) -> Data:
+    """Pre-training data from the weighted mixture `data.sources`, read from each source's
+    token cache (built first by process 0 where missing, `kiln.data.mixture`)."""
+    d = config.data
+    specs = mixture.parse(d.sources)
+    n = config.tokenizer.max_sentences
+
+    def sample() -> list[str]:
+        return mixture.sample_documents(specs, n, config.seed)
+
+    tok = prepare_tokenizer(config, workdir, sample, source_run)
+    if jax.process_index() == 0:
+        mixture.prepare_caches(config, workdir, str(tok.path), tok.vocab_size)
+    sync("token_cache")
+    root = mixture.cache_root(config, workdir)
+    objective = make_objective(config, tok)
+    train = [token_cache.load(root / s.name, "train") for s in specs]
+    dataset = _train_dataset(config, tok, objective, train, [s.weight for s in specs])
+    weights = np.asarray([s.weight for s in specs]) / sum(s.weight for s in specs)
+    by_source: dict[str, dict[str, list]] = {"validation": {}, "test": {}}
+    for split, found in by_source.items():
+        for spec, weight in zip(specs, weights, strict=True):
+            docs = token_cache.load(root / spec.name, split)
+            docs = docs.select(np.random.default_rng(0).permutation(len(docs)))
+            batches = pipeline.make_eval_batches(
+                docs,
+                tok,
+                seq_len=d.seq_len,
+                batch_size=d.global_batch_size,
+                max_batches=max(1, round(config.eval.batches * weight)),
+                objective=objective,
+            )
+            index, count = jax.process_index(), jax.process_count()
+            found[spec.name] = [pipeline.process_slice(b, index, count) for b in batches]
+    validation, test = ([b for bs in by_source[s].values() for b in bs] for s in by_source)
+    return Data(tok, iter(dataset), validation, test, by_source=by_source)
 
 
 def task_data(

@@ -3,8 +3,8 @@
 A `LossFn` takes (model, params, batch, dropout rng or None) and returns float32 sums:
 `loss_sum`, `correct_sum`, `weight_sum` (and, for a classifier, each row's predicted class as
 `classes`). The train and eval steps call the one `kiln.build` picks for the run
-(`language_model` or `classifier`), so a loss that is not token cross-entropy needs a new
-`LossFn`, never an edit of the trainer.
+(`language_model` or `classifier`, which is `regression` on float targets), so a loss that
+is not token cross-entropy needs a new `LossFn`, never an edit of the trainer.
 """
 
 import functools
@@ -52,10 +52,27 @@ def language_model(loss_chunks: int = 0) -> LossFn:
 
 def classifier(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None) -> dict:
     """Cross-entropy of a classification head's logits [B, C] against the class `targets` [B]
-    (weight per row), and each row's predicted class."""
+    (weight per row), and each row's predicted class; float `targets` make it `regression`."""
+    if jnp.issubdtype(batch["targets"].dtype, jnp.floating):
+        return regression(model, params, batch, rng)
     logits_BC = apply_model(model, params, batch, rng)
     sums = cross_entropy_sums(logits_BC, batch["targets"], batch["weights"])
     return {**sums, "classes": jnp.argmax(logits_BC, axis=-1)}
+
+
+def regression(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None) -> dict:
+    """Squared error of a one-output head [B, 1] against the float `targets` [B] (weight per
+    row) as `loss_sum`; `correct_sum` is 0 (no notion of correct); each row's value as
+    `classes`."""
+    predicted_B = apply_model(model, params, batch, rng)[:, 0].astype(jnp.float32)
+    weights_B = batch["weights"].astype(jnp.float32)
+    error_B = predicted_B - batch["targets"].astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(weights_B * error_B * error_B),
+        "correct_sum": jnp.zeros((), jnp.float32),
+        "weight_sum": jnp.sum(weights_B),
+        "classes": predicted_B,
+    }
 
 
 def _token_terms(

@@ -161,13 +161,13 @@ def test_save_load_and_pickle(bpe, corpus):
 
 
 def test_too_small_vocab(corpus, tmp_path):
-    with pytest.raises(KilnError, match=rf"tokenizer\.vocab_size=400.*{MIN_VOCAB_SIZE}"):
+    with pytest.raises(KilnError, match=rf"model\.vocab_size=400.*{MIN_VOCAB_SIZE}"):
         train_tokenizer(corpus, tmp_path / "tokenizer.model", vocab_size=400)
     assert not (tmp_path / "tokenizer.model").exists()
 
 
 def test_too_large_vocab(corpus, tmp_path):
-    with pytest.raises(KilnError, match=r"tokenizer\.vocab_size=100000"):
+    with pytest.raises(KilnError, match=r"model\.vocab_size=100000"):
         train_tokenizer(corpus[:50], tmp_path / "tokenizer.model", vocab_size=100_000)
 
 

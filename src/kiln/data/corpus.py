@@ -1,33 +1,29 @@
-"""Read the shipped corpora and user text files as documents, split 80/10/10 by md5 of a key."""
+"""Read the shipped corpora and user files (`kiln.data.sources`) as documents, split 80/10/10 by
+md5 of a key."""
 
 from __future__ import annotations
 
-import hashlib
+import glob
 import json
 import lzma
 import os
 import pathlib
 from collections.abc import Callable
 
+from kiln.data import sources
 from kiln.errors import KilnError
 
-SPLITS = ("train", "validation", "test")
+SPLITS = sources.SPLITS
+split_of = sources.split_of
+json_object = sources.json_object
 BIBLE_FILE = "bible_kjv_web.tsv.xz"
 WORDNET_FILE = "wordnet30_synsets.tsv.xz"
 SYMPY_FILE = "sympy114_functions.jsonl.xz"
 SOURCES = ("bible", "bible_kjv", "bible_web", "wordnet", "sympy")
-_SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+_SPLIT_ALIASES = sources.SPLIT_ALIASES
 
 # (path, mtime_ns, size, parser name) -> parsed rows; each row is (split, document, ...).
 _CACHE: dict[tuple[str, int, int, str], list[tuple[str, ...]]] = {}
-
-
-def split_of(key: str) -> str:
-    """Return the split of a group key: md5 bucket < 10 test, < 20 validation, else train."""
-    bucket = int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % 100
-    if bucket < 10:
-        return "test"
-    return "validation" if bucket < 20 else "train"
 
 
 def default_data_dir() -> pathlib.Path:
@@ -85,7 +81,7 @@ def _source_documents(name: str, split: str, root: pathlib.Path, origin: str) ->
         web = [row[2] for row in rows if row[0] == split] if name != "bible_kjv" else []
         return kjv + web
     path = pathlib.Path(name).expanduser()
-    if not path.exists():
+    if not path.exists() and not glob.has_magic(name):
         if path.suffix in (".txt", ".jsonl") or "/" in name or os.sep in name:
             raise KilnError(
                 f"Data source {name!r} not found: no file or folder at {path.resolve()}. "
@@ -93,28 +89,22 @@ def _source_documents(name: str, split: str, root: pathlib.Path, origin: str) ->
             )
         raise KilnError(
             f"Unknown data source {name!r}: valid names are {', '.join(SOURCES)}; anything "
-            "else must be the path of an existing .txt or .jsonl file or a folder of .txt files."
+            f"else must be the path of an existing file, folder or glob: {sources.SUPPORTED}."
         )
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
-        rows = [row for file in files for row in _load(file, _parse_file_document)]
-    elif path.suffix == ".txt":
-        rows = _load(path, _parse_txt)
-    elif path.suffix == ".jsonl":
-        rows = _load(path, _parse_jsonl)
-    else:
-        raise KilnError(
-            f"Data source {path} has an unsupported type {path.suffix!r}: use a .txt file "
-            "(documents separated by blank lines), a .jsonl file (a 'text' field per line) "
-            "or a folder of .txt files (one document each)."
-        )
-    if not rows:
-        what = "has no non-empty .txt files" if path.is_dir() else "is empty or whitespace only"
+    found = 0
+    documents = []
+    for file in sources.expand(name):
+        for doc_split, document in sources.documents(file):
+            found += 1
+            if doc_split == split:
+                documents.append(document)
+    if not found:
+        what = "has no non-empty documents" if path.is_dir() else "is empty or whitespace only"
         raise KilnError(
             f"Data source {path} contains no documents (it {what}); remove it from the data "
             "spec or add text to it."
         )
-    return [row[1] for row in rows if row[0] == split]
+    return documents
 
 
 def _builtin(root: pathlib.Path, file: str, name: str, origin: str) -> pathlib.Path:
@@ -237,68 +227,4 @@ def _parse_sympy(path: pathlib.Path, text: str) -> list[tuple[str, ...]]:
                     f"{path}, line {number}: not a SymPy function record ({e}). Restore the"
                     " file from the repository."
                 ) from e
-    return rows
-
-
-def _parse_txt(path: pathlib.Path, text: str) -> list[tuple[str, ...]]:
-    """Return one (split, document) row per blank-line-separated block, split by its text."""
-    documents, block = [], []
-    for line in [*text.split("\n"), ""]:
-        if line.strip():
-            block.append(line.rstrip())
-        elif block:
-            documents.append("\n".join(block))
-            block = []
-    return [(split_of(document), document) for document in documents]
-
-
-def _parse_file_document(path: pathlib.Path, text: str) -> list[tuple[str, ...]]:
-    """Return the whole file as one (split, document) row, split by the file name."""
-    document = text.strip()
-    return [(split_of(path.name), document)] if document else []
-
-
-def json_object(path: str | os.PathLike, number: int, line: str, example: str) -> dict:
-    """Line `number` of a JSONL file as a dict; a KilnError naming the file and line (and
-    showing `example`, a valid line) if it is not valid JSON or not an object."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise KilnError(
-            f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}). Each line "
-            f"must be one JSON object, e.g. {example}."
-        ) from None
-    if not isinstance(record, dict):
-        raise KilnError(
-            f"{path}, line {number}: expected a JSON object, found {type(record).__name__}. "
-            f"Write each line as e.g. {example}."
-        )
-    return record
-
-
-def _parse_jsonl(path: pathlib.Path, text: str) -> list[tuple[str, ...]]:
-    """Return one (split, text) row per JSON line, using its split field or md5 of id/text."""
-    rows = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        record = json_object(path, number, line, '{"text": "..."}')
-        if not isinstance(record.get("text"), str):
-            raise KilnError(
-                f"{path}, line {number}: expected a JSON object with a string 'text' field. "
-                "Add one, or convert the file so that each line has it."
-            )
-        if "split" in record:
-            split = (
-                _SPLIT_ALIASES.get(record["split"]) if isinstance(record["split"], str) else None
-            )
-            if split is None:
-                raise KilnError(
-                    f"{path}, line {number}: unknown split {record['split']!r}; use one of "
-                    f"{', '.join(SPLITS)} (or 'val'), or drop the field to split by md5."
-                )
-        else:
-            split = split_of(str(record["id"]) if "id" in record else record["text"])
-        if record["text"].strip():
-            rows.append((split, record["text"]))
     return rows

@@ -10,6 +10,12 @@ model's :class:`~kiln.data.objectives.Layout`:
   (shape ``[]``). The model pools position 0.
 - classification, decoder (gpt): the same with ``inputs`` = ``bos prompt eos``; the model pools
   the last real position (the eos).
+- sentence pairs (``Task.pairs``), head models: ``[CLS] a [SEP] b [SEP]`` with
+  ``token_type_ids`` 0 up to the first [SEP], 1 after (bert), ``bos a [SEP] b eos`` (gpt; eos
+  when the tokenizer has no [SEP]); a is the template on the first text (the raw text if the
+  template has ``{text_pair}``, a text-to-text template), b the second text; the longer text is
+  cut first. t5 reads the template with ``{input}`` and ``{text_pair}`` as one prompt.
+- regression: as classification, with a float32 ``targets`` value (a one-output head).
 - encoder-decoder (t5; both kinds, a classification target is the label name as text):
   ``encoder_inputs`` = ``prompt eos``, ``encoder_segment_ids``, ``encoder_positions``
   ``[seq_len]``; ``decoder_inputs`` = ``bos target``, ``targets`` = ``target eos``,
@@ -41,6 +47,8 @@ from kiln.data.tokenizer import Tokenizer
 from kiln.errors import KilnError
 
 Row = dict[str, np.ndarray]
+# Task kinds a head answers (encoder, decoder): one row per example, one target per row.
+HEAD_KINDS = ("classification", "regression")
 ENC, DEC, ENC_DEC = Layout.ENCODER, Layout.DECODER, Layout.ENCODER_DECODER
 # Examples are encoded up front, so batching is cheap: one thread prefetching a few batches.
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
@@ -82,7 +90,7 @@ def generation_prompt(
     target_len`` that is the least a training row keeps). For t5, ``seq_len`` bounds the encoder
     input. gpt only generates for generation tasks (it classifies by pooling).
     """
-    _check_template(template)
+    _check_template(template, task, layout)
     if layout == ENC_DEC:
         _check_lengths(task, layout, seq_len, 2)
         ids = tokenizer.encode(_prompt(template, example))
@@ -191,13 +199,19 @@ def check_task(name: str, kind: str, layout: Layout, pack: bool = False) -> None
     """Raises unless a ``layout`` model can fine-tune on task ``name`` of ``kind`` ("" = not
     known yet), packed if ``pack``; ``config_lib.validate`` runs it before the task is read."""
     layout = as_layout(layout)
+    if layout == ENC_DEC and kind == "regression":
+        raise KilnError(
+            f"task.name={name!r} is a regression task, which needs a head with one output: an"
+            " encoder-decoder (t5) answers in text. Fine-tune an encoder (bert) or decoder"
+            " (gpt) model on it."
+        )
     if layout == ENC and kind == "generation":
         raise KilnError(
             f"task.name={name!r} is a generation task, which an encoder (bert) cannot do:"
             " fine-tune a decoder (gpt) or encoder-decoder (t5) model on it, or pick a"
             " classification task."
         )
-    if pack and (layout != DEC or kind == "classification"):
+    if pack and (layout != DEC or kind in ("classification", "regression")):
         raise KilnError(
             "task.pack=True: Packing is only for decoders (gpt) on generation tasks, not for"
             f" {kind or 'the'} task {name!r} with model layout {layout} (one example per row is"
@@ -205,11 +219,25 @@ def check_task(name: str, kind: str, layout: Layout, pack: bool = False) -> None
         )
 
 
-def _check_template(template: str) -> None:
+def _check_template(template: str, task: Task, layout: Layout) -> None:
+    """Raises unless `template` has {input}, and {text_pair} exactly where a pair needs it
+    (t5 on a sentence-pair task; head models read a pair as two segments)."""
     if "{input}" not in template:
         raise KilnError(
             f"The prompt template {template!r} has no '{{input}}' placeholder, so every prompt "
             "would be the same: put {input} where the example text goes, e.g. 'Text: {input}'."
+        )
+    has_pair = "{text_pair}" in template
+    if has_pair and not task.pairs:
+        raise KilnError(
+            f"The prompt template {template!r} has a '{{text_pair}}' placeholder, but task"
+            f" {task.name!r} has single texts (no text_pair field): remove it."
+        )
+    if task.pairs and layout == ENC_DEC and not has_pair:
+        raise KilnError(
+            f"The prompt template {template!r} has no '{{text_pair}}' placeholder, so a"
+            f" text-to-text model would never see the second text of task {task.name!r}'s"
+            " sentence pairs: use e.g. 'sentence1: {input} sentence2: {text_pair}'."
         )
 
 
@@ -219,6 +247,8 @@ def _check_lengths(task: Task, layout: Layout, seq_len: int, target_len: int) ->
         need_seq, need_target = 2, 2  # prompt eos; target eos
     elif task.kind == "generation":
         need_seq, need_target = target_len + 3, 2  # bos prompt [SEP] target eos
+    elif task.pairs:
+        need_seq, need_target = 5, None  # [CLS] a [SEP] b [SEP]
     else:
         need_seq, need_target = 3, None  # bos/[CLS] prompt eos/[SEP]; no decoder
     if seq_len < need_seq or (need_target is not None and target_len < need_target):
@@ -234,7 +264,26 @@ def _check_lengths(task: Task, layout: Layout, seq_len: int, target_len: int) ->
 
 
 def _prompt(template: str, example: Example) -> str:
-    return template.replace("{input}", example.input)
+    return template.replace("{input}", example.input).replace("{text_pair}", example.pair)
+
+
+def _first_segment(template: str, example: Example) -> str:
+    """A head model's first segment of a pair: the template on `input`, or the raw input when
+    the template is a text-to-text one (it has {text_pair})."""
+    return example.input if "{text_pair}" in template else _prompt(template, example)
+
+
+def longest_first(first: int, second: int, budget: int) -> tuple[int, int]:
+    """How many tokens of two texts to keep within `budget`: the longer one is cut first, one
+    token at a time (a tie cuts the second)."""
+    excess = first + second - budget
+    if excess <= 0:
+        return first, second
+    gap = abs(first - second)
+    if excess <= gap:
+        return (first - excess, second) if first > second else (first, second - excess)
+    even = min(first, second) - (excess - gap) // 2
+    return (even, even - (excess - gap) % 2)
 
 
 def _label_index(task: Task, example: Example) -> int:
@@ -258,14 +307,11 @@ def _encode_all(
 ) -> tuple[list[Row], int]:
     """Unpadded rows of ``examples`` (see :func:`_pad_batch`) and the number truncated."""
     check_task(task.name, task.kind, layout)
-    _check_template(template)
+    _check_template(template, task, layout)
     _check_lengths(task, layout, seq_len, target_len)
+    if task.kind in HEAD_KINDS and layout != ENC_DEC:
+        return _head_rows(task, layout, tokenizer, examples, seq_len, template)
     prompts = tokenizer.encode_batch([_prompt(template, e) for e in examples])
-    if task.kind == "classification" and layout != ENC_DEC:
-        rows = [_classifier_row(tokenizer, layout, ids, seq_len) for ids in prompts]
-        for (row, _), example in zip(rows, examples):
-            row["targets"] = np.asarray(_label_index(task, example), dtype=np.int32)
-        return [row for row, _ in rows], sum(cut for _, cut in rows)
     if task.kind == "classification":
         label_ids = {label: tokenizer.encode(label) for label in task.labels}
         targets = [_label_ids(task, label_ids, e, target_len) for e in examples]
@@ -289,6 +335,60 @@ def _label_ids(
             f"target_len to at least {len(ids) + 1}."
         )
     return ids
+
+
+def _head_rows(
+    task: Task,
+    layout: Layout,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    seq_len: int,
+    template: str,
+) -> tuple[list[Row], int]:
+    """Unpadded classifier/regression rows (one text, or a pair) with their targets."""
+    if task.pairs:
+        firsts = tokenizer.encode_batch([_first_segment(template, e) for e in examples])
+        seconds = tokenizer.encode_batch([e.pair for e in examples])
+        rows = [_pair_row(tokenizer, layout, a, b, seq_len) for a, b in zip(firsts, seconds)]
+    else:
+        prompts = tokenizer.encode_batch([_prompt(template, e) for e in examples])
+        rows = [_classifier_row(tokenizer, layout, ids, seq_len) for ids in prompts]
+    for (row, _), example in zip(rows, examples):
+        if task.kind == "regression":
+            row["targets"] = np.asarray(_value(task, example), dtype=np.float32)
+        else:
+            row["targets"] = np.asarray(_label_index(task, example), dtype=np.int32)
+    return [row for row, _ in rows], sum(cut for _, cut in rows)
+
+
+def _value(task: Task, example: Example) -> float:
+    try:
+        return float(example.target)
+    except ValueError:
+        raise KilnError(
+            f"Example {example.id!r} of the regression task {task.name!r} has target"
+            f" {example.target!r}, not a number. Fix the example."
+        ) from None
+
+
+def _pair_row(
+    tokenizer: Tokenizer, layout: Layout, first: list[int], second: list[int], seq_len: int
+) -> tuple[Row, bool]:
+    """``[CLS] a [SEP] b [SEP]`` with token types 0 then 1 (bert) or ``bos a [SEP] b eos``
+    (gpt, [SEP] or eos between), the longer text cut first; without the label."""
+    keep_a, keep_b = longest_first(len(first), len(second), seq_len - 3)
+    if layout == ENC:
+        start, middle, end = tokenizer.cls_id, tokenizer.sep_id, tokenizer.sep_id
+    else:
+        start, end = tokenizer.bos_id, tokenizer.eos_id
+        middle = tokenizer_lib.separator_id(tokenizer)
+    tokens = [start, *first[:keep_a], middle, *second[:keep_b], end]
+    row = {"inputs": np.asarray(tokens, dtype=np.int32)}
+    if layout == ENC:
+        types = np.zeros(len(tokens), np.int32)
+        types[keep_a + 2 :] = 1
+        row["token_type_ids"] = types
+    return row, keep_a < len(first) or keep_b < len(second)
 
 
 def _classifier_row(
@@ -388,8 +488,11 @@ def _pad_batch(
         "segment_ids": segment_ids,
         "positions": positions,
     }
-    if kind == "classification":
-        batch["targets"] = np.zeros(rows, np.int32)
+    if compacts and "token_type_ids" in compacts[0]:
+        batch["token_type_ids"] = column("token_type_ids", seq_len)
+    if kind in HEAD_KINDS:
+        dtype = np.float32 if kind == "regression" else np.int32
+        batch["targets"] = np.zeros(rows, dtype)
         batch["targets"][: len(compacts)] = [c["targets"] for c in compacts]
         batch["weights"] = (np.arange(rows) < len(compacts)).astype(np.float32)
     else:

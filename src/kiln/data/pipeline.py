@@ -21,6 +21,7 @@ import itertools
 import math
 import sys
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -36,7 +37,7 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
 EVAL_SEED = 0  # Eval batches are masked the same way in every run.
 _ENCODE_CHUNK = 1024  # documents per tokenizer call: bounds the Python lists alive at once
 # Tags that keep the seeds of the run's random choices apart.
-_DEAL, _EPOCH, _OBJECTIVE = 0, 1, 2
+_DEAL, _EPOCH, _OBJECTIVE, _MIX = 0, 1, 2, 3
 
 
 def process_slice(batch: Batch, index: int, count: int) -> Batch:
@@ -55,7 +56,9 @@ class Tokenized:
     """Documents tokenized as ``[bos] + ids + [eos]`` (``[CLS]``/``[SEP]`` for a tokenizer without
     bos/eos, `tokenizer.document_ids`), one flat int32 array.
 
-    Document ``d`` is ``tokens[starts[d] : starts[d + 1]]``.
+    Document ``d`` is ``tokens[offsets[d] : offsets[d] + starts[d + 1] - starts[d]]``:
+    ``starts`` places the documents in their concatenation, ``offsets`` in ``tokens`` (the same
+    but for a :meth:`select` view, which shares its parent's ``tokens``).
     """
 
     def __init__(self, documents: Iterable[str], tokenizer: Tokenizer, max_tokens: int = 0):
@@ -71,8 +74,31 @@ class Tokenized:
             if max_tokens and total >= max_tokens:
                 break
         lengths = np.asarray([len(a) for a in arrays], np.int64)
-        self.tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+        self.tokens: Any = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
         self.starts = np.concatenate([[0], np.cumsum(lengths)])
+        self.offsets = self.starts[:-1]
+
+    @classmethod
+    def from_arrays(cls, tokens: Any, starts: np.ndarray) -> Tokenized:
+        """Documents already tokenized: ``tokens`` (an array, or anything indexable by an int
+        array with a length, e.g. a memory-mapped token cache) cut at ``starts``."""
+        docs = cls.__new__(cls)
+        docs.tokens, docs.starts = tokens, np.asarray(starts, np.int64)
+        docs.offsets = docs.starts[:-1]
+        return docs
+
+    def select(self, ids: np.ndarray) -> Tokenized:
+        """Documents ``ids``, in that order, as a view: no token is copied or read."""
+        ids = np.asarray(ids, np.int64)
+        view = Tokenized.from_arrays(self.tokens, np.zeros(1, np.int64))
+        view.starts = np.concatenate([[0], np.cumsum(np.diff(self.starts)[ids])])
+        view.offsets = self.offsets[ids]
+        return view
+
+    @property
+    def total(self) -> int:
+        """Tokens in all the documents."""
+        return int(self.starts[-1])
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -92,8 +118,8 @@ class Tokenized:
         real = doc < len(order)
         doc = np.minimum(doc, len(order) - 1)
         start = np.maximum(begins[doc], rows[:, None] * row_len)  # segment start within the row
-        place = np.minimum(self.starts[order[doc]] + where - begins[doc], len(self.tokens) - 1)
-        tokens = self.tokens[place]
+        place = np.minimum(self.offsets[order[doc]] + where - begins[doc], len(self.tokens) - 1)
+        tokens = np.asarray(self.tokens[place])
         return {
             "tokens": np.where(real, tokens, 0).astype(np.int32),
             "segment_ids": np.where(real, doc - doc[:, :1] + 1, 0).astype(np.int32),
@@ -111,10 +137,10 @@ class _Stream:
 
     def __init__(self, docs: Tokenized, row_len: int, seed: list[int], name: str):
         self.docs, self.row_len, self.seed = docs, row_len, seed
-        self.rows_per_epoch = len(docs.tokens) // row_len
+        self.rows_per_epoch = docs.total // row_len
         if self.rows_per_epoch < 1:
             raise KilnError(
-                f"{name} holds {len(docs.tokens)} tokens, less than one row of {row_len}: add"
+                f"{name} holds {docs.total} tokens, less than one row of {row_len}: add"
                 " training text, lower data.seq_len, or lower data.streams."
             )
 
@@ -123,10 +149,9 @@ class _Stream:
         rng = np.random.default_rng([*self.seed, epoch])
         return rng.permutation(len(self.docs)), rng.permutation(self.rows_per_epoch)
 
-    def rows(self, first: int, count: int) -> Batch:
-        """The stream's rows ``first .. first + count - 1`` (they may span two epochs)."""
+    def rows(self, index: np.ndarray) -> Batch:
+        """The stream's rows ``index`` (increasing; they may span epochs), in that order."""
         parts = []
-        index = np.arange(first, first + count)
         for epoch in np.unique(index // self.rows_per_epoch):
             order, row_order = self._epoch(int(epoch))
             mine = index[index // self.rows_per_epoch == epoch] % self.rows_per_epoch
@@ -135,33 +160,61 @@ class _Stream:
 
 
 class _Batches:
-    """A grain source: item ``i`` is this process's rows of global batch ``i``."""
+    """A grain source: item ``i`` is this process's rows of global batch ``i``.
+
+    ``streams[(k, s)]`` is source k's packing stream s. With one source, stream s's share of
+    batch i is its rows ``i * stream_rows + j``; in a mixture, each slot j of the share picks a
+    source by ``weights`` (a generator drawn from (seed, stream, i)) and takes that source's
+    stream row ``i * stream_rows + j``, so every row is a pure function of (seed, i) too.
+    """
 
     def __init__(
         self,
-        streams: dict[int, _Stream],
+        streams: dict[tuple[int, int], _Stream],
+        weights: np.ndarray,
         stream_rows: int,
         start: int,
         rows: int,
         objective: Objective,
-        objective_seed: int,
+        seed: int,
     ):
-        self.streams, self.stream_rows = streams, stream_rows
+        self.streams, self.weights, self.stream_rows = streams, weights, stream_rows
         self.start, self.rows = start, rows
-        self.objective, self.objective_seed = objective, objective_seed
+        self.objective, self.seed = objective, seed
+        self.stream_ids = sorted({s for _, s in streams})
 
     def __len__(self) -> int:
         return sys.maxsize  # endless
 
+    def sources(self, stream: int, index: int) -> np.ndarray:
+        """The source of each of a stream's slots in batch ``index``."""
+        if len(self.weights) == 1:
+            return np.zeros(self.stream_rows, np.int64)
+        rng = np.random.default_rng([self.seed, _MIX, stream, index])
+        return rng.choice(len(self.weights), size=self.stream_rows, p=self.weights)
+
+    def _packed(self, stream: int, index: int) -> Batch:
+        slots = index * self.stream_rows + np.arange(self.stream_rows)
+        pick = self.sources(stream, index)
+        parts = {int(k): self.streams[int(k), stream].rows(slots[pick == k]) for k in set(pick)}
+        if len(parts) == 1:
+            return next(iter(parts.values()))
+        first = next(iter(parts.values()))
+        packed = {k: np.zeros((self.stream_rows, *v.shape[1:]), v.dtype) for k, v in first.items()}
+        for k, part in parts.items():
+            for key, value in part.items():
+                packed[key][pick == k] = value
+        return packed
+
     def __getitem__(self, index: int) -> Batch:
         parts = []
-        for s, stream in self.streams.items():
-            packed = stream.rows(index * self.stream_rows, self.stream_rows)
+        for s in self.stream_ids:
+            packed = self._packed(s, index)
             # The objective's generator depends on the stream and the step only, never on the
             # process: masks are the same on any number of processes and after a restore.
             rng = None
             if self.objective.uses_rng:
-                rng = np.random.default_rng([self.objective_seed, _OBJECTIVE, s, index])
+                rng = np.random.default_rng([self.seed, _OBJECTIVE, s, index])
             parts.append(self.objective(packed, rng))
         batch = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
         return {k: v[self.start : self.start + self.rows] for k, v in batch.items()}
@@ -192,8 +245,11 @@ def resolve_streams(streams: int, global_batch_size: int) -> int:
     return resolved
 
 
+Documents = Sequence[str] | Tokenized
+
+
 def make_train_dataset(
-    documents: Sequence[str],
+    documents: Documents | Sequence[Documents],
     tokenizer: Tokenizer,
     *,
     seq_len: int,
@@ -203,6 +259,7 @@ def make_train_dataset(
     process_count: int = 1,
     objective: Objective | None = None,
     streams: int = 1,
+    weights: Sequence[float] | None = None,
 ) -> grain.IterDataset:
     """An endless, shuffled, packed training stream: this process's rows of each global batch.
 
@@ -216,6 +273,11 @@ def make_train_dataset(
     rows, then stream 1's, ..., each stream's part passed through ``objective`` (default
     :class:`~kiln.data.objectives.CausalLM`) with a generator drawn from (seed, stream, i).
 
+    ``documents`` are texts, or a :class:`Tokenized` (e.g. a token cache's), used as is. With
+    ``weights``, ``documents`` is a list of such sources, a mixture: every source is dealt to
+    its own streams, and each row slot picks its source by weight (:class:`_Batches`). One
+    source of any weight gives the same batches as that source alone.
+
     Each process tokenizes and packs only the streams that hold its :func:`process_slice` of
     the global batch: with a process count that divides ``streams`` no document is read twice,
     and the data order depends on ``streams`` but never on the process count. The iterator's
@@ -224,33 +286,56 @@ def make_train_dataset(
 
     Raises:
         KilnError: On no documents, a bad sequence length, a batch size that the processes
-            cannot split evenly, streams that do not divide it or too little text to fill them.
+            cannot split evenly, streams that do not divide it, too little text to fill them,
+            or bad weights.
     """
-    if not documents:
-        raise KilnError("No training documents: check the data source of this run.")
+    sources = [documents] if weights is None else list(documents)
+    probs = _mixture_weights(weights, len(sources))
     process_slice({"rows": np.zeros(global_batch_size)}, process_index, process_count)  # Checks.
     n_streams = resolve_streams(streams, global_batch_size)
-    if len(documents) < n_streams:
-        raise KilnError(
-            f"{len(documents)} training documents cannot fill data.streams={n_streams} packing"
-            " streams: lower data.streams."
-        )
     objective = _objective_for(objective, seq_len)
-    dealt = np.random.default_rng([seed, _DEAL]).permutation(len(documents))
     stream_rows = global_batch_size // n_streams
     rows = global_batch_size // process_count
     first, last = process_index * rows, (process_index + 1) * rows - 1
     mine = {}
-    for s in range(first // stream_rows, last // stream_rows + 1):
-        docs = Tokenized((documents[i] for i in dealt[s::n_streams]), tokenizer)
-        name = f"Packing stream {s} of {n_streams}"
-        mine[s] = _Stream(docs, objective.packed_length(seq_len), [seed, _EPOCH, s], name)
-    source = _Batches(mine, stream_rows, first % stream_rows, rows, objective, seed)
+    for k, docs in enumerate(sources):
+        what = "training documents" if len(sources) == 1 else f"training documents of source {k}"
+        if not len(docs):
+            raise KilnError(f"No {what}: check the data source of this run.")
+        if len(docs) < n_streams:
+            raise KilnError(
+                f"{len(docs)} {what} cannot fill data.streams={n_streams} packing streams:"
+                " lower data.streams."
+            )
+        tag = [seed, _DEAL] if len(sources) == 1 else [seed, _DEAL, k]
+        dealt = np.random.default_rng(tag).permutation(len(docs))
+        for s in range(first // stream_rows, last // stream_rows + 1):
+            if isinstance(docs, Tokenized):
+                stream_docs = docs.select(dealt[s::n_streams])
+            else:
+                stream_docs = Tokenized((docs[i] for i in dealt[s::n_streams]), tokenizer)
+            name = f"Packing stream {s} of {n_streams}" + (f" of source {k}" if k else "")
+            epoch_seed = [seed, _EPOCH, s] if len(sources) == 1 else [seed, _EPOCH, s, k]
+            mine[k, s] = _Stream(stream_docs, objective.packed_length(seq_len), epoch_seed, name)
+    source = _Batches(mine, probs, stream_rows, first % stream_rows, rows, objective, seed)
     return grain.MapDataset.source(source).to_iter_dataset(_READ_OPTIONS)
 
 
+def _mixture_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
+    """Mixture weights normalised to sum to 1 (one source: [1.0])."""
+    if weights is None:
+        return np.ones(1)
+    w = np.asarray(weights, np.float64)
+    if len(w) != count or count < 1 or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise KilnError(
+            f"Mixture weights {list(weights)} for {count} sources: give one positive weight per"
+            " source (data.sources)."
+        )
+    return w / w.sum()
+
+
 def make_eval_batches(
-    documents: Sequence[str],
+    documents: Documents,
     tokenizer: Tokenizer,
     *,
     seq_len: int,
@@ -265,16 +350,20 @@ def make_eval_batches(
     i])``. The final batch is padded to ``batch_size`` rows (the last packed row may also end
     in padding): padding has token 0, segment 0 and weight 0, so every batch has the same shape
     and no tokens are dropped. Returns an empty list only if there are no documents.
+    ``documents`` may be a :class:`Tokenized` (only the rows needed are read).
     """
     if batch_size < 1 or max_batches < 1:
         raise KilnError(f"Eval batch_size={batch_size} and max_batches={max_batches} must be >= 1.")
-    if not documents:
+    if not len(documents):
         return []
     objective = _objective_for(objective, seq_len)
     row_len = objective.packed_length(seq_len)
-    docs = Tokenized(documents, tokenizer, max_tokens=max_batches * batch_size * row_len)
+    if isinstance(documents, Tokenized):
+        docs = documents
+    else:
+        docs = Tokenized(documents, tokenizer, max_tokens=max_batches * batch_size * row_len)
     order = np.arange(len(docs))
-    n_batches = min(max_batches, -(-len(docs.tokens) // (row_len * batch_size)))
+    n_batches = min(max_batches, -(-docs.total // (row_len * batch_size)))
     batches = []
     for i in range(n_batches):
         rows = np.arange(i * batch_size, (i + 1) * batch_size)

@@ -14,7 +14,8 @@ task                       kind            input -> target                 split
 ``kjv2web``                generation      KJV verse -> WEB verse          ``bible:{book}:{ch}``
 ``code_summary``           generation      SymPy function -> docstring     the row's ``split``
 ``code_generation``        generation      signature + docstring -> body   the row's ``split``
-``jsonl``                  either          user data (:func:`load_task`)   ``split`` or id md5
+``jsonl``                  any             user data (:func:`load_task`)   ``split`` or id md5
+``squad``                  extractive_qa   SQuAD v1.1 JSON file            ``split`` or id md5
 =========================  ==============  ==============================  =====================
 
 A WordNet definition is the gloss up to its first example quote.
@@ -28,12 +29,12 @@ import json
 import os
 import pathlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from kiln.data import corpus
 from kiln.errors import KilnError
 
-KINDS = ("classification", "generation")
+KINDS = ("classification", "generation", "regression")
 TASK_NAMES = (
     "wn_lexname",
     "bible_genre",
@@ -47,10 +48,11 @@ SYMPY_FILE = "sympy114_functions.jsonl.xz"
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 # Metrics of a user's generation task; the first is the primary one.
 GENERATION_METRICS = ("chrf", "bleu", "exact_match")
+REGRESSION_METRICS = ("pearson", "spearman", "mse")
 DEFAULT_TEMPLATE = "{input}"
-_CLASSIFICATION_FIELDS = ("text", "label")
-_GENERATION_FIELDS = ("input", "target")
-_JSONL_EXAMPLE = '{"text": "...", "label": "..."} or {"input": "...", "target": "..."}'
+# A sentence-pair task's default template: text to text (t5) reads both texts in one prompt;
+# head models (bert, gpt) read the pair as two segments (`kiln.data.finetune`).
+PAIR_TEMPLATE = "sentence1: {input} sentence2: {text_pair}"
 
 # (task name, resolved path, mtime_ns, size, kind, labels) -> parsed task.
 _CACHE: dict[tuple, Task] = {}
@@ -60,11 +62,14 @@ _ROWS: dict[tuple, list] = {}
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One labeled example; ``target`` is the label name for classification tasks."""
+    """One labeled example; ``target`` is the label name for classification tasks and the
+    value as text (``repr`` of a float) for regression; ``pair`` is a sentence pair's second
+    text (``""``: a single text)."""
 
     id: str
     input: str
     target: str
+    pair: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +78,14 @@ class Task:
 
     Attributes:
         name: One of :data:`TASK_NAMES`.
-        kind: ``"classification"`` or ``"generation"``.
+        kind: One of :data:`KINDS`.
         labels: The sorted label set of a classification task (label index = position here);
             ``()`` for generation.
         metrics: Metric names, the primary one first.
         template: The default prompt template; ``"{input}"`` in it stands for the example input.
         splits: ``"train"``, ``"validation"`` and ``"test"`` examples, in file order.
+        pairs: Whether its examples are sentence pairs (``Example.pair``).
+        positive: The positive label of ``binary_f1`` (``""``: the second of ``labels``).
     """
 
     name: str
@@ -87,6 +94,8 @@ class Task:
     metrics: tuple[str, ...]
     template: str
     splits: dict[str, list[Example]]
+    pairs: bool = False
+    positive: str = ""
 
 
 def definition(gloss: str) -> str:
@@ -101,6 +110,7 @@ def load_task(
     path: str | os.PathLike = "",
     kind: str = "",
     labels: Sequence[str] = (),
+    fields: Mapping[str, str] | None = None,
 ) -> Task:
     """Load a task by name; parsed files are cached per (path, mtime, size).
 
@@ -110,7 +120,8 @@ def load_task(
     ``id`` (default: md5 of the text/input) and an optional ``split`` (``train``,
     ``validation``/``val``, ``test``; default: :func:`~kiln.data.corpus.split_of` of the id).
     ``kind`` is inferred from the first line's fields unless given. ``labels`` fixes the label
-    set (default: the labels seen in train).
+    set (default: the labels seen in train). Sentence pairs, regression and renamed fields
+    (``fields``): :mod:`kiln.data.user_tasks`.
 
     Each call returns fresh split lists; the examples are shared with the cache (they are frozen).
 
@@ -123,10 +134,14 @@ def load_task(
             "data from a path)."
         )
     if name == "jsonl":
-        return _load_jsonl_task(path, kind, labels)
+        from kiln.data import user_tasks
+
+        return user_tasks.load_jsonl(path, kind, labels, fields or {})
     given = [f"{key}={value!r}" for key, value in [("path", path), ("kind", kind)] if value]
     if labels:
         given.append(f"labels={list(labels)!r}")
+    if fields:
+        given.append(f"fields={dict(fields)!r}")
     if given:
         raise KilnError(
             f"Task {name!r} is a shipped task and takes no {', '.join(given)}: these options are "
@@ -280,164 +295,3 @@ _SHIPPED: dict[str, Callable[[pathlib.Path], Task]] = {
     "code_summary": _load_code_summary,
     "code_generation": _load_code_generation,
 }
-
-
-# ---------------------------------------------------------------------------- user JSONL files
-
-
-def _load_jsonl_task(path: str | os.PathLike, kind: str, labels: Sequence[str]) -> Task:
-    """The ``jsonl`` task from a user file (see :func:`load_task`)."""
-    if not str(path):
-        raise KilnError(
-            "Task jsonl needs the path of a .jsonl file: set the task path option to a file "
-            'with one JSON object per line, e.g. {"text": "...", "label": "..."}.'
-        )
-    if kind and kind not in KINDS:
-        raise KilnError(
-            f"Unknown task kind {kind!r} for {path}: use classification, generation, or leave "
-            "it empty to infer it from the fields of the first line."
-        )
-    file = pathlib.Path(path).expanduser()
-    if not file.is_file():
-        raise KilnError(
-            f"Task data file {path} not found: no file at {file.resolve()}. Fix the task path "
-            "(relative paths start from the working directory)."
-        )
-    if labels and kind == "generation":
-        raise KilnError(
-            f"A label set was given for the generation task in {file}: labels only apply to "
-            "classification. Remove them, or set the kind to classification."
-        )
-    key = ("jsonl", *_file_key(file), kind, tuple(labels))
-    return _cached(key, lambda: _build_jsonl_task(file, kind, tuple(labels)))
-
-
-def _build_jsonl_task(path: pathlib.Path, kind: str, labels: tuple[str, ...]) -> Task:
-    rows = _jsonl_rows(path, kind)
-    kind = "classification" if rows[0][2] == _CLASSIFICATION_FIELDS else "generation"
-    if labels and kind == "generation":
-        raise KilnError(
-            f"A label set was given for {path}, but its lines have input/target fields "
-            "(a generation task): labels only apply to text/label lines. Remove the labels."
-        )
-    if kind == "classification":
-        allowed = tuple(sorted(set(labels))) if labels else _train_labels(rows)
-        for number, _, _, example in rows:
-            if example.target not in allowed:
-                how = (
-                    "the given label set"
-                    if labels
-                    else "the train split's labels (a label must occur in train)"
-                )
-                raise KilnError(
-                    f"{path}, line {number}: label {example.target!r} is not in {how}: "
-                    f"{', '.join(map(repr, allowed))}. Fix the label, or "
-                    + ("add it to the label set." if labels else "add train examples with it.")
-                )
-    else:
-        allowed = ()
-    pairs = [(split, example) for _, split, _, example in rows]
-    metrics = CLASSIFICATION_METRICS if kind == "classification" else GENERATION_METRICS
-    task = _task("jsonl", kind, pairs, metrics, allowed)
-    for split, examples in task.splits.items():
-        if not examples:
-            raise KilnError(
-                f"{path} has no {split} examples ({len(rows)} in all). Give every line a "
-                "'split' field (train, validation or test) with some of each, or drop the field "
-                "everywhere to split by md5 of the id (about 80/10/10, needs a few dozen lines)."
-            )
-    return task
-
-
-def _train_labels(rows: list[tuple[int, str, tuple[str, str], Example]]) -> tuple[str, ...]:
-    return tuple(sorted({e.target for _, split, _, e in rows if split == "train"}))
-
-
-def _jsonl_rows(path: pathlib.Path, kind: str) -> list[tuple[int, str, tuple[str, str], Example]]:
-    """(line number, split, field names, example) per non-blank line."""
-    rows = []
-    for number, line in enumerate(corpus._read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        record = corpus.json_object(path, number, line, _JSONL_EXAMPLE)
-        fields = _fields_of(path, number, record, kind, rows[0] if rows else None)
-        source, target = (record[field] for field in fields)
-        if not target.strip():
-            raise KilnError(
-                f"{path}, line {number}: the {fields[1]!r} field is empty. Every example needs "
-                "a non-empty target or label: fix or remove the line."
-            )
-        example_id = _id_of(path, number, record, source)
-        split = _split_of(path, number, record, example_id)
-        rows.append((number, split, fields, Example(example_id, source, target)))
-    if not rows:
-        raise KilnError(
-            f"{path} holds no examples (it is empty or whitespace only): add one JSON object "
-            "per line."
-        )
-    return rows
-
-
-def _fields_of(
-    path: pathlib.Path,
-    number: int,
-    record: dict,
-    kind: str,
-    first: tuple[int, str, tuple[str, str], Example] | None,
-) -> tuple[str, str]:
-    """The (input, target) field names of a line; checks they are strings and consistent."""
-    pairs = (_CLASSIFICATION_FIELDS, _GENERATION_FIELDS)
-    styles = [pair for pair in pairs if any(field in record for field in pair)]
-    if len(styles) != 1:
-        found = "both" if styles else "neither"
-        raise KilnError(
-            f"{path}, line {number}: found {found} of text/label (classification) and "
-            "input/target (generation). Use one pair of fields on every line."
-        )
-    fields = styles[0]
-    for field in fields:
-        if not isinstance(record.get(field), str):
-            problem = "is missing" if field not in record else "is not a string"
-            raise KilnError(
-                f"{path}, line {number}: the {field!r} field {problem}. Each line needs string "
-                f"fields {fields[0]!r} and {fields[1]!r}."
-            )
-    wanted = _CLASSIFICATION_FIELDS if kind == "classification" else _GENERATION_FIELDS
-    if kind and fields != wanted:
-        raise KilnError(
-            f"{path}, line {number}: a {kind} task needs {wanted[0]!r} and {wanted[1]!r} fields, "
-            f"found {fields[0]!r} and {fields[1]!r}. Rename the fields or change the task kind."
-        )
-    if first is not None and fields != first[2]:
-        raise KilnError(
-            f"{path}, line {number}: uses {fields[0]!r}/{fields[1]!r} but line {first[0]} uses "
-            f"{first[2][0]!r}/{first[2][1]!r}. Use the same fields on every line."
-        )
-    return fields
-
-
-def _id_of(path: pathlib.Path, number: int, record: dict, source: str) -> str:
-    """The line's ``id`` (a string or an integer), else md5 of its input text."""
-    if "id" not in record:
-        return hashlib.md5(source.encode("utf-8")).hexdigest()
-    value = record["id"]
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise KilnError(
-            f"{path}, line {number}: the 'id' field must be a string or an integer, found "
-            f"{value!r}. Fix it or drop the field (the id then is md5 of the input)."
-        )
-    return str(value)
-
-
-def _split_of(path: pathlib.Path, number: int, record: dict, example_id: str) -> str:
-    """The line's ``split`` field, else the md5 split of its id."""
-    if "split" not in record:
-        return corpus.split_of(example_id)
-    value = record["split"]
-    split = corpus._SPLIT_ALIASES.get(value) if isinstance(value, str) else None
-    if split is None:
-        raise KilnError(
-            f"{path}, line {number}: unknown split {value!r}; use one of "
-            f"{', '.join(corpus.SPLITS)} (or 'val'), or drop the field to split by md5 of the id."
-        )
-    return split

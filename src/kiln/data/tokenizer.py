@@ -208,9 +208,9 @@ def train_tokenizer(
         )
     if vocab_size < MIN_VOCAB_SIZE:
         raise KilnError(
-            f"tokenizer.vocab_size={vocab_size} is too small: it must be at least "
+            f"model.vocab_size={vocab_size} is too small: it must be at least "
             f"{MIN_VOCAB_SIZE} ({NUM_SPECIAL_IDS} special ids + {NUM_BYTE_PIECES} byte pieces + "
-            f"{MIN_LEARNED_PIECES} learned pieces). Increase tokenizer.vocab_size."
+            f"{MIN_LEARNED_PIECES} learned pieces). Increase model.vocab_size."
         )
     if max_sentences < 1:
         raise KilnError(f"tokenizer.max_sentences={max_sentences} must be >= 1.")
@@ -242,8 +242,8 @@ def train_tokenizer(
         )
     except RuntimeError as e:
         raise KilnError(
-            f"Training the tokenizer with tokenizer.vocab_size={vocab_size} failed: {e}. "
-            "Adjust tokenizer.vocab_size to fit the training text."
+            f"Training the tokenizer with model.vocab_size={vocab_size} failed: {e}. "
+            "Adjust model.vocab_size to fit the training text."
         ) from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

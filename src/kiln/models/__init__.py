@@ -38,6 +38,9 @@ class Family:
     own_fields: tuple[str, ...] = ()
     # (field, value) pairs this family is built for (its module's `setup` checks them too).
     fixed_fields: tuple[tuple[str, Any], ...] = ()
+    # Its classifier marks a sentence pair's second segment with token types (it then needs
+    # model.type_vocab_size=2); otherwise the [SEP] between the texts is the only mark.
+    pair_token_types: bool = False
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -55,8 +58,35 @@ class Family:
         return self.layout != Layout.ENCODER
 
     def uses_head(self, task_kind: str) -> bool:
-        """Whether a task of `task_kind` trains a head (else the model answers in text)."""
-        return task_kind == "classification" and self.classifier is not None
+        """Whether a task of `task_kind` trains a head (else the model answers in text):
+        classification and regression (one output) on its classifier."""
+        return task_kind in ("classification", "regression") and self.classifier is not None
+
+    def check_task_kind(self, task_kind: str, task_name: str) -> None:
+        """Raises unless it can fine-tune on a task of `task_kind`."""
+        if task_kind == "regression" and self.classifier is None:
+            raise KilnError(
+                f"Task {task_name!r} is a regression task, which needs a head with one output;"
+                f" model.family={self.name!r} has none. Fine-tune a family with a classifier"
+                f" ({', '.join(f.name for f in FAMILIES.values() if f.classifier)})."
+            )
+        if task_kind == "generation" and not self.generates:
+            raise KilnError(
+                f"Task {task_name!r} is a generation task, which model.family={self.name!r}"
+                " cannot do (it does not decode text): fine-tune a family that generates."
+            )
+
+    def check_pairs(self, type_vocab_size: int, task_name: str) -> None:
+        """Raises unless its model (`model.type_vocab_size`) can read sentence pairs."""
+        if self.pair_token_types and type_vocab_size != 2:
+            raise config_error(
+                "model.type_vocab_size",
+                type_vocab_size,
+                f"must be 2 for the sentence pairs of task {task_name!r}: a"
+                f" model.family={self.name!r} classifier marks the second text with token type 1",
+                "Fine-tune a model pre-trained with model.type_vocab_size=2 (BERT's original"
+                " layout), or join the texts into one (a text field without text_pair).",
+            )
 
     def check_pooling(self, pooling: str) -> None:
         """Raises unless `pooling` ("" = the default) is one of its classifier's poolings."""
@@ -82,6 +112,7 @@ FAMILIES: dict[str, Family] = {
             ("cls", "mean"),
             lm_head_transform=True,
             own_fields=("type_vocab_size",),
+            pair_token_types=True,
         ),
         Family(
             "t5",
