@@ -272,6 +272,51 @@ def finetune_arms(
     return stages
 
 
+def fewshot_stage(
+    pretrain: ml_collections.ConfigDict,
+    *,
+    task: str,
+    shots: int = 0,
+    scoring: str = "generate",
+    init_from: str = "@pretrain",
+    eval_examples: int = 0,
+    normalize: bool = False,
+    seed: int | None = None,
+    seq_len: int = 0,
+    max_new_tokens: int = 32,
+    template: str = "",
+    label_words: str = "",
+) -> ml_collections.ConfigDict:
+    """A pipeline stage that trains nothing (`train.steps=0`) and scores `init_from` (default
+    the pre-training stage) on `task` by `shots`-shot prompting (`kiln.prompting`): `scoring`
+    "generate" (task metrics of greedy answers) or "rank" (label words by log-likelihood,
+    `normalize` per token). `seq_len` is the prompt budget (0 = the model's max_len)."""
+    c = finetune_stage(
+        pretrain,
+        task=task,
+        train_examples=0,
+        epochs=0.0,
+        lr=0.0,
+        seq_len=pretrain.data.seq_len,
+        batch=pretrain.data.global_batch_size,
+        init_from=init_from,
+        seed=seed,
+        eval_examples=eval_examples,
+    )
+    c.train.steps = 0
+    c.tokenizer.path = ""  # The prompted run's own tokenizer is used.
+    c.prompting = ml_collections.ConfigDict()
+    c.prompting.shots = shots  # demonstrations from the task's train split
+    c.prompting.scoring = scoring  # generate | rank
+    c.prompting.normalize = normalize  # rank: mean log-probability per token
+    c.prompting.seed = c.seed  # picks the demonstrations
+    c.prompting.seq_len = seq_len or pretrain.model.max_len  # prompt budget in tokens
+    c.prompting.max_new_tokens = max_new_tokens  # generate: tokens per answer
+    c.prompting.template = template  # "" = the task's (kiln.prompting.TEMPLATES)
+    c.prompting.label_words = label_words  # "label=word,...": rank's words for labels
+    return c
+
+
 def _overlay(config: ml_collections.ConfigDict, values: dict[str, Any]) -> None:
     """Sets the fields of `config` that `values` has (nested), ignoring unknown keys."""
     for key, value in values.items():

@@ -6,6 +6,10 @@ A pipeline config has `stages`, a tuple of names, and one full run config per na
 interrupted one resumes from its own checkpoint. Stages named `<arm>_<variant>` (e.g.
 `finetune_lr3e4`) form an arm: the comparison picks each arm's variant with the best
 validation `select` metric and reports its test metrics, so both arms are tuned alike.
+
+A stage with a `prompting` section (`defaults.fewshot_stage`, e.g. the `fewshot` arm) trains
+nothing (`train.steps=0`): it scores its `init_from` run on its task by zero- or k-shot prompting
+(`kiln.prompting`, run by `kiln.tools.evaluate.run_stage`), and its metrics join the comparison.
 """
 
 import json
@@ -23,6 +27,28 @@ COMPARISON = "comparison"
 
 def is_pipeline(config: ml_collections.ConfigDict) -> bool:
     return "stages" in config
+
+
+def is_prompting(stage: ml_collections.ConfigDict) -> bool:
+    """Whether a stage evaluates by prompting instead of training (a `prompting` section)."""
+    return "prompting" in stage
+
+
+def _check_prompting(stage: ml_collections.ConfigDict) -> None:
+    """A prompting stage's rules: no training, a task, a run to start from, valid options."""
+    from kiln import prompting
+
+    if stage.train.steps != 0:
+        raise KilnError(
+            f"train.steps={stage.train.steps}: a stage with a prompting section trains nothing;"
+            " set train.steps=0 (defaults.fewshot_stage does), or drop the prompting section."
+        )
+    if not stage.task.name or not stage.init_from.workdir:
+        raise KilnError(
+            "a prompting stage needs task.name and init_from.workdir (the run it prompts, e.g."
+            " '@pretrain'); set both."
+        )
+    prompting.Options(**stage.prompting.to_dict())
 
 
 def _resolve(value: str, workdir: str, stages: list[str], done: list[str], key: str) -> str:
@@ -51,7 +77,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         if name not in config:
             raise KilnError(f"pipeline stage {name!r} has no config section; add config.{name}.")
         try:
-            config_lib.validate(config[name], jax.device_count(), jax.process_count())
+            if is_prompting(config[name]):
+                _check_prompting(config[name])
+            else:
+                config_lib.validate(config[name], jax.device_count(), jax.process_count())
         except KilnError as e:
             raise KilnError(f"pipeline stage {name!r}: {e}") from e
     done: list[str] = []
@@ -68,7 +97,12 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             metrics.log(f"Pipeline: stage {name} already finished in {stage_dir}; skipped")
         else:
             metrics.log(f"Pipeline: stage {name} -> {stage_dir}")
-            summary = run.train_and_evaluate(stage, stage_dir)
+            if is_prompting(stage):
+                from kiln.tools import evaluate
+
+                summary = evaluate.run_stage(stage, stage_dir)
+            else:
+                summary = run.train_and_evaluate(stage, stage_dir)
             if summary.get("step") != stage.train.steps:  # Stopped early (train.stop_after).
                 metrics.log(f"Pipeline: stopped in stage {name}; re-run to continue")
                 return summary
@@ -101,7 +135,8 @@ def comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         stage = config[name]
         rows[name] = {
             "task": stage.task.name or "pre-training",
-            "init_from": _source_name(stage.init_from),
+            "init_from": _source_name(stage.init_from)
+            + (f", {summary['method']}" if "method" in summary else ""),
             "steps": summary["step"],
             "metrics": {k: v for k, v in summary.items() if k.startswith(("validation/", "test/"))},
         }
@@ -192,7 +227,7 @@ def markdown(table: dict[str, Any]) -> str:
 
 
 _HEADLINE = ("accuracy", "macro_f1", "exact_match", "bleu", "chrf", "rouge_l")
-_HIDDEN = {"tokens", "examples", "perplexity", "token_accuracy"}
+_HIDDEN = {"tokens", "examples", "perplexity", "token_accuracy", "prompt_shots", "prompts_cut"}
 
 
 def _metric_order(name: str) -> tuple[int, str]:
