@@ -221,3 +221,107 @@ def test_an_older_runs_model_section_reads_with_the_defaults_of_newer_fields(tmp
     loaded = config_lib.load_json(path)
     assert loaded.model.to_dict() == config.model.to_dict()
     assert config_lib.diff(loaded.to_dict(), config_lib.to_dict(config)) == []
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("checkpoint.every", 0),
+        ("eval.every", 0),
+        ("train.log_every", 0),
+        ("train.log_every", -5),
+        ("checkpoint.keep", -1),
+        ("checkpoint.keep", 0),  # Exited 0 with no checkpoint left to resume from.
+        ("checkpoint.keep_every", -1),
+        ("train.stop_after", -1),
+        ("eval.batches", 0),
+        ("eval.sample_tokens", 0),
+        ("tokenizer.max_sentences", 0),
+        ("task.target_len", 0),
+        ("task.train_examples", -1),
+        ("init_from.step", -2),
+        ("seed", -1),
+        ("seed", 2**32),
+        ("distributed.timeout_s", 0),
+        ("distributed.process_id", -2),
+        ("optim.head_lr", -1.0),
+        ("optim.head_lr", float("nan")),
+    ],
+)
+def test_every_numeric_field_is_range_checked(key, value):
+    config = gpt_config()
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(KilnError) as error:
+        config_lib.validate(config, 8)
+    assert str(error.value).startswith(f"config: {key}={value!r} ")
+
+
+def test_a_numeric_config_argument_must_be_a_number():
+    assert config_lib.parse_arg("seed=3,lr=1e-4", seed="0", lr="1e-3") == {
+        "seed": "3",
+        "lr": "1e-4",
+    }
+    for bad in ("seed=abc", "seed=", "seed=nan"):
+        with pytest.raises(KilnError, match="is not a number"):
+            config_lib.parse_arg(bad, seed="0")
+    assert config_lib.parse_arg("lrs=1e-3/3e-3", lrs="") == {"lrs": "1e-3/3e-3"}
+
+
+def test_experiment_file_errors_name_the_file_and_line(tmp_path):
+    with pytest.raises(KilnError, match="does not exist"):
+        config_lib.load_config(str(tmp_path / "nope.py"))
+    with pytest.raises(KilnError, match="is not a Python file"):
+        config_lib.load_config("README.md")
+    broken = tmp_path / "broken.py"
+    broken.write_text("x = 1\ndef get_config(arg):\n    return (\n")
+    with pytest.raises(KilnError, match=r"line 3: '\(' was never closed"):
+        config_lib.load_config(str(broken))
+    raises = tmp_path / "raises.py"
+    raises.write_text("def get_config(arg):\n    return int(arg)\n")
+    with pytest.raises(KilnError, match="failed at line 2 .* ValueError: invalid literal"):
+        config_lib.load_config(f"{raises}:x")
+    (tmp_path / "none.py").write_text("def get_config(arg):\n    return None\n")
+    with pytest.raises(KilnError, match="not an ml_collections.ConfigDict"):
+        config_lib.load_config(str(tmp_path / "none.py"))
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        (b"\xff\xfe{", "not JSON text"),
+        (b"{garbage", "not JSON text"),
+        (b"[1, 2]", "a JSON list, not an object"),
+        (b'{"train": 5}', "'train' section is not an object"),
+        (b'{"a.b": 1}', "keys a config cannot hold"),
+    ],
+)
+def test_a_damaged_config_json_is_a_kiln_error(tmp_path, text, why):
+    path = tmp_path / "config.json"
+    path.write_bytes(text)
+    with pytest.raises(KilnError, match=why):
+        config_lib.load_json(path)
+
+
+def test_no_error_message_names_a_config_key_that_does_not_exist():
+    """Messages like "tokenizer.vocab_size=... Increase tokenizer.vocab_size" sent users to a
+    key no config has (it is model.vocab_size)."""
+    import re
+
+    from kiln import defaults
+
+    keys = {"seed"}
+    sections = {**defaults.run_sections(seq_len=1, batch=1, steps=1, lr=0.0, objective="")}
+    sections["model"] = defaults.model_section("gpt")
+    for section, fields in sections.items():
+        keys |= {f"{section}.{name}" for name in getattr(fields, "keys", list)()}
+    # make_objective's own arguments, checked by name; no config sets them.
+    api_only = {"objective.mask_token_fraction", "objective.random_token_fraction"}
+    named = re.compile(rf"(?<![\w.])((?:{'|'.join(sections)})\.[a-z_]+)=")
+    wrong = []
+    for path in sorted(pathlib.Path("src/kiln").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            for key in named.findall(line):
+                if key not in keys | api_only and ('"' in line or "'" in line):
+                    wrong.append(f"{path}:{number}: {key}")
+    assert not wrong, wrong

@@ -42,6 +42,7 @@ def test_two_step_run_writes_the_workdir(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("config.json", "tokenizer.model", "metrics.jsonl", "summary.json"):
         assert (workdir / name).is_file(), name
+    assert not (workdir / "kiln.lock").exists()  # Held while the run went, released after.
     assert (workdir / "checkpoints" / "2").is_dir()
     assert any(
         p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir()
@@ -176,15 +177,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "Non-finite" in result.stderr and "Traceback" not in result.stderr
     bad_step = int(result.stderr.split(" at step ")[1].split(";")[0])
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and saved[-1] == bad_step - 1  # everything up to the bad step, nothing after
-    from kiln import checkpoint
-
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
-    params = ckpt.restore_raw(saved[-1])["params"]
-    ckpt.close()
-    import jax
-
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    # lr=1e30 wrecks the parameters in the first update: the check of the updated state
+    # (tests/test_reliability.py) saves none of them (before: step 1 with parameters ~1e30).
+    assert bad_step == 1 and saved == []
+    assert "No checkpoint from before the divergence exists" in result.stderr
 
 
 def test_sequence_too_short_for_span_corruption(tmp_path):

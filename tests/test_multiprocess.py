@@ -99,7 +99,10 @@ def _assert_same_run(a: str, b: str, steps=None) -> None:
             # Softmax ignores a shift shared by all keys, so this bias's gradient is zero but
             # for float noise, which Adam scales up to lr-sized steps: noise, not a result.
             continue
-        np.testing.assert_allclose(value, params_b[path], rtol=1e-5, atol=1e-6, err_msg=path)
+        # Adam divides each update by its gradient's scale, so a float difference in a small
+        # gradient becomes a difference of up to ~1e-6-1e-5 in 4 steps (seen: 1.5e-6 when the
+        # tokenizer changed); a wrong slice or a skipped batch moves parameters by ~lr = 1e-3.
+        np.testing.assert_allclose(value, params_b[path], rtol=1e-5, atol=2e-5, err_msg=path)
 
 
 @pytest.fixture(scope="module")

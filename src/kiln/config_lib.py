@@ -1,8 +1,11 @@
 """Config helpers: the `file.py:key=value` argument, cross-field validation, JSON round trip."""
 
+import importlib.util
 import json
+import math
 import os
-from collections.abc import Iterable
+import traceback
+import types
 from typing import TYPE_CHECKING, Any
 
 import ml_collections
@@ -24,8 +27,21 @@ def parse_arg(arg: str | None, **defaults: str) -> dict[str, str]:
             raise KilnError(
                 f"config argument {key!r} is unknown; this config takes {sorted(values)}."
             )
+        if _is_number(defaults[key]) and not _is_number(value):
+            raise KilnError(
+                f"config argument {key}={value!r} is not a number; {key} takes a number like its"
+                f" default {defaults[key]!r} (e.g. `:{key}={defaults[key]}`)."
+            )
         values[key] = value
     return values
+
+
+def _is_number(text: str) -> bool:
+    """Whether `text` is a finite number as int() or float() reads it."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def pick(name: str, value: str, options: dict[str, Any]) -> Any:
@@ -54,12 +70,58 @@ def decode_options(decode_cfg: ml_collections.ConfigDict, seed: int, max_new_tok
         raise KilnError(f"Config section decode: {e}") from None
 
 
-def _check_positive(config: ml_collections.ConfigDict, keys: Iterable[str]) -> None:
-    for dotted in keys:
+# Numeric fields outside `model` (its rules: models.layers) and the optimizer's (optim.py):
+# (dotted key, smallest value, what it counts), each an integer.
+_COUNTS = (
+    ("seed", 0, "the seed of init, dropout, masking and data order"),
+    ("tokenizer.max_sentences", 1, "documents sampled to train the tokenizer"),
+    ("data.seq_len", 1, "tokens per row"),
+    ("data.global_batch_size", 1, "rows per step"),
+    ("data.streams", 0, "packing streams; 0 = gcd(global_batch_size, 8)"),
+    ("init_from.step", -1, "the source's checkpoint step; -1 = its latest"),
+    ("task.train_examples", 0, "training examples; 0 = all"),
+    ("task.target_len", 1, "target tokens per example"),
+    ("task.eval_examples", 0, "examples scored; 0 = all"),
+    ("train.steps", 1, "training steps"),
+    ("train.log_every", 1, "steps between metrics lines"),
+    ("train.stop_after", 0, "the step this session ends at; 0 = train.steps"),
+    ("train.loss_chunks", 0, "chunks of the fused loss; 0 = off"),
+    ("eval.every", 1, "steps between evaluations"),
+    ("eval.batches", 1, "batches per evaluation"),
+    ("eval.sample_tokens", 1, "tokens of the sample"),
+    ("checkpoint.every", 1, "steps between checkpoints"),
+    ("checkpoint.keep", 1, "recent checkpoints kept, the one to resume from included"),
+    ("checkpoint.keep_every", 0, "every K-th step kept forever; 0 = off"),
+    ("optim.grad_accum_steps", 1, "microbatches per step"),
+    ("distributed.num_processes", 0, "processes; 0 = auto-detect"),
+    ("distributed.process_id", -1, "this process's index; -1 = auto-detect"),
+)
+_SEED_LIMIT = 2**32  # Seeds go through uint32 (decoding) and numpy's SeedSequence.
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Every integer field of `_COUNTS` (those the config has) an int at or above its
+    minimum; the seed below 2**32; the positive floats finite and positive."""
+    for dotted, low, what in _COUNTS:
+        section, _, name = dotted.rpartition(".")
+        holder = config.get(section) if section else config
+        if holder is None or name not in holder:
+            continue
+        value = holder[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(dotted, value, f"is not an integer ({what})", f"Set an integer >= {low}.")
+        if value < low:
+            why = f"must be at least {low} ({what})"
+            _fail(dotted, value, why, f"Set {dotted} to {low} or more.")
+    if config.get("seed", 0) >= _SEED_LIMIT:
+        _fail("seed", config.seed, "must be below 2**32", "Use a seed in [0, 4294967295].")
+    for dotted, strictly in (("distributed.timeout_s", True), ("optim.head_lr", False)):
         section, name = dotted.split(".")
-        value = config[section][name]
-        if value <= 0:
-            _fail(dotted, value, "must be positive", "Set a value above 0.")
+        value = config.get(section, {}).get(name, 1)
+        bad = isinstance(value, bool) or not isinstance(value, int | float)
+        if bad or not math.isfinite(value) or value < 0 or (strictly and value == 0):
+            want = "a number > 0" if strictly else "a number >= 0 (0 = off)"
+            _fail(dotted, value, f"must be {want}", f"Set {dotted} to {want}.")
 
 
 def validate(
@@ -72,6 +134,7 @@ def validate(
     optimizer's, the decoding options', a fine-tune task's) live there once and run from here,
     so an error reads the same wherever it is raised.
     """
+    _check_numbers(config)
     family = _check_model(config)
     _check_data(config, family)
     _check_training(config)
@@ -94,7 +157,6 @@ def _check_data(config: ml_collections.ConfigDict, family: "Family") -> None:
     from kiln.data import objectives, pipeline
 
     d, o = config.data, config.objective
-    _check_positive(config, ["data.seq_len", "data.global_batch_size"])
     objectives.check_options(
         o.name,
         family.layout,
@@ -118,9 +180,6 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
     """The `train` and `optim` sections (the optimizer's own rules: `optim.make_optimizer`)."""
     from kiln import optim
 
-    _check_positive(config, ["train.steps", "optim.grad_accum_steps"])
-    if config.train.get("loss_chunks", 0) < 0:
-        _fail("train.loss_chunks", config.train.loss_chunks, "is negative", "Use 0 (off) or more.")
     optim.make_optimizer(config.optim, config.train.steps, config.model.n_layers)
     if config.model.get("scan_layers") and (
         config.optim.name == "adafactor" or config.optim.layer_decay != 1
@@ -224,7 +283,7 @@ def load_json(path: str | os.PathLike) -> ml_collections.ConfigDict:
         config["model"] = {**defaults.model_section(model["family"]).to_dict(), **model}
     try:
         return ml_collections.ConfigDict(config)
-    except Exception as e:  # ml_collections rejects some keys (dotted, reserved names).
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # Dotted, reserved keys.
         raise _bad_config_json(path, f"it has keys a config cannot hold ({e})") from None
 
 
@@ -270,15 +329,63 @@ def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads `path/to/file.py[:args]` the way `--config` does, returning a locked config."""
-    import importlib.util
-
+    """Loads `path/to/file.py[:args]` the way `--config` does, returning a locked config. A
+    missing file, a syntax error, or anything the file raises (a bad argument: `int("abc")`) is
+    a KilnError naming the file and line."""
     path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise KilnError(f"config file {path!r} does not exist.")
-    module_spec = importlib.util.spec_from_file_location(f"kiln_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
+    module = load_module(path, f"kiln_config_{abs(hash(path))}")
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise KilnError(
+            f"config file {path!r} defines no get_config(arg); an experiment file returns its"
+            " ConfigDict from get_config (see experiments/gpt/pretrain.py)."
+        )
+    config = _call_user_code(path, spec, lambda: get_config(arg or None))
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise KilnError(
+            f"config file {path!r}: get_config({arg or None!r}) returned"
+            f" {type(config).__name__}, not an ml_collections.ConfigDict."
+        )
     config.lock()
     return config
+
+
+def load_module(path: str, name: str) -> types.ModuleType:
+    """Executes the experiment file `path` as module `name`; a KilnError (file and line) if it
+    is missing, is not Python, or raises."""
+    example = "e.g. --config experiments/gpt/pretrain.py:size=tiny"
+    if not path:
+        raise KilnError(f"the config file name is empty: give an experiment file, {example}.")
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+        raise KilnError(f"config file {path!r} {what}{where}; give an experiment file, {example}.")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise KilnError(f"config file {path!r} is not a Python file (.py); {example}.")
+    module = importlib.util.module_from_spec(spec)
+    _call_user_code(path, path, lambda: spec.loader.exec_module(module))
+    return module
+
+
+def _call_user_code(path: str, spec: str, call: Any) -> Any:
+    """`call()`, which runs the experiment file `path`; what it raises becomes a KilnError."""
+    try:
+        return call()
+    except KilnError:
+        raise
+    except SyntaxError as e:
+        raise KilnError(
+            f"config file {path!r}, line {e.lineno}: {e.msg} (a Python syntax error). Fix that"
+            " line of the file."
+        ) from None
+    except Exception as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        mine = [f for f in frames if os.path.abspath(f.filename) == os.path.abspath(path)]
+        at = f" at line {mine[-1].lineno}" if mine else ""
+        message = " ".join(str(e).split()) or "(no message)"
+        raise KilnError(
+            f"config file {path!r} failed{at} while building the config of {spec!r}:"
+            f" {type(e).__name__}: {message}. Check the arguments after the ':' (their"
+            " values and types), or fix the file."
+        ) from None

@@ -3,10 +3,12 @@
 Override any config field with `--config.section.key=value`; the config is locked, so a
 misspelt key fails and names the nearest valid one. Re-running the same command resumes. With
 `distributed.initialize` (or KILN_DISTRIBUTED=1) each process first joins JAX's
-multi-controller runtime (`join_processes`).
+multi-controller runtime (`join_processes`). The workdir is locked for the whole command
+(`workdir.lock`): a second command on it is refused. Any failure ends as `kiln.tools.cli`
+says: a KilnError is one paragraph and exit code 2; anything else points at a crash log
+(in the workdir) and exits 1.
 """
 
-import ast
 import os
 import socket
 import sys
@@ -14,70 +16,56 @@ import time
 from typing import Any
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from kiln.errors import KilnError
-from kiln.tools import host_memory
+from kiln.tools import cli, host_memory
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file.", lock_config=True
-)
+_CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summary.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+PROG = "kiln"
 USAGE = (
     "Usage: python -m kiln.main --config experiments/<file>.py[:args] --workdir DIR"
     " [--config.section.key=value ...]"
 )
 
 
-def _one_paragraph(error: BaseException) -> str:
-    """ml_collections wraps messages in reprs and newlines; unwrap them into one line."""
-    text = str(error)
-    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
-        try:
-            text = str(ast.literal_eval(text))
-        except (ValueError, SyntaxError):
-            pass
-    return " ".join(text.replace("\\n", " ").split())
-
-
-def _fail(message: str) -> None:
-    print(f"kiln: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with config mistakes reported in one paragraph instead of a traceback."""
     try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, KilnError) as e:
-        _fail(f"bad command line: {_one_paragraph(e)}\n{USAGE}")
+        return cli.parse_flags(argv, PROG, USAGE)
+    except SystemExit:
+        raise
+    except Exception as e:  # Not a mistake kiln knows: a crash log, not a traceback.
+        sys.exit(cli.crash(PROG, e))
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}.\n{USAGE}")
+        print(f"{PROG}: error: unexpected arguments {argv[1:]}.\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
     host_memory.keep_freed_memory()  # Process-wide, so here and not on import: before JAX starts.
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO.
-    try:
-        config = _CONFIG.value
-        config.to_dict()  # A file that failed to load raises here, not at import time.
-    except OSError as e:
-        _fail(f"{_one_paragraph(e)}\n{USAGE}")
-    try:
-        from kiln import pipelines
+    workdir = _WORKDIR.value  # Also where a crash log goes, if it exists by then.
+    sys.exit(cli.run(PROG, lambda: _run(_CONFIG.value, workdir), workdir or None))
 
-        first = config[config.stages[0]] if pipelines.is_pipeline(config) else config
-        join_processes(first.distributed)  # Before anything touches the JAX backend.
-        from kiln import run
 
+def _run(config: Any, workdir: str) -> None:
+    """Joins the other processes, then runs the pipeline or the single run with the workdir
+    locked."""
+    from kiln import pipelines
+    from kiln import workdir as workdir_lib
+
+    first = config[config.stages[0]] if pipelines.is_pipeline(config) else config
+    join_processes(first.distributed)  # Before anything touches the JAX backend.
+    from kiln import run
+
+    with workdir_lib.lock(workdir):
         if pipelines.is_pipeline(config):
-            pipelines.run_pipeline(config, _WORKDIR.value)
+            pipelines.run_pipeline(config, workdir)
         else:
-            run.train_and_evaluate(config, _WORKDIR.value)
-    except KilnError as e:
-        _fail(str(e))
+            run.train_and_evaluate(config, workdir)
 
 
 def join_processes(distributed_config: Any) -> None:

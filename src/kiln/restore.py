@@ -71,6 +71,7 @@ def resolve(init_cfg: ml_collections.ConfigDict, where: str = "init_from.") -> S
     ckpt = checkpoint.Checkpointer(os.path.join(path, workdir_lib.CHECKPOINTS))
     try:
         steps = ckpt.all_steps()
+        newest = ckpt.newest_intact(metrics.log) if step < 0 and steps else None
     finally:
         ckpt.close()
     if not steps:
@@ -79,7 +80,12 @@ def resolve(init_cfg: ml_collections.ConfigDict, where: str = "init_from.") -> S
             " that run first."
         )
     if step < 0:
-        step = max(steps)
+        if newest is None:
+            raise KilnError(
+                f"{where}workdir={init_cfg.workdir!r}: every checkpoint of {path} is damaged"
+                f" (steps {sorted(steps)}; see above). Check that run's disk or resume it first."
+            )
+        step = newest
     elif step not in steps:
         raise KilnError(
             f"{where}step={step}: {path} has checkpoints at steps {sorted(steps)} only."
@@ -247,11 +253,11 @@ def initial_state(
     """The run's first state, in the restore order (logged): `ckpt`'s latest step (which also
     sets `data_iter` to its position) > `source` as `init_cfg` (the `init_from` section) says >
     a fresh state from `seed`."""
-    latest = ckpt.latest_step()
-    if latest is not None:
-        metrics.log(f"Restore: resuming from this workdir's checkpoint at step {latest}")
-        target = train.on_disk(checkpoint.abstract_like(built.abstract, built.shardings))
-        return from_disk(built, ckpt.restore(latest, target, data_iter=data_iter))
+    target = train.on_disk(checkpoint.abstract_like(built.abstract, built.shardings))
+    resumed = ckpt.restore_latest(target, data_iter, metrics.log)  # Verified; falls back.
+    if resumed is not None:
+        metrics.log(f"Restore: resuming from this workdir's checkpoint at step {resumed[0]}")
+        return from_disk(built, resumed[1])
     fresh = built.fresh_state(seed)
     if source is None:
         metrics.log("Restore: no checkpoint in this workdir; initialising from scratch")

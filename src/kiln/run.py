@@ -16,6 +16,7 @@ from kiln import (
     checkpoint,
     config_lib,
     decoding,
+    divergence,
     finetuning,
     flops,
     inputs,
@@ -27,7 +28,6 @@ from kiln import (
 )
 from kiln import workdir as workdir_lib
 from kiln.data import objectives
-from kiln.errors import KilnError
 
 
 def to_global(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh, rows: int) -> train.Batch:
@@ -81,20 +81,29 @@ def sample_text(run: "_Run", params: Any) -> str:
 
 
 class _StepMetrics:
-    """Pulls a step's metrics one step late, checks them, and logs at `log_every`."""
+    """Pulls a step's metrics one step late, checks them (`guard`), and logs at `log_every`."""
 
     def __init__(
-        self, config: Any, writer: metrics.MetricsWriter, start_step: int, shapes: dict
+        self,
+        config: Any,
+        writer: metrics.MetricsWriter,
+        start_step: int,
+        shapes: dict,
+        guard: divergence.Guard,
     ) -> None:
-        self.config, self.writer = config, writer
+        self.config, self.writer, self.guard = config, writer, guard
         self.tokens_per_step, self.flops_per_step = flops.step_cost(
             config.model.to_dict(), shapes, config.data.global_batch_size
         )
         self.peak = flops.peak_flops_per_device(config.model.dtype) * jax.device_count()
         self.pending: tuple[int, dict] | None = None
-        self.mark = (start_step, None)  # (step, time) of the last throughput measurement
-        self.start = (start_step, None)
-        self.last_good_checkpoint: int | None = None
+        self.restart(start_step)
+
+    def restart(self, step: int) -> None:
+        """Forgets the pending step and the timing: training goes on from `step`."""
+        self.pending = None
+        self.mark = (step, None)  # (step, time) of the last throughput measurement
+        self.start = (step, None)
 
     def push(self, step: int, device_metrics: dict) -> None:
         self.flush()
@@ -106,17 +115,7 @@ class _StepMetrics:
         step, device_metrics = self.pending
         self.pending = None
         values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-            where = (
-                f"step {self.last_good_checkpoint} in checkpoints/"
-                if self.last_good_checkpoint is not None
-                else "none saved yet"
-            )
-            raise KilnError(
-                f"Non-finite loss ({values['loss']}) or gradient norm ({values['grad_norm']}) at"
-                f" step {step}; the run stopped. Last good checkpoint: {where}. Lower optim.lr,"
-                " set optim.clip_norm, or use float32 compute, then re-run to resume."
-            )
+        self.guard.check(step, values)  # Raises divergence.Diverged.
         now = time.perf_counter()
         log_now = step % self.config.train.log_every == 0 or step == self.config.train.steps
         eta = float("nan")
@@ -205,9 +204,11 @@ class _Run:
         return result
 
 
+@workdir_lib.locked  # Holds <workdir>/kiln.lock for the whole run: a second run is refused.
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs (or resumes) the run described by `config` in `workdir`; returns the summary."""
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
+    divergence.Guard.from_config(config.train)  # Its fields checked before any work.
     workdir_lib.prepare(config, workdir)
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, workdir_lib.CHECKPOINTS),
@@ -247,32 +248,56 @@ def _loop(run: _Run) -> dict[str, Any]:
     if start == 0:
         _log_eval(run.writer, 0, "validation", _validate(run, state.params))
     shapes = {k: v.shape for k, v in run.data.validation[0].items()}
-    tracker = _StepMetrics(config, run.writer, start, shapes)
-    tracker.last_good_checkpoint = run.ckpt.latest_step()
+    guard = divergence.Guard.from_config(config.train, run.ckpt.loop_state(start) if start else {})
+    tracker = _StepMetrics(config, run.writer, start, shapes, guard)
     started = time.perf_counter()
     end = (
         config.train.steps
         if config.train.stop_after <= 0
         else min(config.train.stop_after, config.train.steps)
     )
-    for step in range(start + 1, end + 1):
-        batch = to_global(next(run.data.train_iter), run.built.mesh, config.data.global_batch_size)
-        state, step_metrics = run.built.train_step(state, batch)
-        tracker.push(step, step_metrics)
-        if step % config.eval.every == 0 or step == config.train.steps:
-            tracker.flush()
-            last_eval = (step, _validate(run, state.params))
-            _log_eval(run.writer, step, "validation", last_eval[1])
-        if step % config.checkpoint.every == 0 or step in (end, config.train.steps):
-            tracker.flush()  # Never save a state whose loss was not checked.
-            run.ckpt.save(step, restore.on_disk(run.built, state), run.data.train_iter)
-            tracker.last_good_checkpoint = step
-    tracker.flush()
+    step = start
+    while step < end or tracker.pending is not None:
+        try:
+            if step == end:
+                tracker.flush()  # The last step's metrics (its checkpoint flushed them already).
+                continue
+            step += 1
+            state, evaluated = _advance(run, state, step, end, tracker)
+            last_eval = evaluated or last_eval
+        except divergence.Diverged as diverged:
+            state, step, tracker.guard = divergence.respond(run, diverged, tracker.guard, start)
+            tracker.restart(step)
+            last_eval = None
+    run.ckpt.wait()  # The last save committed (or its failure raised) before the summary.
     if end < config.train.steps:
         metrics.log(f"Stopped at step {end} (train.stop_after); re-run the command to continue.")
         return {"step": end}
     seconds = time.perf_counter() - started
     return _finish(run, state, param_count, seconds, last_eval)
+
+
+def _advance(
+    run: _Run, state: train.TrainState, step: int, end: int, tracker: _StepMetrics
+) -> tuple[train.TrainState, tuple[int, dict] | None]:
+    """Train step `step`; then the evaluation and the checkpoint due at it, each only after the
+    step's metrics passed the divergence check. Returns the state and (step, validation) if
+    it evaluated."""
+    config = run.config
+    batch = to_global(next(run.data.train_iter), run.built.mesh, config.data.global_batch_size)
+    state, step_metrics = run.built.train_step(state, batch, tracker.guard.lr_scale)
+    tracker.push(step, step_metrics)
+    run.ckpt.poll()  # A failed save surfaces here, a step or two after it started.
+    evaluated = None
+    if step % config.eval.every == 0 or step == config.train.steps:
+        tracker.flush()
+        evaluated = (step, _validate(run, state.params))
+        _log_eval(run.writer, step, "validation", evaluated[1])
+    if step % config.checkpoint.every == 0 or step in (end, config.train.steps):
+        tracker.flush()  # Never save a state that was not checked.
+        on_disk = restore.on_disk(run.built, state)
+        run.ckpt.save(step, on_disk, run.data.train_iter, tracker.guard.as_record())
+    return state, evaluated
 
 
 def _finish(

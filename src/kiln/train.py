@@ -8,6 +8,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -129,6 +130,7 @@ def accumulate_grads(
 def train_step(
     state: TrainState,
     batch: Batch,
+    lr_scale: jax.Array | float = 1.0,
     *,
     model: nn.Module,
     optimizer: optax.GradientTransformation,
@@ -137,7 +139,12 @@ def train_step(
     loss: losses.LossFn,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `loss` (a `losses.LossFn`) divided by the weight of the whole global
-    batch: the mean over its tokens (or rows)."""
+    batch: the mean over its tokens (or rows). The update is multiplied by `lr_scale` (every
+    optimizer applies the learning rate last, so this scales it exactly; 1 changes no bit).
+
+    The metrics include the norms of the gradient, the update and the updated parameters: the
+    loop checks them (and the loss) for NaN/Inf before it keeps the new state (`divergence`).
+    A norm past float32's range counts as non-finite: such parameters have diverged."""
     rng = jax.random.fold_in(state.rng, state.step)
     grads, sums = accumulate_grads(model, state.params, batch, rng, grad_accum_steps, loss)
     # Dividing the summed gradient by all tokens of the global batch makes k microbatches
@@ -145,14 +152,16 @@ def train_step(
     denominator = jnp.maximum(sums["weight_sum"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": sums["loss_sum"] / denominator,
         "accuracy": sums["correct_sum"] / denominator,
         "tokens": sums["weight_sum"],
-        "lr": schedule(state.step),
+        "lr": schedule(state.step) * lr_scale,
         "grad_norm": optax.tree.norm(grads),
         "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(params),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
@@ -175,23 +184,26 @@ def jit_steps(
     mesh: Mesh,
     loss: losses.LossFn | None = None,
 ) -> tuple[Callable, Callable]:
-    """The train step (state donated) and eval step of `loss` (default: a language model's
-    token cross-entropy, `losses.language_model()`), jitted with explicit shardings."""
+    """The train step `(state, batch, lr_scale=1.0)` (state donated) and eval step of `loss`
+    (default: a language model's token cross-entropy, `losses.language_model()`), jitted with
+    explicit shardings."""
     loss = loss or losses.language_model()
     batch = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
-    step = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            optimizer=optimizer,
-            schedule=schedule,
-            grad_accum_steps=grad_accum_steps,
-            loss=loss,
-        ),
-        in_shardings=(shardings, batch),
-        out_shardings=(shardings, replicated),
-        donate_argnums=(0,),
+    step = _ScaledStep(
+        jax.jit(
+            functools.partial(
+                train_step,
+                model=model,
+                optimizer=optimizer,
+                schedule=schedule,
+                grad_accum_steps=grad_accum_steps,
+                loss=loss,
+            ),
+            in_shardings=(shardings, batch, replicated),
+            out_shardings=(shardings, replicated),
+            donate_argnums=(0,),
+        )
     )
     evaluate = jax.jit(
         functools.partial(eval_step, model=model, loss=loss),
@@ -199,6 +211,20 @@ def jit_steps(
         out_shardings=replicated,
     )
     return _bound(step, mesh), _bound(evaluate, mesh)
+
+
+class _ScaledStep:
+    """A jitted train step whose learning-rate scale is an argument with default 1 (a traced
+    value: another scale needs no recompilation)."""
+
+    def __init__(self, jitted: Callable) -> None:
+        self._jitted = jitted
+
+    def __call__(self, state: TrainState, batch: Batch, lr_scale: float = 1.0) -> Any:
+        return self._jitted(state, batch, np.float32(lr_scale))
+
+    def lower(self, state: Any, batch: Any, lr_scale: float = 1.0) -> Any:
+        return self._jitted.lower(state, batch, np.float32(lr_scale))
 
 
 def _bound(fn: Callable, mesh: Mesh) -> Callable:

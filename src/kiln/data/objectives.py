@@ -191,7 +191,7 @@ class MaskedLM(Objective):
             selected & ~to_mask & (u < self.mask_token_fraction + self.random_token_fraction)
         )
         ordinary_ids = np.flatnonzero(ordinary).astype(np.int32)
-        random_tokens = ordinary_ids[rng.integers(0, len(ordinary_ids), tokens.shape)]
+        random_tokens = ordinary_ids[rng.integers(0, len(ordinary_ids), tokens.shape, np.int32)]
         inputs = np.where(
             to_mask, np.int32(self.mask_id), np.where(to_random, random_tokens, tokens)
         )

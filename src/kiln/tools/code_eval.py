@@ -1,17 +1,22 @@
 """Code-generation evaluation by execution: HumanEval problems, sandboxed runs, pass@k.
 
 Each completion is appended to its problem's prompt, followed by the problem's unit tests, and
-the resulting program runs in its own Python process (``python -I``) with:
+the resulting program runs in its own Python process (``python -I``, started by
+``sandbox_child.py`` in a new session and process group) with:
 
 * a fresh temporary directory as working directory, removed afterwards;
-* a wall-clock timeout, after which the whole process group is killed;
+* a wall-clock timeout, after which every process the program started is killed;
 * resource limits: address space, CPU seconds, file size, no core files, few processes;
-* no network: new user + network namespaces where the kernel allows them (only a loopback
-  interface that is down), otherwise a best-effort guard that disables the ``socket`` module;
+* where the machine allows them: a PID namespace (all its processes, daemons included, die with
+  it; nothing outside is visible or can be signalled), a mount namespace in which everything
+  but the working directory is read-only, a network namespace, and, when the evaluator runs as
+  root, uid/gid 65534 for the program (so the process cap holds and root's files and processes
+  are out of reach); otherwise the fallbacks of ``sandbox_protections`` (subreaper tracking,
+  a socket guard);
 * a minimal environment (PATH, LANG) and no stdin.
 
-This keeps honest mistakes (infinite loops, memory hogs, stray files, fork bombs) from hurting
-the evaluator. It is not a security boundary against deliberately hostile code.
+``sandbox_protections()`` says which protections are in force on this machine (logged by
+``evaluate``, printed by the CLI); docs/reliability.md says what each guards against.
 
 Usage: ``python -m kiln.tools.code_eval --samples samples.jsonl [--k 1,10] [--timeout 10]``.
 """
@@ -22,33 +27,36 @@ import argparse
 import functools
 import gzip
 import json
+import logging
 import math
 import os
 import pathlib
-import signal
-import subprocess
 import sys
-import tempfile
+import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from kiln.data import corpus
 from kiln.errors import KilnError
-from kiln.tools import sandbox_child
+from kiln.tools import cli
+from kiln.tools.sandbox import (  # noqa: F401 - the sandbox's API is code_eval's too
+    FILE_SIZE_MB,
+    STATUSES,
+    Outcome,
+    _check_limits,
+    _probe,
+    _run,
+    describe_protections,
+    network_isolation,
+    run_program,
+    sandbox_protections,
+)
 
 HUMANEVAL_FILE = "HumanEval.jsonl.gz"
 _SAMPLE_EXAMPLE = '{"task_id": "HumanEval/0", "completion": "    return 1\\n"}'
 PROBLEM_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
-STATUSES = ("passed", "failed", "timeout")
-PROGRAM_FILE = sandbox_child.PROGRAM_FILE  # what the child runs from its working directory
-STDERR_FILE = "stderr.txt"
-DETAIL_CHARS = 400
-FILE_SIZE_MB = 16  # RLIMIT_FSIZE: the largest file (stderr included) a program may write
-
-# Run by file path: ``python -I`` with a minimal environment need not be able to import kiln.
-CHILD = sandbox_child.__file__
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,15 +70,6 @@ class Problem:
     test: str
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """The result of running one program: its status and a short explanation."""
-
-    passed: bool
-    status: str  # one of STATUSES
-    detail: str  # the tail of stderr, or why the run failed
-
-
 def load_humaneval(data_dir: str | os.PathLike | None = None) -> list[Problem]:
     """Return the 164 HumanEval problems from ``HumanEval.jsonl.gz`` in the data folder."""
     root, origin = corpus.data_root(data_dir)
@@ -81,10 +80,16 @@ def load_humaneval(data_dir: str | os.PathLike | None = None) -> list[Problem]:
             f"{HUMANEVAL_FILE} there or point --data-dir / KILN_DATA_DIR at a folder with it."
         )
     problems = []
-    with gzip.open(path, "rt", encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if line.strip():
-                problems.append(_problem(line, path, number))
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if line.strip():
+                    problems.append(_problem(line, path, number))
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+        raise KilnError(
+            f"HumanEval file {path} cannot be read ({e}): it is not gzip-compressed UTF-8"
+            f" JSONL. Restore {HUMANEVAL_FILE} (data/README.md says where it comes from)."
+        ) from None
     return problems
 
 
@@ -110,124 +115,6 @@ def program(problem: Problem, completion: str) -> str:
         + "\n\n"
         + f"check({problem.entry_point})\n"
     )
-
-
-def run_program(source: str, *, timeout_s: float = 10.0, memory_mb: int = 1024) -> Outcome:
-    """Run ``source`` in a sandboxed child process; passed iff it exits 0 within ``timeout_s``."""
-    return _run(source, timeout_s=timeout_s, memory_mb=memory_mb, mode="run")
-
-
-@functools.cache
-def network_isolation() -> str:
-    """Return how children are cut off from the network here: "namespace" or "socket guard"."""
-    result = subprocess.run(
-        _command("report", memory_mb=0, cpu_s=0),
-        env=_child_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    mechanism = result.stdout.strip()
-    if result.returncode != 0 or mechanism not in ("namespace", "socket guard"):
-        raise KilnError(
-            f"Could not start a sandboxed Python child ({sys.executable} -I): exit code "
-            f"{result.returncode}, stderr: {result.stderr.strip()[-DETAIL_CHARS:]!r}."
-        )
-    return mechanism
-
-
-def _run(source: str, *, timeout_s: float, memory_mb: int, mode: str) -> Outcome:
-    """Run ``source`` with the sandbox child in ``mode`` ("run" or "guard"); classify the exit."""
-    _check_limits(timeout_s, memory_mb)
-    cpu_s = math.ceil(timeout_s) + 1
-    with tempfile.TemporaryDirectory(prefix="kiln-code-", ignore_cleanup_errors=True) as tmp:
-        folder = pathlib.Path(tmp)
-        (folder / PROGRAM_FILE).write_text(source, encoding="utf-8")
-        with open(folder / STDERR_FILE, "w+b") as stderr:
-            # stdout goes to /dev/null: nothing reads it, so a flood can neither block the child
-            # on a full pipe nor fill the disk (RLIMIT_FSIZE does not apply to devices).
-            process = subprocess.Popen(
-                _command(mode, memory_mb=memory_mb, cpu_s=cpu_s),
-                cwd=tmp,
-                env=_child_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                start_new_session=True,
-            )
-            timed_out = False
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                # Also after a normal exit: grandchildren it left behind must not outlive it.
-                _kill_group(process.pid)
-                process.wait()
-            tail = _tail(stderr)
-            if stderr.tell() >= FILE_SIZE_MB << 20:
-                tail = _join(f"stderr reached the {FILE_SIZE_MB} MiB file-size limit", tail)
-    return _outcome(process.returncode, timed_out, tail, timeout_s)
-
-
-def _check_limits(timeout_s: float, memory_mb: int) -> None:
-    """Raise KilnError unless the timeout and memory limit are positive."""
-    if not isinstance(timeout_s, int | float) or not 0 < timeout_s < math.inf:
-        raise KilnError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}.")
-    if not isinstance(memory_mb, int) or memory_mb < 32:
-        raise KilnError(
-            f"memory_mb must be an integer of at least 32 (MiB of address space for the child "
-            f"Python process), got {memory_mb!r}."
-        )
-
-
-def _command(mode: str, *, memory_mb: int, cpu_s: int) -> list[str]:
-    """Return the argv that starts the sandbox child in an isolated-mode interpreter."""
-    limits = [str(memory_mb), str(cpu_s), str(FILE_SIZE_MB)]
-    return [sys.executable, "-I", CHILD, mode, *limits]
-
-
-def _child_env() -> dict[str, str]:
-    """Return the child's minimal environment: PATH and LANG, nothing else."""
-    return {"PATH": os.environ.get("PATH", os.defpath), "LANG": "C.UTF-8"}
-
-
-def _kill_group(pgid: int) -> None:
-    """SIGKILL every process of the group ``pgid``, if any is left."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _tail(file: BinaryIO) -> str:
-    """Return the last few hundred characters of an open binary file, decoded leniently."""
-    file.seek(0, os.SEEK_END)
-    file.seek(max(0, file.tell() - 4 * DETAIL_CHARS))
-    text = file.read().decode("utf-8", errors="replace").strip()
-    return text[-DETAIL_CHARS:]
-
-
-def _outcome(returncode: int, timed_out: bool, tail: str, timeout_s: float) -> Outcome:
-    """Classify a finished child by how it ended."""
-    if timed_out:
-        return Outcome(False, "timeout", _join(f"timed out after {timeout_s:g} s", tail))
-    if returncode == 0:
-        return Outcome(True, "passed", tail)
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return Outcome(False, "failed", _join(f"killed by {name}", tail))
-    return Outcome(False, "failed", tail or f"exit code {returncode}")
-
-
-def _join(reason: str, tail: str) -> str:
-    """Return ``reason``, followed by the stderr tail when there is one."""
-    return f"{reason}; stderr: {tail}" if tail else reason
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -268,6 +155,7 @@ def evaluate(
     workers = (os.cpu_count() or 1) if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise KilnError(f"workers must be a positive integer, got {workers!r}.")
+    LOG.info("code sandbox protections: %s", describe_protections())
     jobs = [(p.task_id, program(p, text)) for p in problems for text in completions[p.task_id]]
     run = functools.partial(run_program, timeout_s=timeout_s, memory_mb=memory_mb)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -323,22 +211,16 @@ def _check_request(
 def read_samples(path: str | os.PathLike) -> list[dict]:
     """Return the samples of a JSONL file with one {"task_id", "completion"} object a line."""
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise KilnError(f"Samples file not found: {path}.")
     samples = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            sample = corpus.json_object(path, number, line, _SAMPLE_EXAMPLE)
-            if not (
-                isinstance(sample.get("task_id"), str) and isinstance(sample.get("completion"), str)
-            ):
-                raise KilnError(
-                    f"{path} line {number} must be an object with string fields "
-                    '"task_id" and "completion".'
-                )
-            samples.append(sample)
+    for number, sample in cli.read_jsonl(path, "--samples", _SAMPLE_EXAMPLE):
+        if not (
+            isinstance(sample.get("task_id"), str) and isinstance(sample.get("completion"), str)
+        ):
+            raise KilnError(
+                f"{path} line {number} must be an object with string fields "
+                f'"task_id" and "completion", e.g. {_SAMPLE_EXAMPLE}.'
+            )
+        samples.append(sample)
     if not samples:
         raise KilnError(f"{path} holds no samples; write one JSON object a line.")
     return samples
@@ -374,18 +256,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="parallel programs (CPUs)")
     parser.add_argument("--data-dir", default=None, help="folder with HumanEval.jsonl.gz")
     args = parser.parse_args(argv)
-    try:
-        _cli(args)
-    except KilnError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run("kiln.tools.code_eval", lambda: _cli(args))
 
 
 def _cli(args: argparse.Namespace) -> None:
     """Evaluate the samples named by ``args``, print the table and write the results file."""
     ks = parse_ks(args.k)
     samples = read_samples(args.samples)
+    output = results_path(args.samples)
+    cli.check_output_file(str(output), "")  # Before the programs run, not after.
     completions: dict[str, list[str]] = {}
     for sample in samples:
         completions.setdefault(sample["task_id"], []).append(sample["completion"])
@@ -403,11 +282,10 @@ def _cli(args: argparse.Namespace) -> None:
         memory_mb=args.memory_mb,
         workers=args.workers,
     )
-    output = results_path(args.samples)
     _write_results(output, samples, summary["results"])
     print(
         f"HumanEval: {summary['problems']} problems, {summary['n']} samples each (fewest), "
-        f"network isolation: {network_isolation()}"
+        f"sandbox: {describe_protections()}"
     )
     print(f"{'metric':<10}{'score':>8}")
     for k in sorted(set(ks)):
@@ -422,18 +300,19 @@ def _write_results(
 ) -> None:
     """Write each sample with its passed/status/detail, in the order of the samples file."""
     seen: dict[str, int] = {}
-    with open(path, "w", encoding="utf-8") as file:
-        for sample in samples:
-            index = seen.get(sample["task_id"], 0)
-            seen[sample["task_id"]] = index + 1
-            outcome = results[sample["task_id"]][index]
-            record = {
-                **sample,
-                "passed": outcome.passed,
-                "status": outcome.status,
-                "detail": outcome.detail,
-            }
-            file.write(json.dumps(record) + "\n")
+    lines = []
+    for sample in samples:
+        index = seen.get(sample["task_id"], 0)
+        seen[sample["task_id"]] = index + 1
+        outcome = results[sample["task_id"]][index]
+        record = {
+            **sample,
+            "passed": outcome.passed,
+            "status": outcome.status,
+            "detail": outcome.detail,
+        }
+        lines.append(json.dumps(record) + "\n")
+    cli.write_text(str(path), "".join(lines), "")
 
 
 if __name__ == "__main__":

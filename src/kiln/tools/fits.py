@@ -36,7 +36,7 @@ from kiln import (
 )
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
-from kiln.tools import host_memory
+from kiln.tools import cli, host_memory
 
 
 class _Pieces:
@@ -157,38 +157,34 @@ def _stages(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections
     return [("", config)]
 
 
+PROG = "kiln.tools.fits"
+USAGE = "Usage: python -m kiln.tools.fits --config experiments/<file>.py[:args] [--config.k=v ...]"
+
+
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise SystemExit(f"kiln.tools.fits: error: unexpected arguments {argv[1:]}")
+        print(f"{PROG}: error: unexpected arguments {argv[1:]}.\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
     host_memory.keep_freed_memory()  # Process-wide, so here and not on import: before JAX starts.
+    sys.exit(cli.run(PROG, lambda: _report_all(_CONFIG.value)))
+
+
+def _report_all(config: ml_collections.ConfigDict) -> int:
+    """Prints each stage's report; 1 if one does not fit the device, else 0."""
     too_big = False
-    for name, config in _stages(_CONFIG.value):
+    for name, stage in _stages(config):
         try:
-            report = memory_report(config)
+            report = memory_report(stage)
         except KilnError as e:
-            where = f"pipeline stage {name!r}: " if name else ""
-            print(f"kiln.tools.fits: error: {where}{e}", file=sys.stderr)
-            sys.exit(2)
+            raise KilnError(f"pipeline stage {name!r}: {e}" if name else str(e)) from None
         print(f"Stage {name}: {describe(report)}" if name else describe(report), flush=True)
         too_big |= bool(report["device_limit"]) and report["estimate"] > report["device_limit"]
-    if too_big:
-        sys.exit(1)
+    return 1 if too_big else 0
 
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Experiment config file.", lock_config=True
-    )
+    _CONFIG = cli.define_config_flag()
     flags.mark_flags_as_required(["config"])
-
-    def _parse(argv: list[str]) -> list[str]:
-        try:
-            return flags.FLAGS(argv)
-        except (flags.Error, AttributeError, KeyError, TypeError, ValueError, KilnError) as e:
-            print(f"kiln.tools.fits: error: {' '.join(str(e).split())}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(_main, flags_parser=_parse)
+    app.run(_main, flags_parser=lambda argv: cli.parse_flags(argv, PROG, USAGE))

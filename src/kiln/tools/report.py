@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.tools import cli
 
 # Task metrics in order of preference for the primary metric, then pre-training's.
 TASK_METRICS = ("accuracy", "exact_match", "chrf", "rouge_l", "bleu", "macro_f1")
@@ -56,15 +57,28 @@ class Workdir:
 
 def _read_json(path: str) -> Any:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except ValueError as e:
+    except OSError as e:
+        raise KilnError(f"{path} cannot be read ({e.strerror or e}).") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError.
         raise KilnError(f"{path} is not valid JSON ({e}); re-run the run that wrote it.") from None
+
+
+def _read_object(path: str) -> dict[str, Any]:
+    """The JSON object in `path`; a KilnError if it holds anything else."""
+    value = _read_json(path)
+    if not isinstance(value, dict):
+        raise KilnError(
+            f"{path} holds a JSON {type(value).__name__}, not an object; re-run the command that"
+            " wrote it."
+        )
+    return value
 
 
 def _run(name: str, path: str, overrides: dict[str, Any] | None = None) -> Run:
     summary_path = os.path.join(path, "summary.json")
-    summary = _read_json(summary_path) if os.path.isfile(summary_path) else None
+    summary = _read_object(summary_path) if os.path.isfile(summary_path) else None
     return Run(name, path, overrides or {}, summary)
 
 
@@ -78,12 +92,12 @@ def load(path: str) -> Workdir:
         raise KilnError(f"{path} is not a directory; give a sweep, pipeline or run workdir.")
     sweep_path = os.path.join(path, "sweep.json")
     if os.path.isfile(sweep_path):
-        sweep = _read_json(sweep_path)
+        sweep = _read_object(sweep_path)
         try:
-            runs = [
-                _run(p["name"], os.path.join(path, p["name"]), p["overrides"])
-                for p in sweep["points"]
-            ]
+            points = [(p["name"], p["overrides"]) for p in sweep["points"]]
+            if not all(isinstance(n, str) and isinstance(o, dict) for n, o in points):
+                raise TypeError("a point's name is not a string or its overrides not an object")
+            runs = [_run(name, os.path.join(path, name), overrides) for name, overrides in points]
         except (KeyError, TypeError) as e:
             raise KilnError(
                 f"{sweep_path} is not a kiln.tools.sweep record (points with name and overrides:"
@@ -93,8 +107,14 @@ def load(path: str) -> Workdir:
     if _is_run(path):
         return Workdir("run", path, [_run(os.path.basename(os.path.normpath(path)), path)])
     comparison_path = os.path.join(path, "comparison.json")
-    comparison = _read_json(comparison_path) if os.path.isfile(comparison_path) else {}
-    stages = list(comparison.get("stages", {})) or sorted(
+    comparison = _read_object(comparison_path) if os.path.isfile(comparison_path) else {}
+    named = comparison.get("stages", {})
+    if not isinstance(named, dict | list) or not all(isinstance(n, str) for n in named):
+        raise KilnError(
+            f"{comparison_path} is not a pipeline's comparison (its stages are not named);"
+            " re-run the pipeline to rewrite it."
+        )
+    stages = list(named) or sorted(
         name for name in os.listdir(path) if _is_run(os.path.join(path, name))
     )
     if not stages:
@@ -250,12 +270,17 @@ def _rows(run: Run) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         return []
     rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # A line cut short by a kill; the rest is good.
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue  # A line cut short by a kill; the rest is good.
+                if isinstance(row, dict) and _numeric(row.get("step")):
+                    rows.append(row)
+    except OSError as e:
+        raise KilnError(f"{path} cannot be read ({e.strerror or e}).") from None
     return rows
 
 
@@ -406,15 +431,20 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    return cli.run("kiln.tools.report", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> None:
     try:
         report_path, written, markdown = write_report(args.path, args.metric, args.lower)
-    except KilnError as e:
-        print(f"kiln.tools.report: error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # The report or a plot could not be written.
+        raise KilnError(
+            f"writing the report into {args.path} failed: {e.strerror or e}"
+            f"{f' ({e.filename})' if e.filename else ''}. Make it writable or free some space."
+        ) from None
     print(markdown)
     where = f" and {len(written)} plots in {os.path.join(args.path, 'plots')}/" if written else ""
     print(f"Wrote {report_path}{where}")
-    return 0
 
 
 if __name__ == "__main__":

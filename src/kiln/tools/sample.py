@@ -27,11 +27,11 @@ import jax
 import ml_collections
 
 from kiln import decoding, finetuning, models, restore, sharding
-from kiln.data import corpus, finetune, tasks
+from kiln.data import finetune, tasks
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.data.objectives import Layout
 from kiln.errors import KilnError
-from kiln.tools import code_eval, host_memory
+from kiln.tools import cli, code_eval, host_memory
 
 # Where a HumanEval completion ends: the next top-level statement (Chen et al. 2021).
 HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -146,23 +146,18 @@ def load(workdir: str, step: int = -1) -> Generator:
 
 
 def read_prompts(path: str) -> list[dict[str, str]]:
-    """Rows of a JSONL file with a "prompt" (or "input") field and an optional "id"."""
-    file = pathlib.Path(path).expanduser()
-    if not file.is_file():
-        raise KilnError(f"--input-file={path!r}: no such file.")
+    """Rows of a JSONL file with a "prompt" (or "input") field and an optional "id"; a
+    KilnError naming the line for anything else (not UTF-8, not JSON, no prompt string)."""
     rows = []
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            record = corpus.json_object(path, number, line, _PROMPT_EXAMPLE)
-            text = record.get("prompt", record.get("input"))
-            if text is None:
-                raise KilnError(
-                    f'{path}, line {number}: no "prompt" (or "input") string field; write each'
-                    f" line as e.g. {_PROMPT_EXAMPLE}."
-                )
-            rows.append({"id": str(record.get("id", len(rows))), "prompt": str(text)})
+    file = pathlib.Path(path).expanduser()
+    for number, record in cli.read_jsonl(file, "--input-file", _PROMPT_EXAMPLE):
+        text = record.get("prompt", record.get("input"))
+        if not isinstance(text, str):
+            raise KilnError(
+                f'{path}, line {number}: no "prompt" (or "input") string field; write each'
+                f" line as e.g. {_PROMPT_EXAMPLE}."
+            )
+        rows.append({"id": str(record.get("id", len(rows))), "prompt": text})
     if not rows:
         raise KilnError(f"--input-file={path!r} has no prompts.")
     return rows
@@ -209,15 +204,27 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     host_memory.keep_freed_memory()  # Process-wide, so here and not on import: before JAX starts.
-    try:
-        _run(args)
-    except KilnError as e:
-        print(f"kiln.tools.sample: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run("kiln.tools.sample", lambda: _run(args))
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The numeric flags in range and the output file writable, before anything is loaded."""
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--num-samples", args.num_samples, 1),
+        ("--problems", args.problems, 0),
+        ("--step", args.step, -1),
+    ):
+        if value < low:
+            raise KilnError(f"{flag}={value} must be at least {low}.")
+    if not (0 < args.timeout < float("inf")):
+        raise KilnError(f"--timeout={args.timeout} must be a positive number of seconds.")
+    if args.output_file is not None:
+        cli.check_output_file(args.output_file, "--output-file")
 
 
 def _run(args: argparse.Namespace) -> None:
+    _check_args(args)
     options = decoding.decode_options(
         strategy=args.strategy,
         max_new_tokens=args.max_new_tokens,
@@ -229,8 +236,6 @@ def _run(args: argparse.Namespace) -> None:
         stop_ids=args.stop_id,
         seed=args.seed,
     )
-    if args.num_samples < 1:
-        raise KilnError(f"--num-samples={args.num_samples} must be at least 1.")
     if args.num_samples > 1 and options.strategy != "sample":
         raise KilnError(
             f"--num-samples={args.num_samples} needs --strategy sample: {options.strategy}"
@@ -305,10 +310,8 @@ def _score_humaneval(
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
-    pathlib.Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    cli.check_output_file(path, "--output-file")
+    cli.write_text(path, "".join(json.dumps(row) + "\n" for row in rows), "--output-file")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import hashlib
-import importlib.util
 import inspect
 import itertools
 import json
@@ -40,6 +40,7 @@ from ml_collections import config_flags
 from kiln import config_lib
 from kiln import workdir as workdir_lib
 from kiln.errors import KilnError
+from kiln.tools import cli
 
 Point = dict[str, Any]
 _TYPE_NAMES = {bool: "a bool (True or False)", int: "an int", float: "a float", str: "a string"}
@@ -128,12 +129,7 @@ def _check_axes(axes: dict[str, Any], tuples: bool = False) -> None:
 
 
 def _load_module(path: str) -> Any:
-    if not os.path.exists(path):
-        raise KilnError(f"config file {path!r} does not exist.")
-    spec = importlib.util.spec_from_file_location(f"kiln_sweep_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_lib.load_module(path, f"kiln_sweep_{abs(hash(path))}")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -196,7 +192,15 @@ def _points(spec: str) -> tuple[ml_collections.ConfigDict, list[Point]]:
         )
     config = config_lib.load_config(spec)
     takes_arg = bool(inspect.signature(get_sweep).parameters)
-    raw = get_sweep(arg or None) if takes_arg else get_sweep()
+    try:
+        raw = get_sweep(arg or None) if takes_arg else get_sweep()
+    except KilnError:
+        raise
+    except Exception as e:  # The experiment file's own code: the user's to fix.
+        raise KilnError(
+            f"{path}: get_sweep() failed: {type(e).__name__}: {' '.join(str(e).split())}. Fix"
+            " get_sweep in that file (or the arguments after the ':')."
+        ) from None
     if not isinstance(raw, list | tuple) or not raw:
         raise KilnError(f"{path}: get_sweep() returned {raw!r}; return a non-empty list of dicts.")
     fields = _fields(config)
@@ -365,7 +369,7 @@ def _run_all(
         while pending or running:
             while pending and len(running) < parallel:
                 job = pending.pop(0)
-                os.makedirs(job.run_dir, exist_ok=True)
+                workdir_lib.make(job.run_dir)
                 log_path = os.path.join(job.run_dir, "log.txt")
                 cmd = command(spec, job.run_dir, job.flags)
                 with open(log_path, "a") as log:
@@ -443,6 +447,8 @@ def run_sweep(
     0, or 1 if a point failed."""
     if parallel < 1:
         raise KilnError(f"--parallel={parallel} must be at least 1.")
+    if not workdir.strip():
+        raise KilnError("--workdir is empty: give the sweep's folder, e.g. --workdir runs/sweep.")
     if emit not in ("", "slurm", "tpu"):
         raise KilnError(f"emit={emit!r}: choose slurm or tpu.")
     config, pts = _points(spec)
@@ -462,18 +468,17 @@ def run_sweep(
             cmd = command(spec, job.run_dir, job.flags)
             print(f"# {job.name}: finished; skipped" if job.done else shlex.join(cmd))
         return 0
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.make(workdir)
     record = {
         "config": spec,
         "overrides": common,
         "points": [{"name": job.name, "overrides": p} for job, p in zip(jobs, pts)],
     }
-    with open(os.path.join(workdir, "sweep.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    sweep_json = os.path.join(workdir, "sweep.json")
+    cli.write_text(sweep_json, json.dumps(record, indent=2), "")
     if emit:
         path = os.path.join(workdir, f"submit_{emit}.sh")
-        with open(path, "w") as f:
-            f.write(script(emit, spec, jobs))
+        cli.write_text(path, script(emit, spec, jobs), "")
         os.chmod(path, 0o755)
         print(f"Wrote {path}: {len(todo)} of {len(jobs)} points to launch. Run: bash {path}")
         return 0
@@ -516,18 +521,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser().parse_known_args(argv)
-    try:
-        return run_sweep(
-            args.config,
-            args.workdir,
-            parallel=args.parallel,
-            dry_run=args.dry_run,
-            emit=args.emit or "",
-            flags=rest,
-        )
-    except KilnError as e:
-        print(f"kiln.tools.sweep: error: {e}", file=sys.stderr)
-        return 2
+    sweep = functools.partial(
+        run_sweep,
+        args.config,
+        args.workdir,
+        parallel=args.parallel,
+        dry_run=args.dry_run,
+        emit=args.emit or "",
+        flags=rest,
+    )
+    return cli.run("kiln.tools.sweep", sweep, args.workdir or None)
 
 
 if __name__ == "__main__":
