@@ -83,7 +83,6 @@ def test_optional_packages(tmp_path):
             read(str(tmp_path / "a.parquet"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="needs pyarrow")
 def test_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -95,7 +94,6 @@ def test_parquet(tmp_path):
         read(str(tmp_path / "a.parquet"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("zstandard") is None, reason="needs zstandard")
 def test_zstd(tmp_path):
     import zstandard
 
