@@ -80,10 +80,9 @@ def test_cli_errors_are_one_paragraph(pretrained, capsys):
     assert evaluate.main(["--workdir", str(workdir / "missing"), "--task", "kjv2web"]) == 2
 
 
+@pytest.mark.parametrize("pretrained", ["gpt"], indirect=True)  # t5 answers in text, no head
 def test_a_fine_tuned_head_answers_its_task_as_its_run_did(pretrained, tmp_path, capsys):
     workdir, pretrain = pretrained
-    if pretrain.model.family != "gpt":
-        pytest.skip("t5 answers in text; gpt has a head")
     config = defaults.finetune_stage(
         pretrain,
         task="wn_lexname",
@@ -109,10 +108,9 @@ def test_a_fine_tuned_head_answers_its_task_as_its_run_did(pretrained, tmp_path,
     assert evaluate.main([*argv[:3], "bible_genre"]) == 2
 
 
+@pytest.mark.parametrize("pretrained", ["gpt"], indirect=True)  # one family is enough here
 def test_pipeline_with_a_fewshot_arm_compares_prompting(pretrained, tmp_path):
     workdir, pretrain = pretrained
-    if pretrain.model.family != "gpt":
-        pytest.skip("one family is enough for the pipeline")
     shutil.copytree(workdir, tmp_path / "pretrain")  # A finished stage: skipped.
     stages = {
         "pretrain": pretrain,
