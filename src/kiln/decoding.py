@@ -22,8 +22,6 @@ training.
 """
 
 import contextlib
-import dataclasses
-import difflib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,71 +36,11 @@ from kiln import models, search, sharding
 from kiln.data.objectives import Layout
 from kiln.errors import KilnError
 from kiln.models import blocks
+from kiln.search import STRATEGIES, DecodeOptions, decode_options  # noqa: F401 (the public names)
 
 LENGTH_BUCKET = 16
-STRATEGIES = ("greedy", "sample", "beam")
-
 # (cache, tokens_BL, segment_ids_BL, positions_BL) -> (last-position logits [B, V], new cache).
 DecodeFn = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeOptions:
-    """How to generate; see the module docstring for the strategies.
-
-    Attributes:
-      strategy: "greedy", "sample" or "beam".
-      max_new_tokens: most tokens generated per prompt (GPT also stops at its max_len).
-      temperature: sample: logits are divided by it; 0 means greedy.
-      top_k: sample: keep the k most likely tokens (0 = all).
-      top_p: sample: nucleus mass in (0, 1] (1 = all).
-      num_beams: beam: beams per prompt.
-      length_penalty: beam: GNMT exponent alpha (0 = raw log-probability; > 0 favours length).
-      stop_ids: ids that end a sequence besides eos (not returned).
-      seed: sample: the random seed.
-    """
-
-    strategy: str = "greedy"
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    num_beams: int = 4
-    length_penalty: float = 0.6
-    stop_ids: tuple[int, ...] = ()
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.strategy not in STRATEGIES:
-            problems.append(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.max_new_tokens < 0:
-            problems.append(f"max_new_tokens={self.max_new_tokens} is negative")
-        if not self.temperature >= 0:
-            problems.append(f"temperature={self.temperature} must be >= 0")
-        if self.top_k < 0:
-            problems.append(f"top_k={self.top_k} must be >= 0 (0 keeps every token)")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p={self.top_p} must be in (0, 1]")
-        if self.num_beams < 1:
-            problems.append(f"num_beams={self.num_beams} must be >= 1")
-        if any(not isinstance(i, int | np.integer) or i < 0 for i in self.stop_ids):
-            problems.append(f"stop_ids={self.stop_ids!r} must be non-negative token ids")
-        if problems:
-            raise KilnError(f"Bad decoding options: {'; '.join(problems)}.")
-
-
-def decode_options(**options: Any) -> DecodeOptions:
-    """`DecodeOptions(**options)`, with a clear error naming the nearest option for a typo."""
-    known = [field.name for field in dataclasses.fields(DecodeOptions)]
-    for name in options:
-        if name not in known:
-            near = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise KilnError(f"Unknown decoding option {name!r}.{hint} Options: {', '.join(known)}.")
-    if "stop_ids" in options:
-        options["stop_ids"] = tuple(int(i) for i in options["stop_ids"])
-    return DecodeOptions(**options)
 
 
 def _encoder_decoder(model: nn.Module) -> bool:
@@ -151,7 +89,7 @@ def generate(
     model: nn.Module,
     params: Any,
     prompts: Sequence[Sequence[int]],
-    options: DecodeOptions = DecodeOptions(),
+    options: DecodeOptions = search.DEFAULT_OPTIONS,
     *,
     eos_id: int,
     bos_id: int,
@@ -214,17 +152,6 @@ def _check_prompts(model: nn.Module, prompts: Sequence[Sequence[int]]) -> None:
             )
 
 
-def _knobs(options: DecodeOptions) -> dict[str, np.ndarray]:
-    """The traced (not static) settings: changing them does not recompile."""
-    return {
-        "temperature": np.float32(options.temperature),
-        "top_k": np.int32(options.top_k),
-        "top_p": np.float32(options.top_p),
-        "length_penalty": np.float32(options.length_penalty),
-        "seed": np.uint32(options.seed),
-    }
-
-
 def _generate_chunk(
     model: nn.Module,
     params: Any,
@@ -246,7 +173,7 @@ def _generate_chunk(
         params,
         *_place((inputs, limits_B, row_ids_B), mesh),
         stop_ids_S,
-        _knobs(options),
+        search.knobs(options),
         steps=steps,
         strategy=options.strategy,
         beams=options.num_beams if options.strategy == "beam" else 1,

@@ -1,6 +1,6 @@
-"""The decoding loops over a KV-cached decoder (`kiln.decoding` builds their `feed`): one token
-per row and step for greedy and sampling (`token_loop` with a `token_chooser`), and beam search
-(`beam_loop`).
+"""The decoding options (`DecodeOptions`, validated once) and the loops over a KV-cached
+decoder (`kiln.decoding` builds their `feed`): one token per row and step for greedy and
+sampling (`token_loop` with a `token_chooser`), and beam search (`beam_loop`).
 
 Beam search runs num_beams rows per prompt; each step extends every live beam by one token,
 keeps the 2K best candidates, moves those of the K best that end into the K-best finished list
@@ -9,12 +9,92 @@ stop token), keeps the K best that do not end live, and reorders the cache rows 
 parents. A prompt stops when no live beam can beat its worst finished one.
 """
 
+import dataclasses
+import difflib
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from kiln.errors import KilnError
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """How to generate; see the module docstring for the strategies.
+
+    Attributes:
+      strategy: "greedy", "sample" or "beam".
+      max_new_tokens: most tokens generated per prompt (GPT also stops at its max_len).
+      temperature: sample: logits are divided by it; 0 means greedy.
+      top_k: sample: keep the k most likely tokens (0 = all).
+      top_p: sample: nucleus mass in (0, 1] (1 = all).
+      num_beams: beam: beams per prompt.
+      length_penalty: beam: GNMT exponent alpha (0 = raw log-probability; > 0 favours length).
+      stop_ids: ids that end a sequence besides eos (not returned).
+      seed: sample: the random seed.
+    """
+
+    strategy: str = "greedy"
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 4
+    length_penalty: float = 0.6
+    stop_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.max_new_tokens < 0:
+            problems.append(f"max_new_tokens={self.max_new_tokens} is negative")
+        if not self.temperature >= 0:
+            problems.append(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} must be >= 0 (0 keeps every token)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if self.num_beams < 1:
+            problems.append(f"num_beams={self.num_beams} must be >= 1")
+        if any(not isinstance(i, int | np.integer) or i < 0 for i in self.stop_ids):
+            problems.append(f"stop_ids={self.stop_ids!r} must be non-negative token ids")
+        if problems:
+            raise KilnError(f"Bad decoding options: {'; '.join(problems)}.")
+
+
+DEFAULT_OPTIONS = DecodeOptions()
+
+
+def decode_options(**options: Any) -> DecodeOptions:
+    """`DecodeOptions(**options)`, with a clear error naming the nearest option for a typo."""
+    known = [field.name for field in dataclasses.fields(DecodeOptions)]
+    for name in options:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise KilnError(f"Unknown decoding option {name!r}.{hint} Options: {', '.join(known)}.")
+    if "stop_ids" in options:
+        options["stop_ids"] = tuple(int(i) for i in options["stop_ids"])
+    return DecodeOptions(**options)
+
+
+def knobs(options: DecodeOptions) -> dict[str, np.ndarray]:
+    """The traced (not static) settings: changing them does not recompile."""
+    return {
+        "temperature": np.float32(options.temperature),
+        "top_k": np.int32(options.top_k),
+        "top_p": np.float32(options.top_p),
+        "length_penalty": np.float32(options.length_penalty),
+        "seed": np.uint32(options.seed),
+    }
 
 
 def token_chooser(

@@ -16,16 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import functools
-import hashlib
-import inspect
-import itertools
 import json
-import math
 import os
-import random
-import re
 import shlex
 import subprocess
 import sys
@@ -37,245 +30,36 @@ import ml_collections
 from absl import flags as absl_flags
 from ml_collections import config_flags
 
-from kiln import config_lib
 from kiln import workdir as workdir_lib
 from kiln.errors import KilnError
-from kiln.tools import cli
-
-Point = dict[str, Any]
-_TYPE_NAMES = {bool: "a bool (True or False)", int: "an int", float: "a float", str: "a string"}
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
-_MAX_NAME = 200
-
-
-def _a(value: Any) -> str:
-    """`an int`, `a float`: the type of `value` with its article."""
-    name = type(value).__name__
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
-
-
-def grid(axes: dict[str, Sequence[Any]]) -> list[Point]:
-    """Cartesian product: `grid({"optim.lr": [1e-3, 3e-3], "seed": [0, 1]})` -> 4 points (the
-    last key varies fastest)."""
-    _check_axes(axes)
-    keys = list(axes)
-    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
-
-
-def zipped(axes: dict[str, Sequence[Any]]) -> list[Point]:
-    """Element-wise: `zipped({"optim.lr": [1e-3, 3e-3], "optim.warmup_fraction": [0.1, 0.5]})` -> 2
-    points. Every axis must have the same length."""
-    _check_axes(axes)
-    lengths = {key: len(values) for key, values in axes.items()}
-    if len(set(lengths.values())) > 1:
-        raise KilnError(f"sweep.zipped needs axes of equal length; got {lengths}.")
-    keys = list(axes)
-    return [dict(zip(keys, values)) for values in zip(*axes.values())]
-
-
-def random_search(space: dict[str, Any], n: int, seed: int = 0) -> list[Point]:
-    """`n` points drawn with `seed`: a list is a set of choices; `(lo, hi, "log" | "linear")`
-    draws a float between lo and hi (log-uniform or uniform; int fields take lists)."""
-    if n < 1:
-        raise KilnError(f"sweep.random_search needs n >= 1; got n={n}.")
-    _check_axes(space, tuples=True)
-    rng = random.Random(seed)
-    points = []
-    for _ in range(n):
-        point = {}
-        for key, dim in space.items():
-            if isinstance(dim, tuple):
-                lo, hi, scale = dim
-                if scale == "log":
-                    point[key] = math.exp(rng.uniform(math.log(lo), math.log(hi)))
-                else:
-                    point[key] = rng.uniform(lo, hi)
-            else:
-                point[key] = rng.choice(list(dim))
-        points.append(point)
-    return points
-
-
-def concat(*lists: list[Point]) -> list[Point]:
-    """The points of several sweeps, in order: `concat(grid({...}), grid({...}))`."""
-    return [dict(point) for points in lists for point in points]
-
-
-def _check_axes(axes: dict[str, Any], tuples: bool = False) -> None:
-    if not isinstance(axes, dict) or not axes:
-        raise KilnError(
-            f"a sweep needs a non-empty dict of dotted keys to values; got {axes!r}"
-            ' (e.g. {"optim.lr": [1e-3, 3e-3]}).'
-        )
-    for key, values in axes.items():
-        if tuples and isinstance(values, tuple):
-            ok = (
-                len(values) == 3
-                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values[:2])
-                and values[2] in ("log", "linear")
-                and values[0] < values[1]
-                and (values[2] == "linear" or values[0] > 0)
-            )
-            if not ok:
-                raise KilnError(
-                    f"sweep axis {key!r}: {values!r} is not (lo, hi, 'log' | 'linear') with"
-                    " lo < hi (and lo > 0 for 'log'), e.g. (1e-4, 1e-2, 'log')."
-                )
-        elif isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
-            raise KilnError(f"sweep axis {key!r} needs a non-empty list of values; got {values!r}.")
-
-
-# Loading and checking the points of an experiment file.
-
-
-def _load_module(path: str) -> Any:
-    return config_lib.load_module(path, f"kiln_sweep_{abs(hash(path))}")
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Dotted key -> default value of every leaf field of `config`."""
-    return _flatten(config.to_dict())
-
-
-def _check_value(key: str, value: Any, default: Any, where: str) -> Any:
-    """`value` as the type of the field (an int for a float field becomes a float)."""
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()  # np.float64(1e-3), np.int64(2) from np.logspace & co.
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    else:
-        raise KilnError(
-            f"{where}: {key} is {_a(default)} field ({default!r}); a sweep sets"
-            " only int, float, str and bool fields."
-        )
-    if not ok:
-        raise KilnError(
-            f"{where}: {key}={value!r} is {_a(value)}, but {key} is {_a(default)} field"
-            f" (default {default!r}); give {_TYPE_NAMES[type(default)]}."
-        )
-    return value
-
-
-def _check_key(key: Any, fields: dict[str, Any], where: str) -> None:
-    if not isinstance(key, str) or key not in fields:
-        near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise KilnError(f"{where}: key {key!r} is not in the config.{hint}")
-
-
-def _points(spec: str) -> tuple[ml_collections.ConfigDict, list[Point]]:
-    """The experiment's locked config and its checked sweep points."""
-    path, _, arg = spec.partition(":")
-    module = _load_module(path)
-    get_sweep = getattr(module, "get_sweep", None)
-    if not callable(get_sweep):
-        raise KilnError(
-            f"{path} has no get_sweep(); add one returning a list of override dicts, e.g."
-            ' `return sweep.grid({"optim.lr": [1e-3, 3e-3], "seed": [0, 1]})`.'
-        )
-    config = config_lib.load_config(spec)
-    takes_arg = bool(inspect.signature(get_sweep).parameters)
-    try:
-        raw = get_sweep(arg or None) if takes_arg else get_sweep()
-    except KilnError:
-        raise
-    except Exception as e:  # The experiment file's own code: the user's to fix.
-        raise KilnError(
-            f"{path}: get_sweep() failed: {type(e).__name__}: {' '.join(str(e).split())}. Fix"
-            " get_sweep in that file (or the arguments after the ':')."
-        ) from None
-    if not isinstance(raw, list | tuple) or not raw:
-        raise KilnError(f"{path}: get_sweep() returned {raw!r}; return a non-empty list of dicts.")
-    fields = _fields(config)
-    points = []
-    for i, point in enumerate(raw):
-        where = f"{path}: sweep point {i} {point!r}"
-        if not isinstance(point, dict):
-            raise KilnError(f"{where} is not a dict of dotted keys to values.")
-        checked = {}
-        for key, value in point.items():
-            _check_key(key, fields, where)
-            checked[key] = _check_value(key, value, fields[key], where)
-        points.append(checked)
-    names(points)  # Two points with the same name would share a workdir.
-    return config, points
-
-
-def points(spec: str) -> list[Point]:
-    """The checked override dicts of `get_sweep()` in the experiment file of `spec`
-    (`path/to/file.py[:args]`): every key a field of the config, every value of its type."""
-    return _points(spec)[1]
-
-
-def format_value(value: Any) -> str:
-    """A value as `--config.key=<value>` takes it (ml_collections parses by the field's type)."""
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def point_name(overrides: Point) -> str:
-    """A readable, filesystem-safe workdir name: {"optim.lr": 0.001, "seed": 0} ->
-    `lr=0.001_seed=0` (the full dotted key where two keys end alike)."""
-    if not overrides:
-        return "default"
-    last = [key.rsplit(".", 1)[-1] for key in overrides]
-    parts = []
-    for key, short in zip(overrides, last):
-        label = short if last.count(short) == 1 else key
-        parts.append(f"{label}={format_value(overrides[key])}")
-    name = _UNSAFE.sub("-", "_".join(parts)).strip(".-") or "point"
-    if len(name) > _MAX_NAME:
-        digest = hashlib.md5(name.encode()).hexdigest()[:8]
-        name = f"{name[: _MAX_NAME - 9]}_{digest}"
-    return name
-
-
-def names(points: list[Point]) -> list[str]:
-    """Each point's `point_name`; two points with the same name are an error."""
-    out = [point_name(p) for p in points]
-    seen: dict[str, int] = {}
-    for i, name in enumerate(out):
-        if name in seen:
-            raise KilnError(
-                f"sweep points {seen[name]} {points[seen[name]]!r} and {i} {points[i]!r} both"
-                f" get the workdir name {name!r}; make the points differ (a repeated point?)."
-            )
-        seen[name] = i
-    return out
-
+from kiln.tools import cli, sweep_points
+from kiln.tools.sweep_points import (  # noqa: F401 (the builders experiment files call)
+    Point,
+    concat,
+    grid,
+    names,
+    point_name,
+    points,
+    random_search,
+    zipped,
+)
 
 # Running.
 
 
 def _common(
-    flags: list[str], config: ml_collections.ConfigDict, points: list[Point]
+    flags: list[str], config: ml_collections.ConfigDict, pts: list[Point]
 ) -> dict[str, str]:
     """`--config.key=value` flags for every point: key -> value text (keys checked)."""
-    fields, out = _fields(config), {}
+    fields, out = sweep_points.fields_of(config), {}
     for flag in flags:
         key, sep, text = flag.removeprefix("--config.").partition("=")
         if not flag.startswith("--config.") or not sep:
             raise KilnError(
                 f"unexpected argument {flag!r}; overrides for every point are --config.key=value."
             )
-        _check_key(key, fields, f"--config.{key}")
-        if any(key in point for point in points):
+        sweep_points.check_key(key, fields, f"--config.{key}")
+        if any(key in point for point in pts):
             raise KilnError(
                 f"--config.{key} is also set by get_sweep(); drop the flag or the sweep axis."
             )
@@ -293,9 +77,10 @@ def _overridden(spec: str, common: dict[str, str], fields: dict[str, Any]) -> An
         values(argv)
     except absl_flags.IllegalFlagValueError:  # Parsed left to right: the first one not present.
         key = next(k for k in common if not values[f"config.{k}"].present)
-        kind = _TYPE_NAMES.get(type(fields[key]), "a value of its type")
+        kind = sweep_points.TYPE_NAMES.get(type(fields[key]), "a value of its type")
         raise KilnError(
-            f"--config.{key}={common[key]}: {key} is {_a(fields[key])} field; give {kind}."
+            f"--config.{key}={common[key]}: {key} is"
+            f" {sweep_points.a_type(fields[key])} field; give {kind}."
         ) from None
     except absl_flags.Error as e:
         raise KilnError(f"bad --config override: {' '.join(str(e).split())}") from None
@@ -324,7 +109,7 @@ def command(spec: str, run_dir: str, flags: Sequence[str]) -> list[str]:
 
 
 def _flags(overrides: dict[str, Any]) -> list[str]:
-    return [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
+    return [f"--config.{k}={sweep_points.format_value(v)}" for k, v in overrides.items()]
 
 
 @dataclasses.dataclass
@@ -451,11 +236,11 @@ def run_sweep(
         raise KilnError("--workdir is empty: give the sweep's folder, e.g. --workdir runs/sweep.")
     if emit not in ("", "slurm", "tpu"):
         raise KilnError(f"emit={emit!r}: choose slurm or tpu.")
-    config, pts = _points(spec)
+    config, pts = sweep_points.load_points(spec)
     common = _common(list(flags), config, pts)
-    config = _overridden(spec, common, _fields(config))
+    config = _overridden(spec, common, sweep_points.fields_of(config))
     jobs = []
-    for name, point in zip(names(pts), pts):
+    for name, point in zip(sweep_points.names(pts), pts):
         run_dir = os.path.join(workdir, name)
         job = _Job(name, run_dir, [f"--config.{k}={v}" for k, v in common.items()], {})
         job.flags += _flags(point)
