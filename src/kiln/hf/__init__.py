@@ -150,3 +150,15 @@ def param(params: dict[str, Any], path: str) -> np.ndarray:
 def head_dim(model: dict[str, Any]) -> int:
     """The attention head size of a kiln `model` section (`head_dim`, 0 = d_model // n_heads)."""
     return int(model.get("head_dim") or 0) or model["d_model"] // model["n_heads"]
+
+
+def mismatches(model: dict[str, Any], want: dict[str, Any], plain_heads: bool = True) -> list[str]:
+    """The `model` fields an architecture's export needs changed: each of `want` (field ->
+    value) that differs and, with `plain_heads`, grouped-query attention or a head size other
+    than d_model // n_heads. [] when `model` is that architecture."""
+    problems = [f"model.{k}={v!r}" for k, v in want.items() if model.get(k, v) != v]
+    if plain_heads and model.get("n_kv_heads", model["n_heads"]) != model["n_heads"]:
+        problems.append("model.n_kv_heads=model.n_heads (no grouped-query attention)")
+    if plain_heads and head_dim(model) * model["n_heads"] != model["d_model"]:
+        problems.append("model.head_dim=0 (d_model // n_heads)")
+    return problems

@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from kiln import hf
 from kiln.errors import KilnError
-from kiln.hf import base_prefix, head_dim, nest, param, take
+from kiln.hf import base_prefix, nest, param, take
 
 MODEL_TYPE = "gpt2"
 HF_CLASS = "GPT2LMHeadModel"
@@ -109,13 +110,9 @@ def mismatches(model: dict[str, Any]) -> list[str]:
         "use_bias": True,
         "type_vocab_size": 0,
     }
-    problems = [f"model.{k}={v!r}" for k, v in want.items() if model.get(k, v) != v]
+    problems = hf.mismatches(model, want)
     if model.get("mlp") not in ("gelu", "relu"):
         problems.append("model.mlp='gelu' or 'relu'")
-    if model.get("n_kv_heads") != model.get("n_heads"):
-        problems.append("model.n_kv_heads=model.n_heads (no grouped-query attention)")
-    if head_dim(model) * model["n_heads"] != model["d_model"]:
-        problems.append("model.head_dim=0 (d_model // n_heads)")
     return problems
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln import hf
 from kiln.errors import KilnError
 from kiln.hf import base_prefix, head_dim, nest, param, take
 
@@ -101,7 +102,7 @@ def mismatches(model: dict[str, Any]) -> list[str]:
         "scale_attention": True,
         "type_vocab_size": 0,
     }
-    return [f"model.{k}={v!r}" for k, v in want.items() if model.get(k, v) != v]
+    return hf.mismatches(model, want, plain_heads=False)
 
 
 def to_hf(model: dict[str, Any], params: dict) -> tuple[dict, dict[str, np.ndarray]]:
