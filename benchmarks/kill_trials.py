@@ -31,17 +31,8 @@ from kiln import checkpoint
 
 ROOT = common.ROOT
 FLAGS = [
-    "--config=experiments/gpt/pretrain.py:size=tiny",
-    "--config.data.data_dir=data/tiny",
-    "--config.model.vocab_size=512",
-    "--config.data.seq_len=32",
-    "--config.model.max_len=32",
-    "--config.data.global_batch_size=8",
-    "--config.eval.batches=1",
+    "--config=experiments/gpt/pretrain.py:size=micro",
     "--config.eval.every=4",
-    "--config.eval.sample_prompt=",
-    "--config.tokenizer.max_sentences=2000",
-    "--config.train.log_every=1",
     "--config.checkpoint.every=1",
     "--config.checkpoint.keep=2",
     "--config.model.dropout=0.1",

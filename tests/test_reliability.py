@@ -250,17 +250,7 @@ def test_rollback_halves_the_rate_skips_the_batches_and_is_bounded(tmp_path, mon
 # -- kill -9 ------------------------------------------------------------------------------------
 
 KILL_FLAGS = [
-    "--config=experiments/gpt/pretrain.py:size=tiny",
-    "--config.data.data_dir=data/tiny",
-    "--config.model.vocab_size=512",
-    "--config.data.seq_len=32",
-    "--config.model.max_len=32",
-    "--config.data.global_batch_size=8",
-    "--config.eval.batches=1",
-    "--config.eval.sample_prompt=",
-    "--config.tokenizer.max_sentences=2000",
-    "--config.train.steps=8",
-    "--config.train.log_every=1",
+    "--config=experiments/gpt/pretrain.py:size=micro",
     "--config.checkpoint.every=1",
     "--config.model.dropout=0.1",
 ]

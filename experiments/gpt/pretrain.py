@@ -2,7 +2,7 @@
 
   python -m kiln.main --config experiments/gpt/pretrain.py:size=tiny --workdir runs/gpt_tiny
 
-Arguments after the colon: `size` = tiny | small | base | medium | large | 1b, and `style` =
+Arguments after the colon: `size` = micro (data/tiny, 8 steps: for tests) | tiny | small | base | medium | large | 1b, and `style` =
 gpt2 (learned positions, LayerNorm, GELU, tied embeddings) | modern (RoPE, RMSNorm, SwiGLU,
 grouped-query attention, no biases). Expected on a 2-core CPU: `size=tiny` runs 400 steps in
 about 2 minutes and brings validation perplexity from ~2100 to ~135.
@@ -17,6 +17,7 @@ from kiln.tools import sweep
 
 # (d_model, n_layers, n_heads, d_ff, vocab_size, seq_len, global_batch_size, steps)
 SIZES = {
+    "micro": (128, 2, 4, 512, 512, 32, 8, 8),  # the tests' and benchmarks' seconds-long runs
     "tiny": (128, 2, 4, 512, 2048, 128, 16, 400),  # ~0.7M parameters, two CPU minutes
     "small": (320, 6, 5, 1280, 8192, 256, 32, 5_000),  # ~10M
     "base": (768, 12, 12, 3072, 50304, 1024, 256, 100_000),  # GPT-2 124M
@@ -54,6 +55,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         use_bias=not modern,
     )
     c.eval.sample_prompt = "In the beginning"
+    if args["size"] == "micro":
+        c.data.data_dir = "data/tiny"
+        c.tokenizer.max_sentences = 2000
+        c.eval.batches = 1
+        c.eval.sample_prompt = ""
+        c.train.log_every = 1
     return c
 
 
