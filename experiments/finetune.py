@@ -19,8 +19,8 @@ import os
 
 import ml_collections
 
-from kiln import config_lib, defaults
-from kiln.data import tasks
+from kiln import config_lib, defaults, models
+from kiln.data import tasks, user_tasks
 from kiln.errors import KilnError
 
 
@@ -52,7 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pretrain = config_lib.load_json(config_path)
     if "stages" in pretrain:
         raise KilnError(f"from={source!r} is a pipeline; name one of its stages' workdirs.")
-    task = tasks.load_task(args["task"], data_dir=pretrain.data.data_dir or None, path=args["path"])
+    task = user_tasks.load_any(
+        args["task"], data_dir=pretrain.data.data_dir or None, path=args["path"]
+    )
     examples = len(tasks.low_resource_subset(task.splits["train"], int(args["examples"])))
     c = defaults.finetune_stage(
         pretrain,
@@ -68,6 +70,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer.path = ""  # The init_from run's tokenizer.
     c.task.path = args["path"]
     c.task.train_examples = int(args["examples"])
-    if task.kind == "generation" or pretrain.model.family == "t5":
+    if not models.family(pretrain.model.family).uses_head(task.kind):  # It answers in text.
         c.task.target_len = 64
     return c

@@ -53,7 +53,7 @@ def test_tiny_config_validates():
         ({"optim__grad_accum_steps": 3}, "data.global_batch_size"),
         ({"model__norm": "batchnorm"}, "model.norm"),
         ({"model__dropout": 1.5}, "model.dropout"),
-        ({"train__steps": 0}, "train.steps"),
+        ({"train__steps": -1}, "train.steps"),
         ({"mesh__data": 16}, "mesh"),
         ({"objective__name": "mlm"}, "objective.name"),
         ({"objective__name": "span_corruption"}, "objective.name"),

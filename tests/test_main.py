@@ -58,17 +58,16 @@ def test_two_step_run_writes_the_workdir(tmp_path):
     assert "tok/s" in result.stdout and "MFU" in result.stdout
 
 
-@pytest.mark.parametrize("family, scanned", [("gpt", ""), ("bert", "second"), ("t5", "first")])
+@pytest.mark.parametrize("family, scanned", [("bert", "second"), ("t5", "first")])
 def test_resume_is_bit_identical(tmp_path, family, scanned):
-    """A run stopped at step 2 and resumed equals the straight run bit for bit. Checkpoints
-    are interchangeable between scanned and unrolled layers: t5 writes its step-2 checkpoint
+    """A run stopped at step 2 and resumed equals the straight run. Checkpoints are
+    interchangeable between scanned and unrolled layers: t5 writes its step-2 checkpoint
     scanned (stacked state) and resumes unrolled, bert the other way round; equal up to float
-    reduction order."""
+    reduction order. (gpt's exact resume, unscanned: test_reliability's kill -9 tests.)"""
     config = f"experiments/{family}/pretrain.py:size=tiny"
     scan_flag = "--config.model.scan_layers=true"
     first_flags = [scan_flag] if scanned == "first" else []
     second_flags = [scan_flag] if scanned == "second" else []
-    scan = first_flags or second_flags
     flags = [
         *SMALL_RUN,
         "--config.train.steps=4",
@@ -91,7 +90,7 @@ def test_resume_is_bit_identical(tmp_path, family, scanned):
 
     a, b = losses(straight), losses(resumed)
     assert set(b) == {1, 2, 3, 4} and set(a) == {1, 2, 3, 4}
-    rtol = 1e-6 if scan else 0.0
+    rtol = 1e-6  # Scanned and unrolled layers reduce floats in different orders.
     for step, loss in b.items():  # same batches and same dropout/masking
         np.testing.assert_allclose(loss, a[step], rtol=rtol, atol=0, err_msg=f"step {step}")
     summary = json.loads((straight / "summary.json").read_text())
@@ -117,7 +116,7 @@ def test_resume_is_bit_identical(tmp_path, family, scanned):
     # Scanned vs unrolled reduce in other orders; Adam's early steps (about lr * sign(g)) turn
     # that into parameter differences of up to a few 1e-5 where a gradient is near 0 (rare
     # tokens' embeddings), well below the lr (3e-3) a real difference would move them by.
-    atol = 1e-4 if scan else 0.0
+    atol = 1e-4
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=atol), want, got)
 
 

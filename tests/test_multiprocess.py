@@ -18,21 +18,8 @@ from kiln.errors import KilnError
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = "experiments/gpt/pretrain.py:size=tiny"
-TINY = [
-    "--config.data.data_dir=data/tiny",
-    "--config.model.vocab_size=512",
-    "--config.data.seq_len=32",
-    "--config.model.max_len=32",
-    "--config.data.global_batch_size=8",
-    "--config.eval.batches=1",
-    "--config.eval.every=2",
-    "--config.eval.sample_prompt=",
-    "--config.tokenizer.max_sentences=2000",
-    "--config.train.steps=4",
-    "--config.train.log_every=1",
-    "--config.checkpoint.every=2",
-]
+CONFIG = "experiments/gpt/pretrain.py:size=micro"
+TINY = ["--config.eval.every=2", "--config.train.steps=4", "--config.checkpoint.every=2"]
 XLA = "--xla_backend_optimization_level=0"  # As tests/conftest.py: the same compiler for both.
 
 
@@ -175,3 +162,81 @@ def test_unreachable_coordinator_fails_clearly(tmp_path):
         result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+_DATA_CHILD = """
+import json, sys
+import jax
+import numpy as np
+index, count, port, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.config.update("jax_num_cpu_devices", 8 // count)
+if count > 1:
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=count, process_id=index)
+from kiln import config_lib, inputs
+from kiln.data import token_cache
+opened = []
+real = token_cache.CachedSplit.shards
+def shards(self, ids):
+    opened.extend(int(i) for i in ids if self.split == "train")
+    return real(self, ids)
+token_cache.CachedSplit.shards = shards
+config = config_lib.load_config("experiments/gpt/pretrain.py:size=tiny")
+for key, value in json.loads(sys.argv[5]).items():
+    section, name = key.split(".")
+    config[section][name] = value
+import os
+os.makedirs(f"{root}/p{count}", exist_ok=True)
+data = inputs.prepare(config, f"{root}/p{count}")
+batches = [next(data.train_iter)["inputs"] for _ in range(4)]
+np.save(f"{root}/p{count}_{index}.npy", np.stack(batches))
+json.dump(sorted(set(opened)), open(f"{root}/p{count}_{index}.json", "w"))
+"""
+
+
+def test_each_process_reads_only_its_cache_shards(tmp_path):
+    """A mixture of a 6-shard token cache and a shipped corpus on 2 processes x 4 devices:
+    process 0 prepares the cache, each process opens only the shards of its rows, and the
+    global batches equal the 1-process run's."""
+    from kiln.data.tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(300)]
+    docs = [" ".join(rng.choice(words, rng.integers(5, 60))) for _ in range(1200)]
+    for i in range(6):
+        (tmp_path / f"s{i}.txt").write_text("\n\n".join(docs[i::6]))
+    tok = train_tokenizer(docs, tmp_path / "tok.model", vocab_size=512)
+    overrides = {
+        "data.sources": f"web={tmp_path}/s*.txt weight=3; bible=bible",
+        "data.data_dir": "data/tiny",
+        "data.seq_len": 32,
+        "model.max_len": 32,
+        "model.vocab_size": 512,
+        "data.global_batch_size": 8,
+        "data.streams": 4,
+        "eval.batches": 1,
+        "tokenizer.path": str(tok.path),
+    }
+    port = str(20000 + int(rng.integers(20000)))
+    env = {**os.environ, "XLA_FLAGS": XLA, "JAX_PLATFORMS": "cpu"}
+    runs = [(0, 1)], [(0, 2), (1, 2)]
+    for run in runs:
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", _DATA_CHILD, str(i), str(n), port, str(tmp_path)]
+                + [json.dumps(overrides)],
+                cwd=ROOT,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i, n in run
+        ]
+        for child in children:
+            _, err = child.communicate(timeout=240)
+            assert child.returncode == 0, err[-3000:]
+    one = np.load(tmp_path / "p1_0.npy")
+    two = np.concatenate([np.load(tmp_path / f"p2_{i}.npy") for i in (0, 1)], axis=1)
+    assert one.shape == (4, 8, 32) and np.array_equal(one, two)
+    opened = [set(json.load(open(tmp_path / f"p2_{i}.json"))) for i in (0, 1)]
+    assert set(json.load(open(tmp_path / "p1_0.json"))) == set(range(6)) == opened[0] | opened[1]
+    assert len(opened[0] & opened[1]) <= 1 and max(len(o) for o in opened) <= 4

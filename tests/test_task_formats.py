@@ -63,7 +63,7 @@ def pair_task(labels=("diff", "same"), kind="classification") -> Task:
 def test_jsonl_sentence_pairs_with_renamed_fields(tmp_path):
     path = write(tmp_path / "p.jsonl", pair_records())
     fields = user_tasks.parse_fields("text=s1, text_pair=s2,label=y")
-    task = tasks.load_task("jsonl", path=path, fields=fields)
+    task = user_tasks.load_any("jsonl", path=path, fields=fields)
     assert task.kind == "classification" and task.pairs and task.labels == ("diff", "same")
     assert task.template == tasks.PAIR_TEMPLATE
     first = task.splits["train"][0]
@@ -75,19 +75,19 @@ def test_jsonl_regression_inferred_from_numeric_labels(tmp_path):
     for i, r in enumerate(records):
         r["split"] = SPLITS[i % 3]
     records[3]["label"] = 2  # An integer is a number too.
-    task = tasks.load_task("jsonl", path=write(tmp_path / "r.jsonl", records))
+    task = user_tasks.load_any("jsonl", path=write(tmp_path / "r.jsonl", records))
     assert task.kind == "regression" and task.labels == () and task.pairs
     assert task.metrics == ("pearson", "spearman", "mse")
     assert [float(e.target) for e in task.splits["train"]] == [0.0, 2.0, 1.5]
     # With kind regression, numeric strings are values too.
     text = [{**r, "label": str(r["label"])} for r in records]
-    given = tasks.load_task("jsonl", path=write(tmp_path / "s.jsonl", text), kind="regression")
+    given = user_tasks.load_any("jsonl", path=write(tmp_path / "s.jsonl", text), kind="regression")
     assert [e.target for e in given.splits["train"]] == ["0.0", "2.0", "1.5"]
 
 
 def error_of(tmp_path, records, **kwargs) -> str:
     with pytest.raises(KilnError) as info:
-        tasks.load_task("jsonl", path=write(tmp_path / "bad.jsonl", records), **kwargs)
+        user_tasks.load_any("jsonl", path=write(tmp_path / "bad.jsonl", records), **kwargs)
     return str(info.value)
 
 
@@ -110,7 +110,7 @@ def test_bad_pair_and_regression_files(tmp_path):
     assert "line 1: the 'z' field is missing" in message
     with pytest.raises(KilnError, match="bad entry 'txt=a'"):
         user_tasks.parse_fields("txt=a")
-    with pytest.raises(KilnError, match="only for the jsonl task"):
+    with pytest.raises(KilnError, match="only for the user-file tasks"):
         tasks.load_task("wn_lexname", fields={"text": "a"})
 
 

@@ -12,10 +12,10 @@ pytestmark = pytest.mark.slow
 _WORDS = "river stone light city train model north south old new bright quiet".split()
 
 
-def _pretrain(family: str, workdir: str):
+def _pretrain(family: str, workdir: str, max_len: int = 32):
     config = config_lib.load_config(f"experiments/{family}/pretrain.py:size=tiny")
     config.data.data_dir = "data/tiny"
-    config.model.vocab_size, config.model.max_len, config.data.seq_len = 512, 32, 32
+    config.model.vocab_size, config.model.max_len, config.data.seq_len = 512, max_len, 32
     config.data.global_batch_size, config.eval.batches, config.eval.sample_prompt = 8, 1, ""
     config.tokenizer.max_sentences = 2000
     config.train.steps = config.checkpoint.every = 1

@@ -2,10 +2,10 @@
 
   python -m kiln.main --config experiments/gpt/pretrain.py:size=tiny --workdir runs/gpt_tiny
 
-Arguments after the colon: `size` = micro (data/tiny, 8 steps: for tests) | tiny | small | base | medium | large | 1b, and `style` =
-gpt2 (learned positions, LayerNorm, GELU, tied embeddings) | modern (RoPE, RMSNorm, SwiGLU,
-grouped-query attention, no biases). Expected on a 2-core CPU: `size=tiny` runs 400 steps in
-about 2 minutes and brings validation perplexity from ~2100 to ~135.
+Arguments after the colon: `size` = micro (data/tiny, 8 steps: for tests) | tiny | small | base
+| medium | large | 1b, and `style` = gpt2 (learned positions, LayerNorm, GELU, tied embeddings)
+| modern (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases). Expected on a 2-core
+CPU: `size=tiny` runs 400 steps in about 2 minutes.
 `--config.objective.name=prefix_lm` trains a prefix LM instead. `get_sweep` is a learning rate x
 seed grid for `python -m kiln.tools.sweep` (4 runs).
 """

@@ -13,12 +13,15 @@ Arguments: `size` = tiny (the quickstart: 600 MLM steps, 3 fine-tuning epochs, m
 2-core CPU; too small a budget for pre-training to help) | cpu (5,000 MLM steps with 40%
 masking, then 6 epochs at two learning rates per arm, about an hour on a 2-core CPU) | gpu
 (a 4-layer d512 BERT, 30k steps of batch 256); `seed` (default 0); `lrs`, fine-tuning learning
-rates separated by `/` (default: the size's). See the README for the measured tables.
+rates separated by `/` (default: the size's); `seeds` (fine-tuning seeds separated by `/`, e.g.
+`seeds=0/1/2`: stages `finetune_seed0`, ...; the comparison reports mean +- std). `fewshot` is
+refused: a BERT does not generate, so it cannot be prompted. See the README for the measured
+tables.
 """
 
 import ml_collections
 
-from kiln import config_lib, defaults
+from kiln import arms, config_lib, defaults
 
 # name: (d_model, n_layers, n_heads, d_ff, vocab, pretrain steps, pretrain lr, mask rate,
 #        pretrain batch, fine-tuning epochs, fine-tuning lrs)
@@ -33,13 +36,14 @@ FINETUNE_SEQ_LEN = 48  # definitions: median 18 tokens, 4% longer than 48 (trunc
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, size="tiny", seed="0", lrs="")
+    args = config_lib.parse_arg(arg, size="tiny", seed="0", lrs="", seeds="", fewshot="")
     d_model, layers, heads, d_ff, vocab, steps, lr, mask_rate, batch, epochs, lrs = config_lib.pick(
         "size", args["size"], SIZES
     )
     if args["lrs"]:
         lrs = tuple(float(x) for x in args["lrs"].split("/"))
     seed = int(args["seed"])
+    run_seeds = arms.parse_seeds(args["seeds"], seed)
     pretrain = defaults.run_sections(
         seq_len=SEQ_LEN, batch=batch, steps=steps, lr=lr, objective="mlm"
     )
@@ -70,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         epochs=epochs,
         seq_len=FINETUNE_SEQ_LEN,
         batch=32,
-        seed=seed,
+        seeds=run_seeds,
         # The quickstart scores the first 4,000 validation/test examples (by md5 of the id).
         eval_examples=4_000 if args["size"] == "tiny" else 0,
     )
@@ -80,4 +84,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if args["size"] == "tiny"
         else ""
     )
-    return defaults.pipeline({"pretrain": pretrain, **stages}, select="accuracy", advice=advice)
+    fewshot = arms.fewshot_arm(
+        pretrain,
+        arms.parse_shots(args["fewshot"]),  # Refused: bert does not generate.
+        task="wn_lexname",
+        scoring="rank",
+        eval_examples=4_000 if args["size"] == "tiny" else 0,
+        run_seeds=run_seeds,
+        max_new_tokens=8,
+    )
+    stages = {"pretrain": pretrain, **fewshot, **stages}
+    return defaults.pipeline(stages, select="accuracy", advice=advice)

@@ -10,12 +10,15 @@ initialisation). Scored by greedy decoding with the KV cache: ROUGE-L and BLEU.
 
 Arguments: `size` = tiny (about 25 CPU-minutes, 44 minutes of wall time measured on a shared
 2-core CPU; scores 300 test functions; ROUGE-L 13.0 fine-tuned vs 10.7 from scratch) | cpu | gpu
-(cpu and gpu not measured yet); `seed`.
+(cpu and gpu not measured yet); `seed`; `seeds` (fine-tuning seeds separated by `/`, e.g.
+`seeds=0/1/2`: stages `finetune_seed0`, ...; the comparison reports mean +- std); `fewshot=K`
+(adds a `fewshot` arm: `pretrain` prompted with K demonstrations, no training); `scored`
+(validation/test examples scored; default the size's).
 """
 
 import ml_collections
 
-from kiln import config_lib, defaults
+from kiln import arms, config_lib, defaults
 
 # name: (d_model, layers, heads, d_ff, vocab, pretrain steps, pretrain batch, epochs,
 #        fine-tuning lr, examples scored (0 = all))
@@ -28,7 +31,7 @@ SEQ_LEN = 256
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, size="tiny", seed="0")
+    args = config_lib.parse_arg(arg, size="tiny", seed="0", seeds="", fewshot="", scored="")
     d_model, layers, heads, d_ff, vocab, steps, batch, epochs, lr, scored = config_lib.pick(
         "size", args["size"], SIZES
     )
@@ -36,6 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seq_len=SEQ_LEN, batch=batch, steps=steps, lr=2e-3, objective="causal_lm"
     )
     pretrain.seed = int(args["seed"])
+    run_seeds = arms.parse_seeds(args["seeds"], pretrain.seed)
+    scored = int(args["scored"]) if args["scored"] else scored
     pretrain.data.corpus = "bible,wordnet,sympy"
     pretrain.eval.every = max(100, steps // 5)
     pretrain.checkpoint.every = max(100, steps // 5)
@@ -57,8 +62,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         epochs=epochs,
         seq_len=SEQ_LEN,
         batch=16,
-        seed=pretrain.seed,
+        seeds=run_seeds,
         target_len=48,
         eval_examples=scored,
     )
-    return defaults.pipeline({"pretrain": pretrain, **stages}, select="rouge_l")
+    fewshot = arms.fewshot_arm(
+        pretrain,
+        arms.parse_shots(args["fewshot"]),
+        task="code_summary",
+        scoring="generate",
+        eval_examples=scored,
+        run_seeds=run_seeds,
+        max_new_tokens=48,
+    )
+    return defaults.pipeline({"pretrain": pretrain, **fewshot, **stages}, select="rouge_l")

@@ -12,52 +12,35 @@ checksums first; `restore_latest` falls back past damaged checkpoints, setting t
 
 import glob
 import json
-import logging
 import os
 import pathlib
 import shutil
-import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 from kiln import integrity
 from kiln.errors import KilnError
 
 Log = Callable[[str], None]
-# orbax's own reports of a failed save or restore: tracebacks from its threads, several per
-# failure. kiln checks every save and restore itself and says what failed in one paragraph.
-_QUIET = f"{os.sep}orbax{os.sep}"
 
 
-class _QuietOrbax(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and _QUIET in record.pathname)
+class _Protected(NamedTuple):  # orbax preservation policy: the steps in a set kept.
+    steps: set[int]
 
-
-logging.getLogger("absl").addFilter(_QuietOrbax())
-_unraisable = sys.unraisablehook
-
-
-def _quiet_closed_loops(info: Any) -> None:
-    """After a failed write, tensorstore completes orbax's other futures on event loops orbax
-    has closed; each is a "RuntimeError: Event loop is closed" traceback on stderr. Dropped;
-    every other unraisable exception goes to the previous hook."""
-    if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == _CLOSED):
-        _unraisable(info)
-
-
-_CLOSED = "Event loop is closed"
-sys.unraisablehook = _quiet_closed_loops
+    def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:
+        return [c.step in self.steps for c in checkpoints]
 
 
 class Checkpointer:
-    """Keeps the last `keep` checkpoints plus every `keep_every`-th step (0 = none extra)."""
+    """Keeps the last `keep` checkpoints plus every `keep_every`-th step (0 = none extra), plus
+    the steps given to `protect` (a run's best validation checkpoint)."""
 
     def __init__(
         self,
@@ -67,9 +50,13 @@ class Checkpointer:
         keep_every: int = 0,
         async_save: bool = True,
     ) -> None:
+        integrity.quiet_orbax_errors()
+        self._protected: set[int] = set()
+        keeps = [ocp.checkpoint_managers.LatestN(n=keep), _Protected(self._protected)]
+        if keep_every:
+            keeps.append(ocp.checkpoint_managers.preservation_policy.EveryNSteps(keep_every))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            keep_period=keep_every or None,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keeps),
             enable_async_checkpointing=True,  # Also for async_save=False: `save` then waits.
             create=True,
             async_options=ocp.AsyncOptions(
@@ -96,6 +83,11 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def protect(self, steps: set[int]) -> None:
+        """From the next save on, keeps `steps` (only these) whatever `keep` says."""
+        self._protected.clear()
+        self._protected.update(steps)
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -351,6 +343,17 @@ class Checkpointer:
                 " config.json), and the disk (python -m kiln.tools.checkpoints --verify)."
             ) from None
         return restored["state"]["params"]
+
+    def param_shapes(self, step: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """ "/"-joined path -> shape and dtype of each `state.params` leaf of checkpoint `step`,
+        from orbax's metadata (no array is read)."""
+        folder = epath.Path(self.step_folder(step)) / "state"
+        tree = ocp.PyTreeCheckpointHandler().metadata(folder).tree
+        leaves = jax.tree_util.tree_leaves_with_path(tree["params"])
+        return {
+            "/".join(str(k.key) for k in keys): jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+            for keys, leaf in leaves
+        }
 
     def restore_raw(self, step: int) -> Any:
         """The saved state tree as stored (dicts of arrays), for inspection and tests."""

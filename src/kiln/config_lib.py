@@ -82,7 +82,9 @@ _COUNTS = (
     ("task.train_examples", 0, "training examples; 0 = all"),
     ("task.target_len", 1, "target tokens per example"),
     ("task.eval_examples", 0, "examples scored; 0 = all"),
-    ("train.steps", 1, "training steps"),
+    ("task.doc_stride", 0, "tokens shared by consecutive context windows"),
+    ("task.max_answer_len", 1, "tokens of the longest predicted answer"),
+    ("train.steps", 0, "training steps; 0 = evaluate the restored model only"),
     ("train.log_every", 1, "steps between metrics lines"),
     ("train.stop_after", 0, "the step this session ends at; 0 = train.steps"),
     ("train.loss_chunks", 0, "chunks of the fused loss; 0 = off"),
@@ -140,6 +142,7 @@ def validate(
     _check_training(config)
     _check_task(config, family)
     _check_init_from(config)
+    _check_finetune(config)
     # Fails on bad decoding options before any training.
     decode_options(config.decode, config.seed, config.task.target_len)
     return _check_mesh_and_batch(config, num_devices, process_count)
@@ -154,9 +157,10 @@ def _check_model(config: ml_collections.ConfigDict) -> "Family":
 
 def _check_data(config: ml_collections.ConfigDict, family: "Family") -> None:
     """The `data` and `objective` sections, against the model."""
-    from kiln.data import objectives, pipeline
+    from kiln.data import mixture, objectives, pipeline
 
     d, o = config.data, config.objective
+    mixture.check_config(d)  # data.sources parses; data.prepare_workers >= 1
     objectives.check_options(
         o.name,
         family.layout,
@@ -177,10 +181,14 @@ def _check_data(config: ml_collections.ConfigDict, family: "Family") -> None:
 
 
 def _check_training(config: ml_collections.ConfigDict) -> None:
-    """The `train` and `optim` sections (the optimizer's own rules: `optim.make_optimizer`)."""
-    from kiln import optim
+    """The `train` and `optim` sections (the optimizer's own rules: `optim.make_optimizer`),
+    and model selection's keys (`selection.check`)."""
+    from kiln import optim, selection
 
-    optim.make_optimizer(config.optim, config.train.steps, config.model.n_layers)
+    selection.check(config.checkpoint, config.train, config.eval, config.task.name)
+
+    # steps=0 (evaluation only) builds the optimizer of one step, which never runs.
+    optim.make_optimizer(config.optim, max(config.train.steps, 1), config.model.n_layers)
     if config.model.get("scan_layers") and (
         config.optim.name == "adafactor" or config.optim.layer_decay != 1
     ):
@@ -215,6 +223,13 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
     if hf and i.load == "state":
         why = "has parameters but no optimizer state"
         _fail("init_from.hf", hf, why, "Use init_from.load='params'.")
+
+
+def _check_finetune(config: ml_collections.ConfigDict) -> None:
+    """The `finetune` section (LoRA, prompt tuning): its own rules, against model and data."""
+    from kiln import peft
+
+    peft.check(config)
 
 
 def _check_mesh_and_batch(

@@ -5,6 +5,9 @@ from typing import Any
 
 import ml_collections
 
+# The shipped corpus as data.sources: each part weighted by its training text (M characters).
+SHIPPED_MIXTURE = "bible=bible weight=6.5; wordnet=wordnet weight=9.7; sympy=sympy weight=2.1"
+
 
 def model_section(family: str, **fields: Any) -> ml_collections.ConfigDict:
     """The `model` section with every architecture field; `fields` override the defaults."""
@@ -56,6 +59,7 @@ def run_sections(
     _add_inputs(c, seq_len, batch, objective)
     _add_optim(c, lr)
     _add_init_from_and_task(c)
+    _add_finetune(c)
     _add_loop(c, steps)
     _add_scale_out(c)
     return c
@@ -70,7 +74,9 @@ def _add_inputs(c: ml_collections.ConfigDict, seq_len: int, batch: int, objectiv
     c.tokenizer.max_sentences = 300_000  # documents sampled (across all sources) to train it
 
     c.data = ml_collections.ConfigDict()
-    c.data.corpus = "bible,wordnet"  # comma-separated names or .txt/.jsonl paths
+    # Comma-separated names or .txt/.jsonl paths read as one corpus; when set, it replaces the
+    # data.sources mixture (e.g. "bible,wordnet"). "" = train on data.sources.
+    c.data.corpus = ""
     c.data.data_dir = ""  # "" = the repo's data/ (or $KILN_DATA_DIR)
     c.data.seq_len = seq_len  # tokens per packed row (encoder inputs for t5)
     c.data.global_batch_size = batch  # rows per step, over all processes
@@ -79,10 +85,11 @@ def _add_inputs(c: ml_collections.ConfigDict, seq_len: int, batch: int, objectiv
     # rows: with a process count dividing it no document is read twice. The data order depends
     # on it, never on the process count. 0 = gcd(global_batch_size, 8).
     c.data.streams = 0
-    # A weighted mixture of large sources instead of data.corpus: "name=path [weight=W]
-    # [field=F]; ..." (path: a .txt/.jsonl(.gz/.xz/.zst)/.parquet file, a directory or a glob).
-    # Each is tokenized once into a memory-mapped cache (kiln.tools.prepare, or at run start).
-    c.data.sources = ""
+    # A weighted mixture: "name=path [weight=W] [field=F]; ..." (path: a .txt/.jsonl(.gz/.xz/
+    # .zst)/.parquet file, a directory or a glob, tokenized once into a memory-mapped cache by
+    # kiln.tools.prepare or at run start; or a shipped corpus name, read in memory). The default
+    # is the shipped corpus, each part weighted by its size in characters (millions).
+    c.data.sources = SHIPPED_MIXTURE
     c.data.cache_dir = ""  # "" = <workdir>/token_cache; one subdirectory per source
     c.data.prepare_workers = 1  # processes tokenizing the sources' caches
 
@@ -135,21 +142,38 @@ def _add_init_from_and_task(c: ml_collections.ConfigDict) -> None:
     c.task = ml_collections.ConfigDict()
     # "" = pre-training on data.corpus with `objective`; else fine-tuning on a labeled task:
     # wn_lexname | bible_genre | kjv2web | code_summary | code_generation |
-    # wn_reverse_dictionary | jsonl
+    # wn_reverse_dictionary | jsonl | squad | chat (conversations, kiln.data.chat)
     c.task.name = ""
     c.task.path = ""  # jsonl: the file (text/label or input/target fields per line)
-    c.task.kind = ""  # jsonl: classification | generation | regression; "" = from the fields
+    c.task.kind = ""  # jsonl: classification | generation | regression | chat; "" = from fields
     # jsonl: the file's names for kiln's fields, "text=sentence1,text_pair=sentence2,label=y"
     c.task.fields = ""
     c.task.metrics = ""  # comma-separated metrics (task_metrics.METRICS_BY_KIND); "" = defaults
     c.task.positive_label = ""  # binary_f1's positive class; "" = the second sorted label
     c.task.labels = ""  # jsonl classification: comma-separated label set; "" = train labels
-    c.task.template = ""  # prompt template with {input}; "" = the task's default
+    c.task.template = ""  # prompt template with {input} (chat: {role}, {content}); "" = default
     c.task.train_examples = 0  # low-resource subset: the first N by md5 of the id; 0 = all
     c.task.target_len = 32  # target tokens kept (and generated) per example
-    c.task.pack = False  # gpt generation: pack several examples per row
+    c.task.pack = False  # gpt generation and chat: pack several examples per row
     c.task.pooling = ""  # classifier head input: bert cls | mean, gpt last | mean; "" = first
     c.task.eval_examples = 0  # validation/test examples scored at the end; 0 = all
+    c.task.doc_stride = 32  # extractive QA: tokens shared by consecutive windows of a context
+    c.task.max_answer_len = 30  # extractive QA: longest predicted answer, in tokens
+
+
+def _add_finetune(c: ml_collections.ConfigDict) -> None:
+    """The `finetune` section: parameter-efficient fine-tuning (`kiln.peft`, docs/finetuning.md).
+    With either method on, the base model is frozen; the adapters and the task head train."""
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.lora = ml_collections.ConfigDict()
+    c.finetune.lora.rank = 0  # LoRA adapters' rank; 0 = off
+    c.finetune.lora.alpha = 16.0  # adapters scaled by alpha / rank
+    c.finetune.lora.dropout = 0.0  # on the adapters' input, while training
+    # Regex (re.fullmatch) over "/"-joined kernel paths such as block_0/attn/query/kernel
+    c.finetune.lora.targets = r".*(attn|mlp)/(query|key|value|out|wi|wi_0|wi_1|wo)/kernel"
+    c.finetune.prompt_tuning = ml_collections.ConfigDict()
+    c.finetune.prompt_tuning.length = 0  # learned prompt vectors before the input; 0 = off
+    c.finetune.prompt_tuning.init = "vocab"  # vocab (random tokens' embeddings) | random
 
 
 def _add_loop(c: ml_collections.ConfigDict, steps: int) -> None:
@@ -168,12 +192,19 @@ def _add_loop(c: ml_collections.ConfigDict, steps: int) -> None:
     c.train.on_nonfinite = "stop"
     c.train.max_loss_spike = 0.0  # > 1: a loss above this multiple of its running mean diverged
     c.train.max_rollbacks = 3
+    # Early stopping: end after this many evaluations in a row without a better validation
+    # checkpoint.best_metric (scored from the best checkpoint); 0 = off. kiln.selection
+    c.train.early_stop_patience = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 100  # steps between validation evaluations (also at the start and the end)
     c.eval.batches = 8  # validation/test batches per evaluation
     c.eval.sample_prompt = ""  # gpt: greedy sample printed at the end; "" = none
     c.eval.sample_tokens = 32
+    # Fine-tunes: when evaluations score the task metrics on the validation examples:
+    # auto (a head: always, free; text answers: after step 0, one decoding pass each) |
+    # always (also at step 0) | end (only the final scoring)
+    c.eval.task_metrics = "auto"
 
     c.decode = ml_collections.ConfigDict()  # generation tasks' scoring and eval.sample_prompt
     c.decode.strategy = "greedy"  # greedy | sample | beam
@@ -187,6 +218,10 @@ def _add_loop(c: ml_collections.ConfigDict, steps: int) -> None:
     c.checkpoint.every = 100  # steps between checkpoints (and one at the end)
     c.checkpoint.keep = 3  # most recent checkpoints kept
     c.checkpoint.keep_every = 0  # also keep every K-th step forever; 0 = off
+    # The validation metric choosing the best checkpoint, which is kept and scored at the end:
+    # "loss" | "perplexity" | "mse" (lower is better) | a task metric, e.g. "accuracy",
+    # "rouge_l" (higher); "" = off (the last step is scored)
+    c.checkpoint.best_metric = ""
 
 
 def _add_scale_out(c: ml_collections.ConfigDict) -> None:
@@ -256,19 +291,34 @@ def finetune_stage(
 
 
 def finetune_arms(
-    pretrain: ml_collections.ConfigDict, lrs: tuple[float, ...], **stage: Any
+    pretrain: ml_collections.ConfigDict,
+    lrs: tuple[float, ...],
+    seeds: tuple[int, ...] = (),
+    **stage: Any,
 ) -> dict[str, ml_collections.ConfigDict]:
     """The `finetune` (from `@pretrain`) and `scratch` stages at each learning rate of `lrs`.
 
     With one rate the stages are `finetune` and `scratch`; with several, `finetune_lr1e-3`,
-    `scratch_lr1e-3`, ... (arms whose rate the comparison picks on validation). `stage` goes to
-    `finetune_stage`.
+    `scratch_lr1e-3`, ... (arms whose rate the comparison picks on validation). With two or more
+    `seeds`, each stage is repeated per fine-tuning seed as `<stage>_seed<N>` (the comparison
+    reports mean +- std over them; `kiln.seeds`). `stage` goes to `finetune_stage`.
     """
+    from kiln import seeds as seeds_lib
+
     stages = {}
     for arm, source in (("finetune", "@pretrain"), ("scratch", "")):
         for rate in lrs:
             name = arm if len(lrs) == 1 else f"{arm}_lr{rate:.0e}".replace("e-0", "e-")
-            stages[name] = finetune_stage(pretrain, lr=rate, init_from=source, **stage)
+            if len(seeds) < 2:
+                seed = {"seed": seeds[0]} if seeds else {}
+                stages[name] = finetune_stage(
+                    pretrain, lr=rate, init_from=source, **{**stage, **seed}
+                )
+                continue
+            for s in seeds:
+                stages[seeds_lib.stage_name(name, s)] = finetune_stage(
+                    pretrain, lr=rate, init_from=source, **{**stage, "seed": s}
+                )
     return stages
 
 

@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any
 
-from kiln import checkpoint, integrity, metrics, restore, train
+from kiln import integrity, metrics, restore
 from kiln import workdir as workdir_lib
 from kiln.errors import KilnError, config_error
 
@@ -125,8 +125,7 @@ def respond(run: Any, diverged: Diverged, guard: Guard, start: int) -> tuple[Any
     good = max(ckpt.all_steps(), default=None)
     if not guard.can_roll_back() or (good is None and start > 0):
         raise KilnError(_stop_message(run, diverged, good, moved, guard))
-    target = train.on_disk(checkpoint.abstract_like(run.built.abstract, run.built.shardings))
-    resumed = ckpt.restore_latest(target, None, metrics.log)  # No data_iter: skip batches.
+    resumed = restore.latest(run.built, ckpt, None, run.config.seed)  # No data_iter: skip batches.
     if resumed is None:  # Diverged before the first checkpoint of a run that began at 0.
         config = run.config
         state = restore.initial_state(
@@ -134,7 +133,7 @@ def respond(run: Any, diverged: Diverged, guard: Guard, start: int) -> tuple[Any
         )
         step = 0
     else:
-        step, state = resumed[0], restore.from_disk(run.built, resumed[1])
+        step, state = resumed
     after = Guard.from_config(run.config.train, ckpt.loop_state(step))
     after.lr_scale, after.rollbacks = guard.lr_scale / 2, guard.rollbacks + 1
     run.writer.write(step, {f"train/{k}": v for k, v in after.as_record().items()})

@@ -14,21 +14,24 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from kiln import decoding, models, task_metrics
-from kiln.data import finetune, tasks
+from kiln.data import chat, finetune, qa, task_rows, tasks, user_tasks
 from kiln.data import tokenizer as tokenizer_lib
+from kiln.data.objectives import Layout
 from kiln.errors import KilnError
+
+# Extractive QA's defaults for configs written before `task.doc_stride`/`max_answer_len`.
+DOC_STRIDE, MAX_ANSWER_LEN = 32, 30
 
 
 def load(task_cfg: ml_collections.ConfigDict, data_dir: str = "") -> tasks.Task:
     """The labeled task named by the `task` section (`data_dir`: `data.data_dir`), with the
     metrics of `task.metrics` ("" = the task's defaults) and `task.positive_label`."""
-    from kiln.data import user_tasks
-
     t = task_cfg
     labels = tuple(x.strip() for x in t.labels.split(",") if x.strip())
-    task = tasks.load_task(
+    task = user_tasks.load_any(
         t.name,
         data_dir=data_dir or None,
         path=t.path,
@@ -38,7 +41,11 @@ def load(task_cfg: ml_collections.ConfigDict, data_dir: str = "") -> tasks.Task:
     )
     names = choose_metrics(task.kind, t.get("metrics", "")) or task.metrics
     return dataclasses.replace(
-        task, metrics=names, positive=positive_label(task, t.get("positive_label", ""), names)
+        task,
+        metrics=names,
+        positive=positive_label(task, t.get("positive_label", ""), names),
+        doc_stride=int(t.get("doc_stride", DOC_STRIDE)),
+        max_answer_len=int(t.get("max_answer_len", MAX_ANSWER_LEN)),
     )
 
 
@@ -46,6 +53,13 @@ def check_model(model_cfg: ml_collections.ConfigDict, task: tasks.Task) -> None:
     """Raises unless the `model` section's family can fine-tune on `task` (its kind, pairs)."""
     family = models.family(model_cfg.family)
     family.check_task_kind(task.kind, task.name)
+    if task.kind == chat.KIND and family.layout != Layout.DECODER:
+        decoders = [f.name for f in models.FAMILIES.values() if f.layout == Layout.DECODER]
+        raise KilnError(
+            f"Task {task.name!r} is a chat task (the loss on assistant turns of a conversation),"
+            f" which needs a decoder; model.family={model_cfg.family!r} is {family.layout}."
+            f" Fine-tune a decoder family ({', '.join(decoders)})."
+        )
     if task.pairs and family.uses_head(task.kind):
         family.check_pairs(model_cfg.get("type_vocab_size", 0), task.name)
 
@@ -94,7 +108,15 @@ def num_classes(family: str, task: tasks.Task) -> int:
     """The head's output count for a `family` model on `task` (1 for regression; 0: no head)."""
     if not uses_head(family, task):
         return 0
+    if task.kind == qa.KIND:
+        return 2  # start, end
     return 1 if task.kind == "regression" else len(task.labels)
+
+
+def head_pooling(pooling: str, task: tasks.Task | None) -> str:
+    """The `pooling` a head model is built with: `task.pooling`, or the span head's
+    (`models.SPAN`) for extractive QA."""
+    return models.SPAN if task is not None and task.kind == qa.KIND else pooling
 
 
 def template(task_cfg: ml_collections.ConfigDict, task: tasks.Task) -> str:
@@ -130,6 +152,8 @@ def predictions(
     computes it): the argmax class, or the regression value; generation tasks are decoded with
     `answering.decode`, with rows sharded over `mesh` if given.
     """
+    if task.kind == qa.KIND:
+        return span_answers(answering, task, examples, model, params, tok)
     if uses_head(answering.family, task):
         if task.kind == "regression":
             return [float(v) for v in classes[: len(examples)]]
@@ -171,8 +195,31 @@ def score(
 ) -> tuple[dict[str, float], list[str] | list[float]]:
     """(task metrics, predictions) of `examples`; the arguments as in `predictions`."""
     preds = predictions(answering, task, examples, model, params, tok, classes, mesh)
-    refs = [example.target for example in examples]
+    refs: list = [example.target for example in examples]
+    if task.kind == qa.KIND:
+        refs = [[text for text, _ in example.answers] for example in examples]
     return task_metrics.compute(task.metrics, preds, refs, task.labels, task.positive), preds
+
+
+def span_answers(
+    answering: Answering,
+    task: tasks.Task,
+    examples: list[tasks.Example],
+    model: Any,
+    params: Any,
+    tok: tokenizer_lib.Tokenizer,
+) -> list[str]:
+    """A span head's answer to each extractive QA example: the best span over all windows of
+    its context (`kiln.data.qa.answers`), the windows run in batches of `batch_size` rows."""
+    encoded = qa.encode(tok, examples, seq_len=answering.seq_len, doc_stride=task.doc_stride)
+    forward = jax.jit(lambda p, b: model.apply({"params": p}, **b))
+    size, logits = answering.batch_size, []
+    for i in range(0, len(encoded.rows), size):
+        rows = encoded.rows[i : i + size]
+        batch = task_rows.pad_batch(rows, task.kind, task_rows.ENC, answering.seq_len, 1, size)
+        inputs = {k: batch[k] for k in ("inputs", "segment_ids", "positions")}
+        logits.append(np.asarray(forward(params, inputs))[: len(rows)])
+    return qa.answers(encoded, np.concatenate(logits), examples, task.max_answer_len)
 
 
 def copy_baseline(task: tasks.Task, examples: list[tasks.Example]) -> dict[str, float]:

@@ -199,7 +199,7 @@ def prepare(
     if config.task.name:
         return prepare_task_data(config, workdir, source_run)
     d = config.data
-    if d.get("sources"):
+    if d.get("sources") and not d.corpus:  # data.corpus, when set, replaces the mixture
         return prepare_sources(config, workdir, source_run)
     data_dir = d.data_dir or None
     train_docs = corpus.read_documents(d.corpus, "train", data_dir)
@@ -208,21 +208,9 @@ def prepare(
     dataset = _train_dataset(config, tok, objective, train_docs)
 
     def eval_batches(split: str) -> list[dict[str, np.ndarray]]:
+        # In corpus order the first batches would hold one source only: a fixed permutation.
         docs = corpus.read_documents(d.corpus, split, data_dir)
-        # A fixed sample of the split (seed 0 for every run, so runs compare on the same text);
-        # in corpus order the first batches would hold one source only.
-        docs = [docs[i] for i in np.random.default_rng(0).permutation(len(docs))]
-        batches = pipeline.make_eval_batches(
-            docs,
-            tok,
-            seq_len=d.seq_len,
-            batch_size=d.global_batch_size,
-            max_batches=config.eval.batches,
-            objective=objective,
-        )
-        return [
-            pipeline.process_slice(b, jax.process_index(), jax.process_count()) for b in batches
-        ]
+        return _eval_batches(config, tok, objective, docs, config.eval.batches)
 
     return Data(tok, iter(dataset), eval_batches("validation"), eval_batches("test"))
 
@@ -254,41 +242,68 @@ def _train_dataset(
 def prepare_sources(
     config: ml_collections.ConfigDict, workdir: str, source_run: restore.Source | None
 ) -> Data:
-    """Pre-training data from the weighted mixture `data.sources`, read from each source's
-    token cache (built first by process 0 where missing, `kiln.data.mixture`)."""
+    """Pre-training data from the weighted mixture `data.sources`: shipped corpora read in
+    memory, other sources from their token caches (built first by process 0 where missing,
+    `kiln.data.mixture`), each process opening only the cache shards of its rows."""
     d = config.data
     specs = mixture.parse(d.sources)
-    n = config.tokenizer.max_sentences
+    n, data_dir = config.tokenizer.max_sentences, d.data_dir or None
 
     def sample() -> list[str]:
-        return mixture.sample_documents(specs, n, config.seed)
+        return mixture.sample_documents(specs, n, config.seed, data_dir)
 
     tok = prepare_tokenizer(config, workdir, sample, source_run)
     if jax.process_index() == 0:
         mixture.prepare_caches(config, workdir, str(tok.path), tok.vocab_size)
     sync("token_cache")
     root = mixture.cache_root(config, workdir)
+
+    def documents(spec: mixture.Source, split: str) -> Any:
+        if mixture.shipped(spec):
+            return corpus.read_documents(spec.path, split, data_dir)
+        if split == "train":
+            return token_cache.CachedSplit(root / spec.name, split)
+        return token_cache.load(root / spec.name, split)
+
     objective = make_objective(config, tok)
-    train = [token_cache.load(root / s.name, "train") for s in specs]
+    train = [documents(s, "train") for s in specs]
     dataset = _train_dataset(config, tok, objective, train, [s.weight for s in specs])
     weights = np.asarray([s.weight for s in specs]) / sum(s.weight for s in specs)
     by_source: dict[str, dict[str, list]] = {"validation": {}, "test": {}}
     for split, found in by_source.items():
         for spec, weight in zip(specs, weights, strict=True):
-            docs = token_cache.load(root / spec.name, split)
-            docs = docs.select(np.random.default_rng(0).permutation(len(docs)))
-            batches = pipeline.make_eval_batches(
-                docs,
+            found[spec.name] = _eval_batches(
+                config,
                 tok,
-                seq_len=d.seq_len,
-                batch_size=d.global_batch_size,
-                max_batches=max(1, round(config.eval.batches * weight)),
-                objective=objective,
+                objective,
+                documents(spec, split),
+                max(1, round(config.eval.batches * weight)),
             )
-            index, count = jax.process_index(), jax.process_count()
-            found[spec.name] = [pipeline.process_slice(b, index, count) for b in batches]
     validation, test = ([b for bs in by_source[s].values() for b in bs] for s in by_source)
     return Data(tok, iter(dataset), validation, test, by_source=by_source)
+
+
+def _eval_batches(
+    config: ml_collections.ConfigDict,
+    tok: tokenizer_lib.AnyTokenizer,
+    objective: objectives.Objective,
+    docs: Any,
+    max_batches: int,
+) -> list[dict[str, np.ndarray]]:
+    """This process's rows of the fixed eval batches of `docs` (texts or tokenized): a seed-0
+    permutation of them (the same in every run, so runs compare on the same text), packed."""
+    order = np.random.default_rng(0).permutation(len(docs))
+    docs = docs.select(order) if isinstance(docs, pipeline.Tokenized) else [docs[i] for i in order]
+    batches = pipeline.make_eval_batches(
+        docs,
+        tok,
+        seq_len=config.data.seq_len,
+        batch_size=config.data.global_batch_size,
+        max_batches=max_batches,
+        objective=objective,
+    )
+    index, count = jax.process_index(), jax.process_count()
+    return [pipeline.process_slice(b, index, count) for b in batches]
 
 
 def task_data(

@@ -6,15 +6,18 @@ data-iterator position) and kiln's loop state at that step (`loop`: learning-rat
 rollbacks, the running loss mean). The record is written into orbax's temporary folder before
 orbax commits it, so a committed checkpoint always has one; a checkpoint without one was written
 by a kiln before records existed and is checked structurally only. `check` re-reads the files
-and says what differs; `describe_io_error` turns an OSError deep inside a save into words.
+and says what differs; `describe_io_error` turns an OSError deep inside a save into words, and
+`quiet_orbax_errors` silences orbax's own tracebacks of the failures kiln reports itself.
 """
 
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 from typing import Any
 
 RECORD = "kiln_checkpoint.json"
@@ -223,3 +226,34 @@ def first_line(error: BaseException, limit: int = 240) -> str:
     """The first line of `error`'s message, shortened, with its type if the message is empty."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# orbax's own reports of a failed save or restore: tracebacks from its threads, several per
+# failure. kiln checks every save and restore itself and says what failed in one paragraph.
+_QUIET = f"{os.sep}orbax{os.sep}"
+
+
+class _QuietOrbax(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and _QUIET in record.pathname)
+
+
+_CLOSED = "Event loop is closed"
+
+
+def quiet_orbax_errors() -> None:
+    """Installs, once, by the first Checkpointer (never on import): the filter of
+    orbax's error logs, and an unraisable-exception hook that drops the "Event loop is closed"
+    tracebacks tensorstore prints after a failed write (completing orbax's futures on loops
+    orbax has closed); every other unraisable exception goes to the previous hook."""
+    absl_logger = logging.getLogger("absl")
+    if any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
+        return
+    absl_logger.addFilter(_QuietOrbax())
+    previous = sys.unraisablehook
+
+    def hook(info: Any) -> None:
+        if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == _CLOSED):
+            previous(info)
+
+    sys.unraisablehook = hook

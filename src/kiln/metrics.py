@@ -4,10 +4,12 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any
 
 import jax
 
+from kiln import flops
 from kiln import workdir as workdir_lib
 
 
@@ -69,3 +71,69 @@ def progress_line(step: int, total: int, metrics: dict[str, float], eta_seconds:
     else:
         line += " | (includes compilation)"
     return line + f" | ETA {format_duration(eta_seconds)}"
+
+
+class StepMetrics:
+    """Pulls a step's metrics one step late, checks them (`guard`), and logs at `log_every`."""
+
+    def __init__(
+        self,
+        config: Any,
+        writer: MetricsWriter,
+        start_step: int,
+        shapes: dict,
+        guard: Any,  # divergence.Guard: its check(step, values) raises on divergence
+    ) -> None:
+        self.config, self.writer, self.guard = config, writer, guard
+        self.tokens_per_step, self.flops_per_step = flops.step_cost(
+            config.model.to_dict(), shapes, config.data.global_batch_size
+        )
+        self.peak = flops.peak_flops_per_device(config.model.dtype) * jax.device_count()
+        self.pending: tuple[int, dict] | None = None
+        self.restart(start_step)
+
+    def restart(self, step: int) -> None:
+        """Forgets the pending step and the timing: training goes on from `step`."""
+        self.pending = None
+        self.mark = (step, None)  # (step, time) of the last throughput measurement
+        self.start = (step, None)
+
+    def push(self, step: int, device_metrics: dict) -> None:
+        self.flush()
+        self.pending = (step, device_metrics)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, device_metrics = self.pending
+        self.pending = None
+        values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        self.guard.check(step, values)  # Raises divergence.Diverged.
+        now = time.perf_counter()
+        log_now = step % self.config.train.log_every == 0 or step == self.config.train.steps
+        eta = float("nan")
+        if self.mark[1] is None:  # The first step includes compilation: time from its end.
+            self.mark = self.start = (step, now)
+        elif log_now:
+            seconds = now - self.mark[1]
+            tokens_per_sec = (step - self.mark[0]) * self.tokens_per_step / max(seconds, 1e-9)
+            values["tokens_per_sec"] = tokens_per_sec
+            values["mfu"] = tokens_per_sec / self.tokens_per_step * self.flops_per_step / self.peak
+            self.mark = (step, now)
+            per_step = (now - self.start[1]) / max(step - self.start[0], 1)
+            eta = per_step * (self.config.train.steps - step)
+        if log_now:
+            log(progress_line(step, self.config.train.steps, values, eta))
+            self.writer.write(step, {f"train/{k}": v for k, v in values.items()})
+
+
+def log_eval(writer: MetricsWriter, step: int, split: str, result: dict) -> None:
+    """An evaluation's metrics under `<split>/`, and its line on the console."""
+    result = {k: v for k, v in result.items() if k != "predictions"}
+    writer.write(step, {f"{split}/{k}": v for k, v in result.items()})
+    shown = [f"loss {result['loss']:.4f}", f"perplexity {result['perplexity']:.2f}"]
+    shown += [f"{k} {v:.3f}" for k, v in result.items() if k not in _NOT_SHOWN]
+    log(f"step {step} | {split} " + " | ".join(shown))
+
+
+_NOT_SHOWN = ("loss", "perplexity", "tokens")

@@ -101,16 +101,20 @@ def _is_box(x: Any) -> bool:
     return isinstance(x, meta.AxisMetadata)
 
 
-def weight_decay_mask(params: Any) -> Any:
-    """Returns a tree like ``params`` that is True exactly at leaves named ``kernel``.
+_DECAYED = ("kernel", "lora_a", "lora_b")
 
-    Biases, norm scales and embeddings are never decayed. Flax metadata boxes (e.g.
+
+def weight_decay_mask(params: Any) -> Any:
+    """Returns a tree like ``params`` that is True exactly at the matmul weights: leaves named
+    ``kernel`` and LoRA adapters (``lora_a``, ``lora_b``).
+
+    Biases, norm scales, embeddings and soft prompts are never decayed. Flax metadata boxes (e.g.
     ``nn.Partitioned``) are kept, holding a bool, so the mask matches the params structure.
     """
 
     def decide(path: tuple[Any, ...], leaf: Any) -> Any:
         last = path[-1] if path else None
-        flag = getattr(last, "key", getattr(last, "name", None)) == "kernel"
+        flag = getattr(last, "key", getattr(last, "name", None)) in _DECAYED
         return leaf.replace_boxed(flag) if _is_box(leaf) else flag
 
     return jax.tree_util.tree_map_with_path(decide, params, is_leaf=_is_box)

@@ -9,7 +9,7 @@ validation `select` metric and reports its test metrics, so both arms are tuned 
 
 A stage with a `prompting` section (`defaults.fewshot_stage`, e.g. the `fewshot` arm) trains
 nothing (`train.steps=0`): it scores its `init_from` run on its task by zero- or k-shot prompting
-(`kiln.prompting`, run by `kiln.tools.evaluate.run_stage`), and its metrics join the comparison.
+(`kiln.prompting`, run by `kiln.evaluation.run_stage`), and its metrics join the comparison.
 """
 
 import json
@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from kiln import metrics
+from kiln import metrics, seeds
 from kiln import workdir as workdir_lib
 from kiln.errors import KilnError
 
@@ -97,13 +97,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             metrics.log(f"Pipeline: stage {name} already finished in {stage_dir}; skipped")
         else:
             metrics.log(f"Pipeline: stage {name} -> {stage_dir}")
-            if is_prompting(stage):
-                from kiln.tools import evaluate
-
-                summary = evaluate.run_stage(stage, stage_dir)
-            else:
-                summary = run.train_and_evaluate(stage, stage_dir)
-            if summary.get("step") != stage.train.steps:  # Stopped early (train.stop_after).
+            summary = run.train_and_evaluate(stage, stage_dir)  # Routes prompting stages.
+            stopped_early = summary.get("early_stopped")  # train.early_stop_patience: finished
+            if summary.get("step") != stage.train.steps and not stopped_early:  # stop_after
                 metrics.log(f"Pipeline: stopped in stage {name}; re-run to continue")
                 return summary
         done.append(name)
@@ -140,21 +136,39 @@ def comparison(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
             "steps": summary["step"],
             "metrics": {k: v for k, v in summary.items() if k.startswith(("validation/", "test/"))},
         }
-    arms: dict[str, Any] = {}
-    if select:
-        for name, row in rows.items():
-            key = f"validation/{select}"
-            if row["task"] == "pre-training" or key not in row["metrics"]:
-                continue
-            arm = name.split("_")[0]
-            best = arms.get(arm)
-            if best is None or row["metrics"][key] > rows[best["stage"]]["metrics"][key]:
-                arms[arm] = {"stage": name}
-        for chosen in arms.values():
-            chosen["metrics"] = rows[chosen["stage"]]["metrics"]
+    arms = _choose_arms(rows, select) if select else {}
     table = {"select": select, "stages": rows, "arms": arms}
     table["verdict"] = verdict(table, config.get("advice", ""))
     return table
+
+
+def _choose_arms(rows: dict[str, Any], select: str) -> dict[str, Any]:
+    """Each arm's variant with the best validation `select` (the mean over its seed
+    replicates `<variant>_seed<N>`), with its metrics: a single stage's, or the means over the
+    replicates plus their sample std ("std"), count ("n") and stage names ("stages")."""
+    key = f"validation/{select}"
+    variants: dict[str, list[str]] = {}
+    for name, row in rows.items():
+        if row["task"] != "pre-training" and key in row["metrics"]:
+            variants.setdefault(seeds.split_name(name)[0], []).append(name)
+    arms: dict[str, Any] = {}
+    for variant, members in variants.items():
+        if len(members) == 1:
+            entry = {"stage": members[0], "metrics": rows[members[0]]["metrics"]}
+        else:
+            stats = seeds.aggregate([rows[m]["metrics"] for m in members])
+            entry = {
+                "stage": variant,
+                "metrics": {k: s.mean for k, s in stats.items()},
+                "std": {k: s.std for k, s in stats.items()},
+                "n": len(members),
+                "stages": members,
+            }
+        arm = variant.split("_")[0]
+        best = arms.get(arm)
+        if best is None or entry["metrics"][key] > best["metrics"][key]:
+            arms[arm] = entry
+    return arms
 
 
 def verdict(table: dict[str, Any], advice: str) -> str:
@@ -166,6 +180,9 @@ def verdict(table: dict[str, Any], advice: str) -> str:
     ours, theirs = arms["finetune"]["metrics"].get(key), arms["scratch"]["metrics"].get(key)
     if ours is None or theirs is None:
         return ""
+    n = (arms["finetune"].get("n", 1), arms["scratch"].get("n", 1))
+    if max(n) > 1:
+        select = f"{select} (means over {n[0]} and {n[1]} seeds)"
     if ours > theirs:
         return (
             f"Pre-training helped: test {select} {ours:.4g} fine-tuned from the pre-trained"
@@ -205,13 +222,16 @@ def markdown(table: dict[str, Any]) -> str:
     if table["arms"]:
         lines += ["", f"Chosen on validation {table['select']} (test metrics of the chosen stage):"]
         for arm, chosen in table["arms"].items():
-            m = chosen["metrics"]
+            m, std = chosen["metrics"], chosen.get("std", {})
             shown = ", ".join(
                 f"{k.split('/', 1)[1]} {_fmt(v)}"
+                + (f" ± {std[k]:.2g}" if std.get(k) is not None else "")
                 for k, v in m.items()
                 if k.startswith("test/") and k.split("/", 1)[1] in _HEADLINE
             )
-            lines.append(f"- {arm} arm -> stage {chosen['stage']}: {shown}")
+            over = f" (mean ± sample std over {chosen['n']} seeds)" if "n" in chosen else ""
+            lines.append(f"- {arm} arm -> stage {chosen['stage']}{over}: {shown}")
+    lines += _seed_lines(table)
     if table.get("verdict"):
         lines += ["", table["verdict"]]
     pre = {n: r for n, r in rows.items() if r["task"] == "pre-training"}
@@ -224,6 +244,26 @@ def markdown(table: dict[str, Any]) -> str:
             f" token accuracy {_fmt(m.get('test/accuracy'))}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _seed_lines(table: dict[str, Any]) -> list[str]:
+    """Mean ± sample std of the headline test metrics per group of seed replicates."""
+    rows = {n: r for n, r in table["stages"].items() if r["task"] != "pre-training"}
+    groups = seeds.group((name, {}) for name in rows)
+    if not seeds.has_replicates(groups):
+        return []
+    keys = [
+        f"test/{m}"
+        for m in sorted({k.split("/", 1)[1] for r in rows.values() for k in r["metrics"]})
+        if m in _HEADLINE
+    ]
+    summaries = {name: r["metrics"] for name, r in rows.items()}
+    return [
+        "",
+        "Over seeds (mean ± sample std, n - 1; n = seeds):",
+        "",
+        seeds.table(groups, summaries, keys).rstrip(),
+    ]
 
 
 _HEADLINE = ("accuracy", "macro_f1", "exact_match", "bleu", "chrf", "rouge_l")

@@ -10,6 +10,9 @@ run that the source has with the same shape is loaded, unless its path matches
 `init_from.skip`; the rest (the new task's heads) keep their fresh initialisation. Checkpoints
 always hold per-layer blocks (`on_disk`), whatever `model.scan_layers` says, so runs with and
 without it read each other's.
+
+A PEFT run (`kiln.peft`) saves only what it trains; its base (`init_from` or the seed's init,
+recorded in `peft.BASE`) is loaded again on resume and for inference, its fingerprint checked.
 """
 
 import dataclasses
@@ -21,10 +24,11 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from kiln import build, checkpoint, config_lib, metrics, models, sharding, train
+from kiln import build, checkpoint, config_lib, metrics, models, peft, sharding, train
 from kiln import workdir as workdir_lib
 from kiln.errors import KilnError
 from kiln.hf import checkpoints as hf_checkpoints
+from kiln.optim import HEAD_MODULES
 
 # Model fields a fine-tune may set differently from the run it starts from.
 MAY_DIFFER = ("dropout", "dtype", "param_dtype", "remat", "scan_layers")
@@ -160,6 +164,8 @@ def plan(source: Source, abstract_params: Any, skip: str) -> tuple[list[str], li
     for path, leaf in target.items():
         if (pattern and pattern.fullmatch(path)) or path not in source_shapes:
             fresh.append(path)
+        elif source_shapes[path].shape != leaf.shape and path.split("/")[0] in HEAD_MODULES:
+            fresh.append(path)  # The source's head was for another task (another label set).
         elif source_shapes[path].shape != leaf.shape:
             raise KilnError(
                 f"init_from: parameter {path} has shape {source_shapes[path].shape} in"
@@ -174,14 +180,16 @@ def plan(source: Source, abstract_params: Any, skip: str) -> tuple[list[str], li
 
 def _source_shapes(source: Source) -> dict[str, Any]:
     """The shapes of the source's parameters: an imported checkpoint's as recorded (a BERT
-    import may hold a classifier and no MLM head), else its model section's."""
+    import may hold a classifier and no MLM head), else its checkpoint's (with a fine-tuned
+    head when it has one)."""
     imported = hf_checkpoints.param_shapes(source.workdir)
     if imported is not None:
         return {path: jax.ShapeDtypeStruct(shape, "float32") for path, shape in imported.items()}
-    model = models.build_model(source.config.model)
-    example = models.example_inputs(model, 8)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **example)["params"])
-    return _flat(nn.unbox(boxed))
+    ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, workdir_lib.CHECKPOINTS))
+    try:
+        return ckpt.param_shapes(source.step)
+    finally:
+        ckpt.close()
 
 
 def _place(array: Any, target: jax.sharding.Sharding) -> jax.Array:
@@ -231,8 +239,57 @@ def load_state(source: Source, abstract_state: Any) -> Any:
 
 
 def on_disk(built: build.Built, state: train.TrainState) -> train.TrainState:
-    """`state` in the checkpoints' per-layer layout (a copy only under model.scan_layers)."""
-    return jax.jit(train.on_disk)(state) if built.model.config.scan_layers else state
+    """`state` as checkpoints hold it: per-layer (a copy only under model.scan_layers), and for
+    a PEFT run its trainable parameters only."""
+    state = on_disk_state(built, state)
+    return state.replace(params=built.partition.trainable(state.params))
+
+
+def saved_target(built: build.Built) -> train.TrainState:
+    """The abstract state a checkpoint of `built`'s run holds (`on_disk`), on its shardings."""
+    target = train.on_disk(checkpoint.abstract_like(built.abstract, built.shardings))
+    return target.replace(params=built.partition.trainable(target.params))
+
+
+def latest(
+    built: build.Built, ckpt: checkpoint.Checkpointer, data_iter: Any, seed: int
+) -> tuple[int, train.TrainState] | None:
+    """(step, state) of `ckpt`'s newest intact checkpoint in the run's layout (a PEFT run's
+    base loaded again through its pointer), or None without one; sets `data_iter`."""
+    resumed = ckpt.restore_latest(saved_target(built), data_iter, metrics.log)
+    if resumed is None:
+        return None
+    step, state = resumed
+    if built.finetune.enabled:
+        fresh = on_disk_state(built, built.fresh_state(seed)).params
+        base = _base(os.path.dirname(ckpt.directory), fresh)
+        state = state.replace(params=built.partition.merge(state.params, base))
+    return step, from_disk(built, state)
+
+
+def _base(workdir: str, fresh: Any) -> Any:
+    """The frozen base of the PEFT run in `workdir`, as its pointer says, over `fresh`."""
+    pointer = peft.read_base(workdir)
+    params = fresh
+    if pointer["workdir"]:
+        spec = ml_collections.ConfigDict({"workdir": pointer["workdir"], "step": pointer["step"]})
+        source = hf_source(pointer["workdir"]) if pointer["hf"] else resolve(spec)
+        found = peft.fingerprint(_source_folder(source))
+        if found != pointer["fingerprint"]:
+            raise KilnError(
+                f"{workdir}: the base model of this PEFT run, {pointer['workdir']} step"
+                f" {pointer['step']}, has changed since the run started (fingerprint {found},"
+                f" recorded {pointer['fingerprint']}). Restore that base, or start a new workdir."
+            )
+        loaded, _, _ = plan(source, fresh, pointer["skip"])
+        params = load_params(source, fresh, loaded)
+    return peft.Partition(True).split(params)[1]
+
+
+def _source_folder(source: Source) -> str:
+    if source.params is not None:  # An HF directory.
+        return source.workdir
+    return os.path.join(source.workdir, workdir_lib.CHECKPOINTS, str(source.step))
 
 
 def from_disk(built: build.Built, state: train.TrainState) -> train.TrainState:
@@ -253,15 +310,16 @@ def initial_state(
     """The run's first state, in the restore order (logged): `ckpt`'s latest step (which also
     sets `data_iter` to its position) > `source` as `init_cfg` (the `init_from` section) says >
     a fresh state from `seed`."""
-    target = train.on_disk(checkpoint.abstract_like(built.abstract, built.shardings))
-    resumed = ckpt.restore_latest(target, data_iter, metrics.log)  # Verified; falls back.
+    resumed = latest(built, ckpt, data_iter, seed)  # Verified; falls back.
     if resumed is not None:
         metrics.log(f"Restore: resuming from this workdir's checkpoint at step {resumed[0]}")
-        return from_disk(built, resumed[1])
+        return resumed[1]
     fresh = built.fresh_state(seed)
     if source is None:
         metrics.log("Restore: no checkpoint in this workdir; initialising from scratch")
-        return fresh
+        if not built.finetune.enabled:
+            return fresh
+        return _start_peft(built, ckpt, on_disk_state(built, fresh), None, init_cfg, seed)
     if init_cfg.load == "state":
         target = train.on_disk(checkpoint.abstract_like(built.abstract, built.shardings))
         state = from_disk(built, load_state(source, target))
@@ -272,7 +330,7 @@ def initial_state(
         return state.replace(step=fresh.step, rng=fresh.rng)
     if init_cfg.load != "params":
         raise KilnError(f"init_from.load={init_cfg.load!r} is unknown; use 'params' or 'state'.")
-    fresh = on_disk(built, fresh)  # init_from works on per-layer parameter paths.
+    fresh = on_disk_state(built, fresh)  # init_from works on per-layer parameter paths.
     loaded, fresh_paths, unused = plan(source, fresh.params, init_cfg.skip)
     if not loaded:
         raise KilnError(
@@ -284,20 +342,65 @@ def initial_state(
         f"Restore: init_from {source.workdir} step {source.step}: {len(loaded)} parameter"
         f" arrays loaded; fresh: {fresh_paths or 'none'}; not used: {unused or 'none'}"
     )
-    return from_disk(built, fresh.replace(params=params))
+    return _start_peft(built, ckpt, fresh.replace(params=params), source, init_cfg, seed)
 
 
-def params_for_inference(source: Source, mesh: jax.sharding.Mesh) -> tuple[nn.Module, Any]:
-    """(model, parameters) of `source`'s checkpoint, per layer, sharded over `mesh`."""
-    model = models.build_model(source.config.model)
+def on_disk_state(built: build.Built, state: train.TrainState) -> train.TrainState:
+    """`state` with per-layer blocks (a copy only under model.scan_layers)."""
+    return jax.jit(train.on_disk)(state) if built.model.config.scan_layers else state
+
+
+def _start_peft(
+    built: build.Built,
+    ckpt: checkpoint.Checkpointer,
+    state: train.TrainState,
+    source: Source | None,
+    init_cfg: ml_collections.ConfigDict,
+    seed: int,
+) -> train.TrainState:
+    """The first state (per layer) in the run's layout; a PEFT run also gets its soft prompt's
+    init and records its base (`peft.write_base`)."""
+    if built.finetune.enabled:
+        state = state.replace(params=peft.init_prompt(built.finetune, state.params, seed))
+        base = {"workdir": "", "step": 0, "hf": False, "skip": init_cfg.skip, "fingerprint": ""}
+        if source is not None:
+            folder = _source_folder(source)
+            base.update(workdir=source.workdir, step=source.step, hf=source.params is not None)
+            base["fingerprint"] = peft.fingerprint(folder)
+        peft.write_base(os.path.dirname(ckpt.directory), base)
+        trained = peft.count(built.partition.trainable(state.params))
+        metrics.log(
+            f"PEFT: {trained:,} of {peft.count(state.params):,} parameters train (LoRA rank"
+            f" {built.finetune.lora_rank}, soft prompt {built.finetune.prompt_length}); the base is"
+            f" frozen: {base['workdir'] or 'scratch'}"
+        )
+    return from_disk(built, state)
+
+
+def params_for_inference(
+    source: Source, mesh: jax.sharding.Mesh, num_classes: int = 0, pooling: str = ""
+) -> tuple[nn.Module, Any]:
+    """(model, parameters) of `source`'s checkpoint, per layer, sharded over `mesh`; with
+    `num_classes`, its classification model. A PEFT run's model has its adapters, and its
+    frozen base is loaded through the run's pointer (`peft.BASE`). The model is unscanned
+    (`model.scan_layers` off), as checkpoints hold per-layer blocks."""
+    spec = peft.spec(source.config)
+    unscanned = ml_collections.ConfigDict({**source.config.model.to_dict(), "scan_layers": False})
+    model = models.build_model(unscanned, num_classes, pooling, spec.model_fields())
     example = models.example_inputs(model, 8)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **example)["params"])
     shardings = sharding.tree_shardings(boxed, mesh)
     if source.params is not None:
         return model, jax.tree.map(_place, source.params, shardings)
-    abstract = checkpoint.abstract_like(nn.unbox(boxed), shardings)
+    partition = peft.Partition(spec.enabled)
+    abstract = partition.trainable(checkpoint.abstract_like(nn.unbox(boxed), shardings))
     ckpt = checkpoint.Checkpointer(os.path.join(source.workdir, workdir_lib.CHECKPOINTS))
     try:
-        return model, ckpt.restore_params(source.step, abstract)
+        params = ckpt.restore_params(source.step, abstract)
     finally:
         ckpt.close()
+    if spec.enabled:
+        seed = source.config.seed
+        fresh = jax.jit(lambda: train.init_params(model, seed), out_shardings=shardings)()
+        params = partition.merge(params, _base(source.workdir, fresh))
+    return model, params

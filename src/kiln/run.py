@@ -12,17 +12,19 @@ import ml_collections
 import numpy as np
 
 from kiln import (
+    best,
     build,
     checkpoint,
     config_lib,
     decoding,
     divergence,
+    evaluation,
     finetuning,
-    flops,
     inputs,
     metrics,
     models,
     restore,
+    selection,
     sharding,
     train,
 )
@@ -62,6 +64,23 @@ def evaluate(
     return result, classes
 
 
+def evaluate_sources(
+    eval_step: Any, params: Any, by_source: dict[str, list], mesh: Any, rows: int
+) -> dict[str, float]:
+    """`evaluate` over a mixture's batches, one pass per source: the metrics of all of them
+    (token-weighted, as over the batches concatenated) plus `source/<name>/loss` per source."""
+    parts = {name: evaluate(eval_step, params, b, mesh, rows)[0] for name, b in by_source.items()}
+    tokens = max(sum(r["tokens"] for r in parts.values()), 1.0)
+    loss = sum(r["loss"] * r["tokens"] for r in parts.values()) / tokens
+    result = {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 80.0)),
+        "accuracy": sum(r["accuracy"] * r["tokens"] for r in parts.values()) / tokens,
+        "tokens": sum(r["tokens"] for r in parts.values()),
+    }
+    return result | {f"source/{name}/loss": r["loss"] for name, r in parts.items()}
+
+
 def sample_text(run: "_Run", params: Any) -> str:
     """eval.sample_prompt continued as the decode section says (KV cache, sharded like training)."""
     config, tok = run.config, run.data.tokenizer
@@ -80,76 +99,12 @@ def sample_text(run: "_Run", params: Any) -> str:
     return tok.decode(out[0])
 
 
-class _StepMetrics:
-    """Pulls a step's metrics one step late, checks them (`guard`), and logs at `log_every`."""
-
-    def __init__(
-        self,
-        config: Any,
-        writer: metrics.MetricsWriter,
-        start_step: int,
-        shapes: dict,
-        guard: divergence.Guard,
-    ) -> None:
-        self.config, self.writer, self.guard = config, writer, guard
-        self.tokens_per_step, self.flops_per_step = flops.step_cost(
-            config.model.to_dict(), shapes, config.data.global_batch_size
-        )
-        self.peak = flops.peak_flops_per_device(config.model.dtype) * jax.device_count()
-        self.pending: tuple[int, dict] | None = None
-        self.restart(start_step)
-
-    def restart(self, step: int) -> None:
-        """Forgets the pending step and the timing: training goes on from `step`."""
-        self.pending = None
-        self.mark = (step, None)  # (step, time) of the last throughput measurement
-        self.start = (step, None)
-
-    def push(self, step: int, device_metrics: dict) -> None:
-        self.flush()
-        self.pending = (step, device_metrics)
-
-    def flush(self) -> None:
-        if self.pending is None:
-            return
-        step, device_metrics = self.pending
-        self.pending = None
-        values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        self.guard.check(step, values)  # Raises divergence.Diverged.
-        now = time.perf_counter()
-        log_now = step % self.config.train.log_every == 0 or step == self.config.train.steps
-        eta = float("nan")
-        if self.mark[1] is None:  # The first step includes compilation: time from its end.
-            self.mark = self.start = (step, now)
-        elif log_now:
-            seconds = now - self.mark[1]
-            tokens_per_sec = (step - self.mark[0]) * self.tokens_per_step / max(seconds, 1e-9)
-            values["tokens_per_sec"] = tokens_per_sec
-            values["mfu"] = tokens_per_sec / self.tokens_per_step * self.flops_per_step / self.peak
-            self.mark = (step, now)
-            per_step = (now - self.start[1]) / max(step - self.start[0], 1)
-            eta = per_step * (self.config.train.steps - step)
-        if log_now:
-            metrics.log(metrics.progress_line(step, self.config.train.steps, values, eta))
-            self.writer.write(step, {f"train/{k}": v for k, v in values.items()})
-
-
-def _log_eval(writer: metrics.MetricsWriter, step: int, split: str, result: dict) -> None:
-    result = {k: v for k, v in result.items() if k != "predictions"}
-    writer.write(step, {f"{split}/{k}": v for k, v in result.items()})
-    shown = [f"loss {result['loss']:.4f}", f"perplexity {result['perplexity']:.2f}"]
-    shown += [f"{k} {v:.3f}" for k, v in result.items() if k not in _NOT_SHOWN]
-    metrics.log(f"step {step} | {split} " + " | ".join(shown))
-
-
-_NOT_SHOWN = ("loss", "perplexity", "tokens")
-
-
-def _validate(run: "_Run", params: Any) -> dict[str, float]:
-    """Validation loss metrics, plus the task metrics when they are cheap (a classifier head)."""
+def _validate(run: "_Run", params: Any, step: int = 0) -> dict[str, float]:
+    """Validation loss metrics, plus the task metrics when `eval.task_metrics` says so."""
     task = run.data.task
-    cheap = task is not None and finetuning.uses_head(run.config.model.family, task)
-    return run.evaluate(params, "validation", with_task=cheap)
+    head = task is not None and finetuning.uses_head(run.config.model.family, task)
+    with_task = task is not None and selection.task_metrics_at(run.config.eval, step, head)
+    return run.evaluate(params, "validation", with_task=with_task)
 
 
 @dataclasses.dataclass
@@ -163,6 +118,7 @@ class _Run:
     ckpt: checkpoint.Checkpointer
     writer: metrics.MetricsWriter
     source: restore.Source | None = None
+    selector: selection.Selector = dataclasses.field(default_factory=selection.Selector)
 
     def answering(self) -> finetuning.Answering:
         """How the fine-tuned model answers the task (`finetuning.predictions`)."""
@@ -178,6 +134,15 @@ class _Run:
     def evaluate(self, params: Any, split: str, with_task: bool = False) -> dict[str, Any]:
         """Loss metrics of a split; with `with_task`, a fine-tune's task metrics too (one pass
         for a classifier head) and the predictions under the key "predictions"."""
+        by_source = self.data.by_source.get(split)
+        if by_source and self.data.task is None:
+            return evaluate_sources(
+                self.built.eval_step,
+                params,
+                by_source,
+                self.built.mesh,
+                self.config.data.global_batch_size,
+            )
         batches = self.data.validation if split == "validation" else self.data.test
         result, classes = evaluate(
             self.built.eval_step,
@@ -206,7 +171,11 @@ class _Run:
 
 @workdir_lib.locked  # Holds <workdir>/kiln.lock for the whole run: a second run is refused.
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) the run described by `config` in `workdir`; returns the summary."""
+    """Runs (or resumes) the run described by `config` in `workdir`; returns the summary.
+    A config with a `prompting` section trains nothing: it scores its `init_from` run by
+    prompting (`kiln.evaluation.run_stage`); `train.steps=0` scores the restored model."""
+    if "prompting" in config:
+        return evaluation.run_stage(config, workdir)
     mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
     divergence.Guard.from_config(config.train)  # Its fields checked before any work.
     workdir_lib.prepare(config, workdir)
@@ -223,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             restore.check_architecture(config.model, source)
         data = inputs.prepare(config, workdir, source)
         classes = finetuning.num_classes(config.model.family, data.task) if data.task else 0
-        built = build.build(config, classes)
+        built = build.build(_buildable(config, data.task), classes)
         metrics.log(f"Mesh (data, fsdp, tensor) = {mesh_shape} over {jax.device_count()} devices")
         writer = metrics.MetricsWriter(workdir)
         run = _Run(config, workdir, data, built, ckpt, writer, source)
@@ -236,6 +205,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return summary
 
 
+def _buildable(config: ml_collections.ConfigDict, task: Any) -> ml_collections.ConfigDict:
+    """`config` as `build.build` takes it: `train.steps=1` for an evaluation-only run (steps 0:
+    its optimizer and schedule are built but never step), the task head's pooling."""
+    pooling = finetuning.head_pooling(config.task.pooling, task)
+    if config.train.steps > 0 and pooling == config.task.pooling:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.train.steps = max(config.train.steps, 1)
+    config.task.pooling = pooling
+    return config
+
+
 def _loop(run: _Run) -> dict[str, Any]:
     config = run.config
     state = restore.initial_state(
@@ -246,16 +227,19 @@ def _loop(run: _Run) -> dict[str, Any]:
     start = int(state.step)
     last_eval: tuple[int, dict] | None = None  # (step, validation result) of the last eval
     if start == 0:
-        _log_eval(run.writer, 0, "validation", _validate(run, state.params))
+        last_eval = (0, _validate(run, state.params))  # Reused at the end by steps=0 runs.
+        metrics.log_eval(run.writer, 0, "validation", last_eval[1])
     shapes = {k: v.shape for k, v in run.data.validation[0].items()}
     guard = divergence.Guard.from_config(config.train, run.ckpt.loop_state(start) if start else {})
-    tracker = _StepMetrics(config, run.writer, start, shapes, guard)
+    tracker = metrics.StepMetrics(config, run.writer, start, shapes, guard)
+    run.selector = best.selector(config, run.ckpt, start)
     started = time.perf_counter()
     end = (
         config.train.steps
         if config.train.stop_after <= 0
         else min(config.train.stop_after, config.train.steps)
     )
+    end = start if run.selector.early_stopped else end  # Resumed after an early stop.
     step = start
     while step < end or tracker.pending is not None:
         try:
@@ -265,20 +249,23 @@ def _loop(run: _Run) -> dict[str, Any]:
             step += 1
             state, evaluated = _advance(run, state, step, end, tracker)
             last_eval = evaluated or last_eval
+            end = step if run.selector.early_stopped else end
         except divergence.Diverged as diverged:
             state, step, tracker.guard = divergence.respond(run, diverged, tracker.guard, start)
             tracker.restart(step)
+            run.selector = best.selector(config, run.ckpt, step)
             last_eval = None
     run.ckpt.wait()  # The last save committed (or its failure raised) before the summary.
-    if end < config.train.steps:
+    if end < config.train.steps and not run.selector.early_stopped:
         metrics.log(f"Stopped at step {end} (train.stop_after); re-run the command to continue.")
         return {"step": end}
     seconds = time.perf_counter() - started
+    state, last_eval = best.scoring_state(run.built, run.ckpt, run.selector, state, last_eval)
     return _finish(run, state, param_count, seconds, last_eval)
 
 
 def _advance(
-    run: _Run, state: train.TrainState, step: int, end: int, tracker: _StepMetrics
+    run: _Run, state: train.TrainState, step: int, end: int, tracker: metrics.StepMetrics
 ) -> tuple[train.TrainState, tuple[int, dict] | None]:
     """Train step `step`; then the evaluation and the checkpoint due at it, each only after the
     step's metrics passed the divergence check. Returns the state and (step, validation) if
@@ -288,15 +275,17 @@ def _advance(
     state, step_metrics = run.built.train_step(state, batch, tracker.guard.lr_scale)
     tracker.push(step, step_metrics)
     run.ckpt.poll()  # A failed save surfaces here, a step or two after it started.
-    evaluated = None
+    evaluated, must_save = None, False
     if step % config.eval.every == 0 or step == config.train.steps:
         tracker.flush()
-        evaluated = (step, _validate(run, state.params))
-        _log_eval(run.writer, step, "validation", evaluated[1])
-    if step % config.checkpoint.every == 0 or step in (end, config.train.steps):
+        evaluated = (step, _validate(run, state.params, step))
+        metrics.log_eval(run.writer, step, "validation", evaluated[1])
+        must_save = best.observe(run.selector, run.ckpt, step, evaluated[1])
+    if must_save or step % config.checkpoint.every == 0 or step in (end, config.train.steps):
         tracker.flush()  # Never save a state that was not checked.
         on_disk = restore.on_disk(run.built, state)
-        run.ckpt.save(step, on_disk, run.data.train_iter, tracker.guard.as_record())
+        record = {**tracker.guard.as_record(), **run.selector.as_record()}
+        run.ckpt.save(step, on_disk, run.data.train_iter, record)
     return state, evaluated
 
 
@@ -314,12 +303,13 @@ def _finish(
         "step": step,
         "parameters": int(param_count),
         "train_seconds_this_session": seconds,
+        **run.selector.summary(),  # best_step/metric/value (checkpoint.best_metric)
     }
     task = run.data.task
     predictions: dict[str, list[str]] = {}
     for split in ("validation", "test"):
         reuse = split == "validation" and last_eval is not None and last_eval[0] == step
-        if reuse and (task is None or finetuning.uses_head(config.model.family, task)):
+        if reuse and (task is None or "predictions" in last_eval[1]):
             result = dict(last_eval[1])  # The loop evaluated this very state already.
         else:
             result = run.evaluate(state.params, split, with_task=task is not None)

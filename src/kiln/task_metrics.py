@@ -1,13 +1,16 @@
 """Fine-tuning task metrics: accuracy, macro-F1, binary F1 and Matthews correlation
 (classification); exact match, BLEU and chrF (sacrebleu, corpus level, default 13a
 tokenisation), ROUGE-1/2/L/Lsum (rouge-score, F-measure averaged over examples) for
-generation; Pearson, Spearman and mean squared error (regression). `compute` scores by name.
+generation; Pearson, Spearman and mean squared error (regression); SQuAD v1.1's exact match
+and token F1 against several gold answers (extractive QA, 0-100). `compute` scores by name.
 
 Classification scores are on a 0-1 scale (correlations -1..1), generation scores on 0-100. A
 correlation with a constant input is undefined and reported as 0.0.
 """
 
+import collections
 import re
+import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +31,10 @@ METRICS_BY_KIND = {
         "rouge_lsum",
     ),
     "regression": ("pearson", "spearman", "mse"),
+    "extractive_qa": ("em", "f1"),
 }
+# Chat is scored on its last assistant turns as generation is (`kiln.data.chat`).
+METRICS_BY_KIND["chat"] = METRICS_BY_KIND["generation"]
 METRICS = tuple(dict.fromkeys(m for names in METRICS_BY_KIND.values() for m in names))
 
 
@@ -201,6 +207,55 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     return 100.0 * total / len(references)
 
 
+def squad_normalize(text: str) -> str:
+    """SQuAD v1.1's answer normalisation: lower case, punctuation removed, the articles a, an
+    and the removed, whitespace runs collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def squad_f1_one(prediction: str, gold: str) -> float:
+    """Token F1 of one prediction against one gold answer, both normalised (0 when they share
+    no token, also when both are empty, as v1.1's script scores)."""
+    predicted, wanted = squad_normalize(prediction).split(), squad_normalize(gold).split()
+    same = sum((collections.Counter(predicted) & collections.Counter(wanted)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(predicted), same / len(wanted)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_em(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Exact match after `squad_normalize`, the best over each example's gold answers, 0-100."""
+    check_lengths(predictions, references)
+    hits = [
+        max(float(squad_normalize(p) == squad_normalize(g)) for g in _golds(golds))
+        for p, golds in zip(predictions, references)
+    ]
+    return 100.0 * sum(hits) / len(hits)
+
+
+def squad_f1(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """`squad_f1_one`, the best over each example's gold answers, averaged, 0-100."""
+    check_lengths(predictions, references)
+    scores = [
+        max(squad_f1_one(p, g) for g in _golds(golds)) for p, golds in zip(predictions, references)
+    ]
+    return 100.0 * sum(scores) / len(scores)
+
+
+def _golds(golds: str | Sequence[str]) -> Sequence[str]:
+    """An example's gold answers: a list of texts (one text counts as one answer)."""
+    golds = [golds] if isinstance(golds, str) else list(golds)
+    if not golds:
+        raise KilnError("An extractive QA example has no gold answer to score against.")
+    return golds
+
+
 def compute(
     names: Sequence[str],
     predictions: Sequence[Any],
@@ -235,7 +290,11 @@ _PLAIN_METRICS = {
     "rouge_2": rouge_2,
     "rouge_l": rouge_l,
     "rouge_lsum": rouge_lsum,
+    "em": squad_em,
+    "f1": squad_f1,
 }
+
+
 _VALUE_METRICS = {
     "pearson": pearson,
     "spearman": spearman,

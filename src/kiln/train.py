@@ -1,4 +1,8 @@
-"""Train state and the pure, jitted train and eval steps shared by every model family."""
+"""Train state and the pure, jitted train and eval steps shared by every model family.
+
+`TrainState.params` is always the whole tree the model applies; a `peft.Partition` says which
+part of it trains (all of it, or adapters and heads only): gradients, updates and the optimizer
+state cover that part only, and the rest passes through each step unchanged."""
 
 import functools
 from collections.abc import Callable
@@ -12,7 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from kiln import losses, models, sharding
+from kiln import losses, models, peft, sharding
 from kiln.models import blocks
 
 Batch = dict[str, jax.Array]
@@ -27,23 +31,38 @@ class TrainState:
 
 
 def init_state(
-    model: nn.Module, optimizer: optax.GradientTransformation, seed: int, seq_len: int
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    seq_len: int,
+    partition: peft.Partition = peft.FULL,
 ) -> TrainState:
-    """A fresh state; call under `jax.jit` with the state shardings as `out_shardings`."""
-    params_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    params = nn.unbox(model.init(params_rng, **models.example_inputs(model, seq_len))["params"])
+    """A fresh state (optimizer state over `partition`'s trainable part); call under `jax.jit`
+    with the state shardings as `out_shardings`."""
+    state_rng = jax.random.split(jax.random.PRNGKey(seed))[1]
+    params = init_params(model, seed, seq_len)
     if model.config.scan_layers:  # Held stacked: the optimizer updates one leaf per stack.
         params = blocks.stack_blocks(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=optimizer.init(params),
+        opt_state=optimizer.init(partition.trainable(params)),
         rng=state_rng,
     )
 
 
+def init_params(model: nn.Module, seed: int, seq_len: int = 8) -> Any:
+    """The fresh per-layer parameters of `init_state` (the same for any `seq_len`)."""
+    params_rng = jax.random.split(jax.random.PRNGKey(seed))[0]
+    return nn.unbox(model.init(params_rng, **models.example_inputs(model, seq_len))["params"])
+
+
 def state_shardings(
-    model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh, seq_len: int
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    seq_len: int,
+    partition: peft.Partition = peft.FULL,
 ) -> tuple[TrainState, TrainState]:
     """(abstract state, its shardings): params by their logical names, optimizer alike."""
     abstract_boxed = jax.eval_shape(
@@ -52,7 +71,7 @@ def state_shardings(
     if model.config.scan_layers:
         abstract_boxed = blocks.stack_blocks(abstract_boxed)
     param_shardings = sharding.tree_shardings(abstract_boxed, mesh)
-    abstract = jax.eval_shape(lambda: init_state(model, optimizer, 0, seq_len))
+    abstract = jax.eval_shape(lambda: init_state(model, optimizer, 0, seq_len, partition))
     replicated = sharding.replicated(mesh)
     # Optimizer leaves shaped like their parameter share its sharding; others (step counts,
     # Adafactor's factored row/column statistics) are replicated.
@@ -60,8 +79,8 @@ def state_shardings(
         optimizer,
         lambda leaf, s, param: s if leaf.shape == param.shape else replicated,
         abstract.opt_state,
-        param_shardings,
-        abstract.params,
+        partition.trainable(param_shardings),
+        partition.trainable(abstract.params),
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
@@ -101,13 +120,21 @@ def _microbatches(batch: Batch, count: int) -> Batch:
 
 
 def accumulate_grads(
-    model: nn.Module, params: Any, batch: Batch, rng: jax.Array, count: int, loss: losses.LossFn
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    count: int,
+    loss: losses.LossFn,
+    frozen: Any = None,
+    partition: peft.Partition = peft.FULL,
 ) -> tuple[Any, dict[str, jax.Array]]:
-    """Summed gradients and loss sums over `count` microbatches (one pass when count == 1)."""
+    """Summed gradients (of `params`, the trainable part; the model applies it merged with
+    `frozen`) and loss sums over `count` microbatches (one pass when count == 1)."""
 
     def grads_of(micro: Batch, micro_rng: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
         def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-            out = loss(model, p, micro, micro_rng)
+            out = loss(model, partition.merge(p, frozen), micro, micro_rng)
             sums = {k: out[k] for k in losses.SUM_KEYS}
             return sums["loss_sum"], sums
 
@@ -137,6 +164,7 @@ def train_step(
     schedule: Callable[[jax.Array], jax.Array],
     grad_accum_steps: int,
     loss: losses.LossFn,
+    partition: peft.Partition = peft.FULL,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `loss` (a `losses.LossFn`) divided by the weight of the whole global
     batch: the mean over its tokens (or rows). The update is multiplied by `lr_scale` (every
@@ -144,16 +172,20 @@ def train_step(
 
     The metrics include the norms of the gradient, the update and the updated parameters: the
     loop checks them (and the loss) for NaN/Inf before it keeps the new state (`divergence`).
-    A norm past float32's range counts as non-finite: such parameters have diverged."""
+    A norm past float32's range counts as non-finite: such parameters have diverged.
+    Only `partition`'s trainable part is differentiated and updated; the rest is kept as is."""
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, sums = accumulate_grads(model, state.params, batch, rng, grad_accum_steps, loss)
+    trainable, frozen = partition.split(state.params)
+    grads, sums = accumulate_grads(
+        model, trainable, batch, rng, grad_accum_steps, loss, frozen, partition
+    )
     # Dividing the summed gradient by all tokens of the global batch makes k microbatches
     # exactly equivalent to one big batch, whatever the padding in each microbatch.
     denominator = jnp.maximum(sums["weight_sum"], 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
     updates = jax.tree.map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
-    params = optax.apply_updates(state.params, updates)
+    params = partition.merge(optax.apply_updates(trainable, updates), frozen)
     metrics = {
         "loss": sums["loss_sum"] / denominator,
         "accuracy": sums["correct_sum"] / denominator,
@@ -183,6 +215,7 @@ def jit_steps(
     shardings: TrainState,
     mesh: Mesh,
     loss: losses.LossFn | None = None,
+    partition: peft.Partition = peft.FULL,
 ) -> tuple[Callable, Callable]:
     """The train step `(state, batch, lr_scale=1.0)` (state donated) and eval step of `loss`
     (default: a language model's token cross-entropy, `losses.language_model()`), jitted with
@@ -199,6 +232,7 @@ def jit_steps(
                 schedule=schedule,
                 grad_accum_steps=grad_accum_steps,
                 loss=loss,
+                partition=partition,
             ),
             in_shardings=(shardings, batch, replicated),
             out_shardings=(shardings, replicated),

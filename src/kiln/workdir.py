@@ -119,10 +119,13 @@ def read_summary(workdir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def run_finished(workdir: str | os.PathLike, steps: int) -> bool:
-    """Whether the run in `workdir` finished: its summary.json is at step `steps` (a run that
-    stopped early with train.stop_after, or never ended, has none or an earlier one)."""
+    """Whether the run in `workdir` finished: its summary.json is at step `steps` or says it
+    stopped early (train.early_stop_patience); one that stopped with train.stop_after, or
+    never ended, has none or an earlier step."""
     summary = read_summary(workdir)
-    return summary is not None and summary.get("step") == steps
+    return summary is not None and (
+        summary.get("step") == steps or bool(summary.get("early_stopped"))
+    )
 
 
 def first_perplexity(workdir: str) -> float | None:

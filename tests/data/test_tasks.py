@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from kiln.data import corpus, finetune, tasks
+from kiln.data import corpus, finetune, tasks, user_tasks
 from kiln.data.tasks import Example, Task
 from kiln.data.tokenizer import Tokenizer, train_tokenizer
 from kiln.errors import KilnError
@@ -179,10 +179,13 @@ def test_cache_returns_fresh_lists(tmp_path):
 def test_shipped_task_errors(tmp_path):
     with pytest.raises(KilnError, match="Unknown task 'nope'"):
         tasks.load_task("nope")
-    with pytest.raises(KilnError, match="only for the jsonl task"):
+    with pytest.raises(KilnError, match="only for the user-file tasks"):
         tasks.load_task("wn_lexname", path="x.jsonl")
     with pytest.raises(KilnError, match="wordnet30_synsets.tsv.xz"):
         tasks.load_task("wn_lexname", data_dir=tmp_path)
+    with pytest.raises(KilnError, match="reads your own file"):  # user_tasks.load_any does
+        tasks.load_task("jsonl", path="x.jsonl")
+    assert user_tasks.load_any("wn_lexname", data_dir="data/tiny").kind == "classification"
 
 
 # --------------------------------------------------------------------------- low-resource subset
@@ -221,19 +224,19 @@ def test_jsonl_classification(tmp_path):
     ]
     records[4]["split"] = "val"
     path = write_jsonl(tmp_path / "d.jsonl", records)
-    task = tasks.load_task("jsonl", path=path)
+    task = user_tasks.load_any("jsonl", path=path)
     assert (task.kind, task.labels) == ("classification", ("no", "yes"))
     assert task.metrics[0] == "accuracy"
     assert [e.id for e in task.splits["train"]] == ["r0", "r3", "r6"]
     assert [e.id for e in task.splits["validation"]] == ["r1", "r4", "r7"]
-    given = tasks.load_task("jsonl", path=path, labels=["yes", "no", "maybe"])
+    given = user_tasks.load_any("jsonl", path=path, labels=["yes", "no", "maybe"])
     assert given.labels == ("maybe", "no", "yes")
 
 
 def test_jsonl_generation_ids_and_md5_splits(tmp_path):
     records = [{"input": f"question {i}", "target": f"answer {i}"} for i in range(100)]
     path = write_jsonl(tmp_path / "g.jsonl", records, splits=False)
-    task = tasks.load_task("jsonl", path=path, kind="generation")
+    task = user_tasks.load_any("jsonl", path=path, kind="generation")
     assert task.kind == "generation" and task.labels == ()
     for split in SPLITS:
         for e in task.splits[split]:
@@ -245,7 +248,7 @@ def test_jsonl_generation_ids_and_md5_splits(tmp_path):
 def jsonl_error(tmp_path, records, **kwargs) -> str:
     path = write_jsonl(tmp_path / "bad.jsonl", records)
     with pytest.raises(KilnError) as info:
-        tasks.load_task("jsonl", path=path, **kwargs)
+        user_tasks.load_any("jsonl", path=path, **kwargs)
     return str(info.value)
 
 
@@ -274,9 +277,9 @@ def test_jsonl_errors(tmp_path):
     message = jsonl_error(tmp_path, [*good, {"text": "x", "label": "a", "split": "dev"}])
     assert "line 7: unknown split 'dev'" in message
     with pytest.raises(KilnError, match="needs the path"):
-        tasks.load_task("jsonl")
+        user_tasks.load_any("jsonl")
     with pytest.raises(KilnError, match="not found"):
-        tasks.load_task("jsonl", path=tmp_path / "missing.jsonl")
+        user_tasks.load_any("jsonl", path=tmp_path / "missing.jsonl")
 
 
 # ------------------------------------------------------------------------------------- encoding

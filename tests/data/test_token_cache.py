@@ -243,7 +243,7 @@ def test_a_run_prepares_its_caches_and_reads_them(tmp_path):
     config.model.vocab_size = 512
     config.data.global_batch_size, config.data.seq_len, config.eval.batches = 4, 32, 4
     config.data.sources = f"web={paths['glob'][0]} weight=3 field=body; txt={paths['gz'][0]}"
-    mixture.check_config(config)
+    mixture.check_config(config.data)
     workdir = tmp_path / "run"
     workdir.mkdir()
     data = inputs.prepare(config, str(workdir))
@@ -256,3 +256,105 @@ def test_a_run_prepares_its_caches_and_reads_them(tmp_path):
     caches = prepare.prepare(config, str(workdir))  # the tool finds them done
     assert caches["web"] == workdir / "token_cache" / "web"
     assert all_bytes(workdir / "token_cache") == before
+
+
+def sharded_cache(tmp_path, kiln_bpe, files: int = 6):
+    """A cache of `files` text files (one shard each) of DOCS' thirds; its train CachedSplit."""
+    for i in range(files):
+        (tmp_path / f"s{i}.txt").write_text("\n\n".join(DOCS[i::files]))
+    args = (str(tmp_path / "s*.txt"), str(kiln_bpe.path), kiln_bpe.vocab_size)
+    token_cache.prepare(tmp_path / "c", *args, log=str)
+    return token_cache.CachedSplit(tmp_path / "c", "train")
+
+
+def test_streams_open_only_their_shards(tmp_path, kiln_bpe):
+    split = sharded_cache(tmp_path, kiln_bpe)
+    everything = cached(tmp_path / "c", "train")
+    seen, opened = [], []
+    for s in range(4):
+        part = token_cache.CachedSplit(tmp_path / "c", "train")
+        docs = part.stream_documents([7, 0], 4, s)
+        tokens = np.asarray(docs.tokens[np.arange(len(docs.tokens))])
+        starts = np.concatenate([[0], np.cumsum(np.diff(docs.starts))])
+        seen += [
+            tuple(docs.tokens[o + np.arange(n)]) for o, n in zip(docs.offsets, np.diff(starts))
+        ]
+        opened.append(part.opened)
+        assert len(tokens) and len(part.opened) <= 3  # 6 shards over 4 streams: 2 or 3 each
+    # Every training document lands in exactly one stream.
+    assert sorted(seen) == sorted(tuple(d) for d in everything)
+    assert set().union(*opened) == set(range(6)) and len(split) == len(everything)
+
+
+def test_processes_open_only_their_shards_and_agree(tmp_path, kiln_bpe):
+    sharded_cache(tmp_path, kiln_bpe)
+    common = dict(seq_len=16, global_batch_size=8, seed=2, streams=4)
+    whole = token_cache.CachedSplit(tmp_path / "c", "train")
+    want = list(itertools.islice(pipeline.make_train_dataset(whole, kiln_bpe, **common), 5))
+    halves, opened = [], []
+    for index in range(2):
+        part = token_cache.CachedSplit(tmp_path / "c", "train")
+        ds = pipeline.make_train_dataset(
+            part, kiln_bpe, process_index=index, process_count=2, **common
+        )
+        halves.append(list(itertools.islice(ds, 5)))
+        opened.append(part.opened)
+    # Each process opens half of the shards, sharing at most the one its ranges both cut.
+    assert whole.opened == set(range(6)) == opened[0] | opened[1]
+    assert len(opened[0] & opened[1]) <= 1 and max(len(o) for o in opened) <= 4
+    for a, b, full in zip(*halves, want, strict=True):
+        for key in full:
+            assert np.array_equal(np.concatenate([a[key], b[key]]), full[key])
+
+
+def test_shipped_corpora_in_a_mixture(tmp_path):
+    specs = mixture.parse("b=bible weight=2; w=wordnet; y=sympy")
+    assert [mixture.shipped(s) for s in specs] == [True, True, True]
+    sample = mixture.sample_documents(specs, 40, seed=0, data_dir="data/tiny")
+    bible = set(corpus.read_documents("bible", "train", "data/tiny"))
+    code = set(corpus.read_documents("sympy", "train", "data/tiny"))
+    assert sum(d in bible for d in sample) == 20 and sum(d in code for d in sample) == 10
+
+
+def test_mixture_config_checks():
+    from kiln import config_lib, defaults
+
+    config = config_lib.load_config("experiments/gpt/pretrain.py:size=tiny")
+    assert config.data.sources == defaults.SHIPPED_MIXTURE and not config.data.corpus
+    config.data.prepare_workers = 0
+    with pytest.raises(KilnError, match="data.prepare_workers=0"):
+        config_lib.validate(config, 1)
+    config.data.prepare_workers, config.data.sources = 2, "web"
+    with pytest.raises(KilnError, match="name=path"):
+        config_lib.validate(config, 1)
+    config.data.corpus = "bible"  # data.corpus replaces the mixture: its spec is not read
+    config_lib.validate(config, 1)
+
+
+def test_evaluation_reports_each_source(tmp_path):
+    from kiln import run
+
+    # A stand-in eval step: the loss sum and token count are the batch's own numbers.
+    def eval_step(params, batch):
+        return {
+            k: float(np.asarray(batch[k]).sum()) for k in ("loss_sum", "correct_sum", "weight_sum")
+        }
+
+    def batch(loss, correct, weight):
+        return {
+            "loss_sum": np.array([loss]),
+            "correct_sum": np.array([correct]),
+            "weight_sum": np.array([weight]),
+        }
+
+    by_source = {"a": [batch(6.0, 1.0, 3.0), batch(2.0, 1.0, 1.0)], "b": [batch(10.0, 4.0, 5.0)]}
+    original = run.to_global
+    run.to_global = lambda local, mesh, rows: local
+    try:
+        got = run.evaluate_sources(eval_step, None, by_source, None, 1)
+    finally:
+        run.to_global = original
+    assert got["source/a/loss"] == pytest.approx(8.0 / 4.0)
+    assert got["source/b/loss"] == pytest.approx(10.0 / 5.0)
+    assert got["loss"] == pytest.approx(18.0 / 9.0) and got["tokens"] == 9.0
+    assert got["accuracy"] == pytest.approx(6.0 / 9.0)

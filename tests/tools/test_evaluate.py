@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from kiln import config_lib, defaults, pipelines, run
+from kiln.errors import KilnError
 from kiln.tools import evaluate
 
 pytestmark = pytest.mark.slow
@@ -106,6 +107,18 @@ def test_a_fine_tuned_head_answers_its_task_as_its_run_did(pretrained, tmp_path,
     assert evaluate.main([*argv, "--shots", "1"]) == 2
     assert "answers 'wn_lexname' with its head" in capsys.readouterr().err
     assert evaluate.main([*argv[:3], "bible_genre"]) == 2
+    # Evaluation only: the fine-tune config with train.steps=0 restores the head it trained.
+    again = config_lib.load_config(
+        f"experiments/finetune.py:from={ft},task=wn_lexname,seq_len=32,batch=8"
+    )
+    again.train.steps, again.task.eval_examples = 0, 8
+    scored = run.train_and_evaluate(again, str(tmp_path / "eval_only"))
+    assert scored["step"] == 0 and scored["task"] == "wn_lexname"
+    assert {"validation/loss", "test/loss", "validation/accuracy"} <= set(scored)
+    for key in ("validation/accuracy", "test/accuracy", "test/macro_f1", "test/loss"):
+        assert scored[key] == pytest.approx(summary[key], rel=1e-5), key
+    got = [r["prediction"] for r in _rows(tmp_path / "eval_only" / "predictions_test.jsonl")]
+    assert got == [r["prediction"] for r in _rows(ft / "predictions_test.jsonl")]
 
 
 @pytest.mark.parametrize("pretrained", ["gpt"], indirect=True)  # one family is enough here
@@ -128,3 +141,23 @@ def test_pipeline_with_a_fewshot_arm_compares_prompting(pretrained, tmp_path):
     assert len(_rows(tmp_path / "fewshot" / "predictions_test.jsonl")) == 4
     again = pipelines.run_pipeline(config, str(tmp_path))  # Finished: skipped, same table.
     assert again["stages"]["fewshot"] == row
+
+
+@pytest.mark.parametrize("pretrained", ["gpt"], indirect=True)
+def test_a_fewshot_config_runs_alone_and_scores_as_the_cli(pretrained, tmp_path, capsys):
+    workdir, pretrain = pretrained
+    config = defaults.fewshot_stage(
+        pretrain, task="wn_lexname", shots=1, scoring="rank", eval_examples=4,
+        init_from=str(workdir),
+    )  # fmt: skip
+    summary = run.train_and_evaluate(config, str(tmp_path / "fewshot"))
+    assert summary["step"] == 0 and summary["method"] == "prompting (1-shot, rank)"
+    for split in ("validation", "test"):
+        argv = ["--workdir", str(workdir), "--task", "wn_lexname", "--split", split]
+        argv += ["--examples", "4", "--shots", "1", "--scoring", "rank"]
+        assert evaluate.main([*argv, "--out", str(tmp_path / f"{split}.jsonl")]) == 0
+        printed = json.loads(capsys.readouterr().out.splitlines()[-1])["metrics"]
+        assert printed == {k: summary[f"{split}/{k}"] for k in printed}
+    config.train.steps = 3  # A prompting config trains nothing.
+    with pytest.raises(KilnError, match="train.steps=3"):
+        run.train_and_evaluate(config, str(tmp_path / "bad"))

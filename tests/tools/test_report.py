@@ -243,3 +243,24 @@ def test_x_scale_is_log_over_more_than_a_decade():
     assert report.x_scale([1e-3, 3e-3]) == "linear"
     assert report.x_scale([0, 1]) == "linear"  # seeds
     assert report.x_scale([-1.0, 100.0]) == "linear"
+
+
+def test_loss_by_source_table_and_plot(tmp_path):
+    summary = lm_summary(20.0) | {
+        "validation/source/bible/loss": 3.25,
+        "test/source/bible/loss": 3.5,
+        "validation/source/code/loss": 1.125,
+        "test/source/code/loss": 1.25,
+    }
+    write_run(tmp_path / "run", summary)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        for step, (a, b) in enumerate([(4.0, 2.0), (3.25, 1.125)]):
+            row = {"validation/source/bible/loss": a, "validation/source/code/loss": b}
+            f.write(json.dumps({"step": step * 3, **row}) + "\n")
+    path, written, markdown = report.write_report(str(tmp_path / "run"))
+    text = open(path).read()
+    assert "source/" not in markdown  # the main table keeps its usual columns
+    assert "## Loss by source" in text
+    assert "| run | 3.25 | 3.5 | 1.125 | 1.25 | 3 |" in text
+    assert str(tmp_path / "run" / "plots" / "sources.png") in written
+    assert open(written[-1], "rb").read(8) == PNG_SIGNATURE

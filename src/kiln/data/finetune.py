@@ -1,55 +1,44 @@
-"""Encode labeled task examples into model rows, and the fine-tuning grain datasets.
+"""The fine-tuning grain datasets and eval batches of a labeled task, and the checks of what
+a model layout can fine-tune on.
 
-The prompt is ``template`` with ``"{input}"`` replaced by the example input. Every array is int32
-except float32 ``weights``; padding is 0 (segment id 0) at the end of a row; ``segment_ids`` are 1
-on real tokens and ``positions`` count from 0. One example per row (unless packed), by the
-model's :class:`~kiln.data.objectives.Layout`:
-
-- classification, encoder (bert): ``inputs`` = ``[CLS] prompt [SEP]``, ``segment_ids``,
-  ``positions`` ``[seq_len]``; ``targets`` = label index (shape ``[]``), ``weights`` = 1.0
-  (shape ``[]``). The model pools position 0.
-- classification, decoder (gpt): the same with ``inputs`` = ``bos prompt eos``; the model pools
-  the last real position (the eos).
-- sentence pairs (``Task.pairs``), head models: ``[CLS] a [SEP] b [SEP]`` with
-  ``token_type_ids`` 0 up to the first [SEP], 1 after (bert), ``bos a [SEP] b eos`` (gpt; eos
-  when the tokenizer has no [SEP]); a is the template on the first text (the raw text if the
-  template has ``{text_pair}``, a text-to-text template), b the second text; the longer text is
-  cut first. t5 reads the template with ``{input}`` and ``{text_pair}`` as one prompt.
-- regression: as classification, with a float32 ``targets`` value (a one-output head).
-- encoder-decoder (t5; both kinds, a classification target is the label name as text):
-  ``encoder_inputs`` = ``prompt eos``, ``encoder_segment_ids``, ``encoder_positions``
-  ``[seq_len]``; ``decoder_inputs`` = ``bos target``, ``targets`` = ``target eos``,
-  ``decoder_segment_ids``, ``decoder_positions``, ``weights`` (1 on real targets)
-  ``[target_len]``.
-- generation, decoder (gpt): tokens = ``bos prompt [SEP] target eos``; ``inputs`` = tokens,
-  ``targets[t]`` = tokens[t + 1], ``weights[t]`` = 1 iff tokens[t + 1] is a target token or the
-  final eos (the first weighted position is the [SEP]), ``segment_ids``, ``positions``
-  ``[seq_len]``. Decoding prompts (:func:`generation_prompt`) end with the [SEP].
-
-Truncation keeps the start of each text: a target is cut to ``target_len`` tokens including its
-eos, then the prompt is cut so that everything fits in ``seq_len``. Every cut is counted.
+Rows (one example each) are built by :mod:`kiln.data.task_rows`, whose docstring gives their
+format; extractive QA rows (one per context window) by :mod:`kiln.data.qa`; packing by
+:mod:`kiln.data.packing`.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 
+from kiln.data import chat, packing, qa
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.data.objectives import Layout, as_layout
 from kiln.data.pipeline import process_slice
+from kiln.data.task_rows import (
+    DEC,
+    ENC,
+    ENC_DEC,
+    HEAD_KINDS,
+    Row,
+    check_lengths,
+    check_template,
+    decoder_row,
+    encoder_decoder_row,
+    head_rows,
+    label_token_ids,
+    longest_first,  # noqa: F401 (part of this module's API)
+    pad_batch,
+    prompt_text,
+)
 from kiln.data.tasks import Example, Task
 from kiln.data.tokenizer import Tokenizer
 from kiln.errors import KilnError
 
-Row = dict[str, np.ndarray]
-# Task kinds a head answers (encoder, decoder): one row per example, one target per row.
-HEAD_KINDS = ("classification", "regression")
-ENC, DEC, ENC_DEC = Layout.ENCODER, Layout.DECODER, Layout.ENCODER_DECODER
+QA = qa.KIND
 # Examples are encoded up front, so batching is cheap: one thread prefetching a few batches.
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 
@@ -69,7 +58,7 @@ def encode(
     (compact,), truncated = _encode_all(
         task, layout, tokenizer, [example], seq_len, target_len, template
     )
-    batch = _pad_batch([compact], task.kind, layout, seq_len, target_len)
+    batch = pad_batch([compact], task.kind, layout, seq_len, target_len)
     return {k: v[0, ...] for k, v in batch.items()}, truncated > 0
 
 
@@ -88,12 +77,16 @@ def generation_prompt(
     For gpt, ``seq_len`` bounds the prompt plus the ``max_new_tokens`` generated tokens: the
     prompt keeps its first ``seq_len - max_new_tokens - 2`` ids (with ``max_new_tokens =
     target_len`` that is the least a training row keeps). For t5, ``seq_len`` bounds the encoder
-    input. gpt only generates for generation tasks (it classifies by pooling).
+    input. gpt only generates for generation tasks (it classifies by pooling) and chat (the
+    conversation before its last assistant turn, :func:`kiln.data.chat.prompt`).
     """
-    _check_template(template, task, layout)
+    if task.kind == chat.KIND:
+        check_task(task.name, task.kind, layout)
+        return chat.prompt(tokenizer, example, template, seq_len, max_new_tokens)
+    check_template(template, task, layout)
     if layout == ENC_DEC:
-        _check_lengths(task, layout, seq_len, 2)
-        ids = tokenizer.encode(_prompt(template, example))
+        check_lengths(task, layout, seq_len, 2)
+        ids = tokenizer.encode(prompt_text(template, example))
         return [*ids[: seq_len - 1], tokenizer.eos_id]
     if layout != DEC or task.kind != "generation":
         check_task(task.name, task.kind, layout)
@@ -107,7 +100,7 @@ def generation_prompt(
             f"seq_len={seq_len} leaves no room for a prompt with max_new_tokens={max_new_tokens} "
             "(plus bos and [SEP]): raise seq_len or lower max_new_tokens."
         )
-    ids = tokenizer.encode(_prompt(template, example))
+    ids = tokenizer.encode(prompt_text(template, example))
     return [tokenizer.bos_id, *ids[:budget], tokenizer_lib.separator_id(tokenizer)]
 
 
@@ -131,14 +124,15 @@ def make_train_dataset(
     Examples are encoded up front (the count of truncated ones is returned), shuffled with a seed
     mixed from ``seed`` and reshuffled every epoch, padded, batched into global batches of
     ``global_batch_size`` rows; each process keeps its
-    :func:`~kiln.data.pipeline.process_slice`. With ``pack`` (gpt generation only) each row holds
-    as many whole examples as fit, greedily in stream order (segment ids 1, 2, ... in the row,
-    positions restart per example, an example is never split). Its iterators support
-    ``get_state()``/``set_state()``; the state survives a JSON round trip.
+    :func:`~kiln.data.pipeline.process_slice`. With ``pack`` (gpt generation and chat only)
+    each row holds as many whole examples as fit, greedily in stream order (segment ids 1, 2,
+    ... in the row, positions restart per example, an example is never split; a conversation
+    keeps its assistant-only weights). Its iterators support ``get_state()``/``set_state()``;
+    the state survives a JSON round trip.
 
     Raises:
         KilnError: On no examples, a bad layout, length, template or batch size, or ``pack``
-            with anything but gpt generation.
+            with anything but gpt generation or chat.
     """
     check_task(task.name, task.kind, layout, pack)
     if not examples:
@@ -155,10 +149,10 @@ def make_train_dataset(
     ds = grain.MapDataset.source(compact).shuffle(seed=shuffle_seed).repeat()
     keep = functools.partial(process_slice, index=process_index, count=process_count)
     if pack:
-        packed = _PackIterDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
+        packed = packing.PackIterDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len)
         return packed.batch(global_batch_size, drop_remainder=True).map(keep), truncated
     pad = functools.partial(
-        _pad_batch, kind=task.kind, layout=layout, seq_len=seq_len, target_len=target_len
+        pad_batch, kind=task.kind, layout=layout, seq_len=seq_len, target_len=target_len
     )
     ds = ds.batch(global_batch_size, drop_remainder=True, batch_fn=pad).map(keep)
     return ds.to_iter_dataset(_READ_OPTIONS), truncated
@@ -186,7 +180,7 @@ def make_eval_batches(
         task, layout, tokenizer, examples, seq_len, target_len, template
     )
     batches = [
-        _pad_batch(compact[i : i + batch_size], task.kind, layout, seq_len, target_len, batch_size)
+        pad_batch(compact[i : i + batch_size], task.kind, layout, seq_len, target_len, batch_size)
         for i in range(0, len(compact), batch_size)
     ]
     return batches, truncated
@@ -211,89 +205,25 @@ def check_task(name: str, kind: str, layout: Layout, pack: bool = False) -> None
             " fine-tune a decoder (gpt) or encoder-decoder (t5) model on it, or pick a"
             " classification task."
         )
-    if pack and (layout != DEC or kind in ("classification", "regression")):
+    if (kind == QA or name == "squad") and layout != ENC:
         raise KilnError(
-            "task.pack=True: Packing is only for decoders (gpt) on generation tasks, not for"
-            f" {kind or 'the'} task {name!r} with model layout {layout} (one example per row is"
+            f"task.name={name!r} is an extractive QA task, which needs an encoder's span head:"
+            f" a {layout} model has none. Fine-tune an encoder (bert), or give the task as"
+            " generation (question and context as input, the answer as target) in a JSONL file."
+        )
+    if (kind == chat.KIND or name == chat.NAME) and layout != DEC:
+        raise KilnError(
+            f"task.name={name!r} is a chat task (conversations, the loss on assistant turns),"
+            f" which needs a decoder: a {layout} model is not one. Fine-tune a decoder (gpt),"
+            " or give the data as a generation task (the conversation so far as input, the"
+            " last assistant turn as target) in a JSONL file."
+        )
+    if pack and (layout != DEC or kind in ("classification", "regression", QA)):
+        raise KilnError(
+            "task.pack=True: Packing is only for decoders (gpt) on generation and chat tasks, not"
+            f" for {kind or 'the'} task {name!r} with model layout {layout} (one example per row is"
             " needed to pool or to align the decoder). Set task.pack=False."
         )
-
-
-def _check_template(template: str, task: Task, layout: Layout) -> None:
-    """Raises unless `template` has {input}, and {text_pair} exactly where a pair needs it
-    (t5 on a sentence-pair task; head models read a pair as two segments)."""
-    if "{input}" not in template:
-        raise KilnError(
-            f"The prompt template {template!r} has no '{{input}}' placeholder, so every prompt "
-            "would be the same: put {input} where the example text goes, e.g. 'Text: {input}'."
-        )
-    has_pair = "{text_pair}" in template
-    if has_pair and not task.pairs:
-        raise KilnError(
-            f"The prompt template {template!r} has a '{{text_pair}}' placeholder, but task"
-            f" {task.name!r} has single texts (no text_pair field): remove it."
-        )
-    if task.pairs and layout == ENC_DEC and not has_pair:
-        raise KilnError(
-            f"The prompt template {template!r} has no '{{text_pair}}' placeholder, so a"
-            f" text-to-text model would never see the second text of task {task.name!r}'s"
-            " sentence pairs: use e.g. 'sentence1: {input} sentence2: {text_pair}'."
-        )
-
-
-def _check_lengths(task: Task, layout: Layout, seq_len: int, target_len: int) -> None:
-    """Raise unless each row has room for its special tokens plus one prompt and target token."""
-    if layout == ENC_DEC:
-        need_seq, need_target = 2, 2  # prompt eos; target eos
-    elif task.kind == "generation":
-        need_seq, need_target = target_len + 3, 2  # bos prompt [SEP] target eos
-    elif task.pairs:
-        need_seq, need_target = 5, None  # [CLS] a [SEP] b [SEP]
-    else:
-        need_seq, need_target = 3, None  # bos/[CLS] prompt eos/[SEP]; no decoder
-    if seq_len < need_seq or (need_target is not None and target_len < need_target):
-        what = f"seq_len >= {need_seq}" + (
-            f" and target_len >= {need_target}" if need_target is not None else ""
-        )
-        raise KilnError(
-            f"seq_len={seq_len}, target_len={target_len} are too small for an {layout} model on"
-            f" the {task.kind} task {task.name!r}: a row needs its special tokens, one prompt"
-            " token and one target token (decoder generation: room for a full target of"
-            f" target_len tokens including eos). Use {what}."
-        )
-
-
-def _prompt(template: str, example: Example) -> str:
-    return template.replace("{input}", example.input).replace("{text_pair}", example.pair)
-
-
-def _first_segment(template: str, example: Example) -> str:
-    """A head model's first segment of a pair: the template on `input`, or the raw input when
-    the template is a text-to-text one (it has {text_pair})."""
-    return example.input if "{text_pair}" in template else _prompt(template, example)
-
-
-def longest_first(first: int, second: int, budget: int) -> tuple[int, int]:
-    """How many tokens of two texts to keep within `budget`: the longer one is cut first, one
-    token at a time (a tie cuts the second)."""
-    excess = first + second - budget
-    if excess <= 0:
-        return first, second
-    gap = abs(first - second)
-    if excess <= gap:
-        return (first - excess, second) if first > second else (first, second - excess)
-    even = min(first, second) - (excess - gap) // 2
-    return (even, even - (excess - gap) % 2)
-
-
-def _label_index(task: Task, example: Example) -> int:
-    if example.target not in task.labels:
-        raise KilnError(
-            f"Example {example.id!r} of task {task.name!r} has label {example.target!r}, which "
-            f"is not among the task's labels {', '.join(map(repr, task.labels))}. Fix the "
-            "example or the task's label set."
-        )
-    return task.labels.index(example.target)
 
 
 def _encode_all(
@@ -305,270 +235,25 @@ def _encode_all(
     target_len: int,
     template: str,
 ) -> tuple[list[Row], int]:
-    """Unpadded rows of ``examples`` (see :func:`_pad_batch`) and the number truncated."""
+    """Unpadded rows of ``examples`` (see :func:`pad_batch`) and the number truncated (for
+    extractive QA: a row per context window, and the questions cut)."""
     check_task(task.name, task.kind, layout)
-    _check_template(template, task, layout)
-    _check_lengths(task, layout, seq_len, target_len)
+    if task.kind == QA:
+        encoded = qa.encode(tokenizer, examples, seq_len=seq_len, doc_stride=task.doc_stride)
+        return encoded.rows, encoded.cut
+    if task.kind == chat.KIND:
+        check_lengths(task, layout, seq_len, target_len)
+        return chat.rows(tokenizer, examples, template, seq_len)
+    check_template(template, task, layout)
+    check_lengths(task, layout, seq_len, target_len)
     if task.kind in HEAD_KINDS and layout != ENC_DEC:
-        return _head_rows(task, layout, tokenizer, examples, seq_len, template)
-    prompts = tokenizer.encode_batch([_prompt(template, e) for e in examples])
+        return head_rows(task, layout, tokenizer, examples, seq_len, template)
+    prompts = tokenizer.encode_batch([prompt_text(template, e) for e in examples])
     if task.kind == "classification":
-        label_ids = {label: tokenizer.encode(label) for label in task.labels}
-        targets = [_label_ids(task, label_ids, e, target_len) for e in examples]
+        ids_of = {label: tokenizer.encode(label) for label in task.labels}
+        targets = [label_token_ids(task, ids_of, e, target_len) for e in examples]
     else:
         targets = tokenizer.encode_batch([e.target for e in examples])
-    make = _encoder_decoder_row if layout == ENC_DEC else _decoder_row
+    make = encoder_decoder_row if layout == ENC_DEC else decoder_row
     rows = [make(tokenizer, p, t, seq_len, target_len) for p, t in zip(prompts, targets)]
     return [row for row, _ in rows], sum(cut for _, cut in rows)
-
-
-def _label_ids(
-    task: Task, label_ids: dict[str, list[int]], example: Example, target_len: int
-) -> list[int]:
-    """The label name's ids for t5; raises if the name does not fit in ``target_len``."""
-    _label_index(task, example)
-    ids = label_ids[example.target]
-    if len(ids) + 1 > target_len:
-        raise KilnError(
-            f"The label {example.target!r} of task {task.name!r} takes {len(ids)} tokens plus "
-            f"eos, more than target_len={target_len}; cutting it could merge labels. Raise "
-            f"target_len to at least {len(ids) + 1}."
-        )
-    return ids
-
-
-def _head_rows(
-    task: Task,
-    layout: Layout,
-    tokenizer: Tokenizer,
-    examples: Sequence[Example],
-    seq_len: int,
-    template: str,
-) -> tuple[list[Row], int]:
-    """Unpadded classifier/regression rows (one text, or a pair) with their targets."""
-    if task.pairs:
-        firsts = tokenizer.encode_batch([_first_segment(template, e) for e in examples])
-        seconds = tokenizer.encode_batch([e.pair for e in examples])
-        rows = [_pair_row(tokenizer, layout, a, b, seq_len) for a, b in zip(firsts, seconds)]
-    else:
-        prompts = tokenizer.encode_batch([_prompt(template, e) for e in examples])
-        rows = [_classifier_row(tokenizer, layout, ids, seq_len) for ids in prompts]
-    for (row, _), example in zip(rows, examples):
-        if task.kind == "regression":
-            row["targets"] = np.asarray(_value(task, example), dtype=np.float32)
-        else:
-            row["targets"] = np.asarray(_label_index(task, example), dtype=np.int32)
-    return [row for row, _ in rows], sum(cut for _, cut in rows)
-
-
-def _value(task: Task, example: Example) -> float:
-    try:
-        return float(example.target)
-    except ValueError:
-        raise KilnError(
-            f"Example {example.id!r} of the regression task {task.name!r} has target"
-            f" {example.target!r}, not a number. Fix the example."
-        ) from None
-
-
-def _pair_row(
-    tokenizer: Tokenizer, layout: Layout, first: list[int], second: list[int], seq_len: int
-) -> tuple[Row, bool]:
-    """``[CLS] a [SEP] b [SEP]`` with token types 0 then 1 (bert) or ``bos a [SEP] b eos``
-    (gpt, [SEP] or eos between), the longer text cut first; without the label."""
-    keep_a, keep_b = longest_first(len(first), len(second), seq_len - 3)
-    if layout == ENC:
-        start, middle, end = tokenizer.cls_id, tokenizer.sep_id, tokenizer.sep_id
-    else:
-        start, end = tokenizer.bos_id, tokenizer.eos_id
-        middle = tokenizer_lib.separator_id(tokenizer)
-    tokens = [start, *first[:keep_a], middle, *second[:keep_b], end]
-    row = {"inputs": np.asarray(tokens, dtype=np.int32)}
-    if layout == ENC:
-        types = np.zeros(len(tokens), np.int32)
-        types[keep_a + 2 :] = 1
-        row["token_type_ids"] = types
-    return row, keep_a < len(first) or keep_b < len(second)
-
-
-def _classifier_row(
-    tokenizer: Tokenizer, layout: Layout, ids: list[int], seq_len: int
-) -> tuple[Row, bool]:
-    """``[CLS] prompt [SEP]`` (bert) or ``bos prompt eos`` (gpt), without the label."""
-    first, last = (
-        (tokenizer.cls_id, tokenizer.sep_id)
-        if layout == ENC
-        else (tokenizer.bos_id, tokenizer.eos_id)
-    )
-    inputs = np.asarray([first, *ids[: seq_len - 2], last], dtype=np.int32)
-    return {"inputs": inputs}, len(ids) > seq_len - 2
-
-
-def _encoder_decoder_row(
-    tokenizer: Tokenizer, prompt: list[int], target: list[int], seq_len: int, target_len: int
-) -> tuple[Row, bool]:
-    eos = tokenizer.eos_id
-    cut_target = target[: target_len - 1]
-    row = {
-        "encoder_inputs": np.asarray([*prompt[: seq_len - 1], eos], dtype=np.int32),
-        "decoder_inputs": np.asarray([tokenizer.bos_id, *cut_target], dtype=np.int32),
-        "targets": np.asarray([*cut_target, eos], dtype=np.int32),
-    }
-    return row, len(prompt) > seq_len - 1 or len(target) > target_len - 1
-
-
-def _decoder_row(
-    tokenizer: Tokenizer, prompt: list[int], target: list[int], seq_len: int, target_len: int
-) -> tuple[Row, bool]:
-    """``bos prompt [SEP] target eos`` with next-token targets, weighted on the completion."""
-    cut_target = target[: target_len - 1]
-    budget = seq_len - 3 - len(cut_target)
-    cut_prompt = prompt[:budget]
-    sep_id = tokenizer_lib.separator_id(tokenizer)
-    tokens = [tokenizer.bos_id, *cut_prompt, sep_id, *cut_target, tokenizer.eos_id]
-    sep = len(cut_prompt) + 1
-    weights = np.zeros(len(tokens), dtype=np.float32)
-    weights[sep : len(tokens) - 1] = 1.0  # Predicting each target token and the eos.
-    row = {
-        "inputs": np.asarray(tokens, dtype=np.int32),
-        "targets": np.asarray([*tokens[1:], 0], dtype=np.int32),
-        "weights": weights,
-    }
-    return row, len(prompt) > budget or len(target) > target_len - 1
-
-
-def _filled(arrays: Sequence[np.ndarray], rows: int, width: int, dtype: type) -> np.ndarray:
-    """``arrays`` left-aligned in the rows of a zero ``[rows, width]`` array."""
-    out = np.zeros((rows, width), dtype)
-    for i, values in enumerate(arrays):
-        out[i, : len(values)] = values
-    return out
-
-
-def _segments(lengths: list[int], width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Segment ids (1 on the first ``lengths[i]`` tokens of row i) and positions."""
-    positions = np.arange(width, dtype=np.int32)[None, :]
-    real = positions < np.asarray(lengths)[:, None]
-    return real.astype(np.int32), np.where(real, positions, 0).astype(np.int32)
-
-
-def _pad_batch(
-    compacts: Sequence[Row],
-    kind: str,
-    layout: Layout,
-    seq_len: int,
-    target_len: int,
-    rows: int | None = None,
-) -> Row:
-    """A batch of the unpadded rows from :func:`_encode_all`, plus all-zero rows up to ``rows``."""
-    rows = len(compacts) if rows is None else rows
-
-    def column(key: str, width: int, dtype: type = np.int32) -> np.ndarray:
-        return _filled([c[key] for c in compacts], rows, width, dtype)
-
-    def lengths(key: str) -> list[int]:
-        return [len(c[key]) for c in compacts] + [0] * (rows - len(compacts))
-
-    if layout == ENC_DEC:
-        encoder_segment_ids, encoder_positions = _segments(lengths("encoder_inputs"), seq_len)
-        decoder_segment_ids, decoder_positions = _segments(lengths("targets"), target_len)
-        return {
-            "encoder_inputs": column("encoder_inputs", seq_len),
-            "encoder_segment_ids": encoder_segment_ids,
-            "encoder_positions": encoder_positions,
-            "decoder_inputs": column("decoder_inputs", target_len),
-            "targets": column("targets", target_len),
-            "decoder_segment_ids": decoder_segment_ids,
-            "decoder_positions": decoder_positions,
-            "weights": decoder_segment_ids.astype(np.float32),
-        }
-    segment_ids, positions = _segments(lengths("inputs"), seq_len)
-    batch = {
-        "inputs": column("inputs", seq_len),
-        "segment_ids": segment_ids,
-        "positions": positions,
-    }
-    if compacts and "token_type_ids" in compacts[0]:
-        batch["token_type_ids"] = column("token_type_ids", seq_len)
-    if kind in HEAD_KINDS:
-        dtype = np.float32 if kind == "regression" else np.int32
-        batch["targets"] = np.zeros(rows, dtype)
-        batch["targets"][: len(compacts)] = [c["targets"] for c in compacts]
-        batch["weights"] = (np.arange(rows) < len(compacts)).astype(np.float32)
-    else:
-        batch["targets"] = column("targets", seq_len)
-        batch["weights"] = column("weights", seq_len, np.float32)
-    return batch
-
-
-# ------------------------------------------------------------------------------------- packing
-
-
-def _pack(compacts: list[Row], seq_len: int) -> Row:
-    """Unpadded decoder rows of whole examples, one after the other, as one padded row."""
-    row = {key: np.zeros(seq_len, np.int32) for key in ("inputs", "targets", "segment_ids")}
-    row["positions"] = np.zeros(seq_len, np.int32)
-    row["weights"] = np.zeros(seq_len, np.float32)
-    start = 0
-    for segment, compact in enumerate(compacts, start=1):
-        end = start + len(compact["inputs"])
-        for key in ("inputs", "targets", "weights"):
-            row[key][start:end] = compact[key]
-        row["segment_ids"][start:end] = segment
-        row["positions"][start:end] = np.arange(end - start)
-        start = end
-    return row
-
-
-class _PackIterator(grain.DatasetIterator):
-    """Greedy next-fit packing; holds back the one example that did not fit in the last row.
-
-    Its state is the parent's state from before that example was read, so a restored iterator
-    reads it again: the state is the parent's, nothing else.
-    """
-
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
-        super().__init__(parent)
-        self._seq_len = seq_len
-        self._pending: Row | None = None
-        self._pending_state: dict | None = None
-
-    def __next__(self) -> Row:
-        row: list[Row] = []
-        used = 0
-        while True:
-            if self._pending is None:
-                state = self._parent.get_state()
-                try:
-                    self._pending = next(self._parent)
-                except StopIteration:
-                    if row:
-                        return _pack(row, self._seq_len)
-                    raise
-                self._pending_state = state
-            length = len(self._pending["inputs"])
-            if row and used + length > self._seq_len:
-                return _pack(row, self._seq_len)
-            row.append(self._pending)
-            used += length
-            self._pending = None
-
-    def get_state(self) -> dict:
-        if self._pending is None:
-            return self._parent.get_state()
-        return copy.deepcopy(self._pending_state)
-
-    def set_state(self, state: dict) -> None:
-        self._parent.set_state(state)
-        self._pending = self._pending_state = None
-
-
-class _PackIterDataset(grain.IterDataset):
-    """Packs unpadded decoder rows (each at most ``seq_len`` long) into rows of ``seq_len``."""
-
-    def __init__(self, parent: grain.IterDataset, seq_len: int):
-        super().__init__(parent)
-        self._seq_len = seq_len
-
-    def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._seq_len)

@@ -1,8 +1,9 @@
 """`data.sources`: a weighted mixture of streaming sources, each with its own token cache.
 
 ``data.sources`` is ``"name=path [weight=W] [field=F]; name=path ..."``: a path, directory or
-glob (`kiln.data.sources`), its sampling weight (default 1) and, for JSONL/Parquet, the field
-holding the text (default ``text``). Each source is tokenized once into
+glob (`kiln.data.sources`) or the name of a shipped corpus (`bible`, `wordnet`, `sympy`, ...,
+read in memory from `data.data_dir`), its sampling weight (default 1) and, for JSONL/Parquet,
+the field holding the text (default ``text``). Each other source is tokenized once into
 ``<data.cache_dir or <workdir>/token_cache>/<name>`` (`kiln.data.token_cache`).
 """
 
@@ -13,11 +14,11 @@ import math
 import os
 import pathlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from kiln.data import sources, token_cache
+from kiln.data import corpus, sources, token_cache
 from kiln.errors import KilnError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -67,10 +68,23 @@ def parse(spec: str) -> list[Source]:
     return found
 
 
-def check_config(config) -> None:
-    """Config check (for `config_lib.validate`): `data.sources` parses, when it is set."""
-    if config.data.get("sources"):
-        parse(config.data.sources)
+def check_config(data) -> None:
+    """The `data` section's mixture keys (for `config_lib.validate`): `data.sources` parses
+    (when `data.corpus` does not replace it) and `data.prepare_workers` is at least 1."""
+    if data.get("sources") and not data.get("corpus"):
+        parse(data.sources)
+    workers = data.get("prepare_workers", 1)
+    if not isinstance(workers, int) or workers < 1:
+        raise KilnError(
+            f"data.prepare_workers={workers!r} must be a positive number of tokenizing processes"
+            " (e.g. 1, or the number of CPU cores to spare)."
+        )
+
+
+def shipped(source: Source) -> bool:
+    """Whether a source is a corpus kiln ships (`bible`, `wordnet`, ...): read in memory from
+    `data.data_dir`, tokenized by the run itself, never cached."""
+    return source.path in corpus.SOURCES
 
 
 def cache_root(config, workdir: str) -> pathlib.Path:
@@ -91,6 +105,8 @@ def prepare_caches(
     root = cache_root(config, workdir)
     caches = {}
     for source in parse(config.data.sources):
+        if shipped(source):
+            continue
         caches[source.name] = root / source.name
         token_cache.prepare(
             caches[source.name],
@@ -105,7 +121,20 @@ def prepare_caches(
     return caches
 
 
-def sample_documents(specs: list[Source], count: int, seed: int) -> list[str]:
+def train_texts(source: Source, data_dir: str | None = None) -> Iterator[str]:
+    """A source's training documents, streaming (a shipped corpus's from memory)."""
+    if shipped(source):
+        yield from corpus.read_documents(source.path, "train", data_dir)
+        return
+    for file in sources.expand(source.path):
+        for split, text in sources.documents(file, source.field):
+            if split == "train":
+                yield text
+
+
+def sample_documents(
+    specs: list[Source], count: int, seed: int, data_dir: str | None = None
+) -> list[str]:
     """About ``count`` training documents drawn across the sources, each source's share by its
     weight: a uniform sample of the source's train split (reservoir sampling, one streaming
     pass, seeded), so every part of every source can be drawn."""
@@ -116,14 +145,11 @@ def sample_documents(specs: list[Source], count: int, seed: int) -> list[str]:
         rng = np.random.default_rng([seed, k])
         kept: list[str] = []
         seen = 0
-        for file in sources.expand(spec.path):
-            for split, text in sources.documents(file, spec.field):
-                if split != "train":
-                    continue
-                seen += 1
-                if len(kept) < want:
-                    kept.append(text)
-                elif (j := int(rng.integers(seen))) < want:
-                    kept[j] = text
+        for text in train_texts(spec, data_dir):
+            seen += 1
+            if len(kept) < want:
+                kept.append(text)
+            elif (j := int(rng.integers(seen))) < want:
+                kept[j] = text
         sample += kept
     return sample

@@ -16,26 +16,24 @@ are exact.
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 import sys
-from collections.abc import Iterable, Sequence
-from typing import Any
+import typing
+from collections.abc import Sequence
 
 import grain
 import numpy as np
 
-from kiln.data import tokenizer as tokenizer_lib
+from kiln.data.data_order import PlaceTokenizer, continued_fraction  # noqa: F401 (re-exported)
 from kiln.data.objectives import CausalLM, Objective
-from kiln.data.tokenizer import NUM_SPECIAL_IDS, Tokenizer
+from kiln.data.tokenized import Tokenized
+from kiln.data.tokenizer import Tokenizer
 from kiln.errors import KilnError
 
 Batch = dict[str, np.ndarray]
 # Two threads build batches ahead: grain's default (16 threads, 500 elements) is slow to start.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
 EVAL_SEED = 0  # Eval batches are masked the same way in every run.
-_ENCODE_CHUNK = 1024  # documents per tokenizer call: bounds the Python lists alive at once
 # Tags that keep the seeds of the run's random choices apart.
 _DEAL, _EPOCH, _OBJECTIVE, _MIX = 0, 1, 2, 3
 
@@ -52,81 +50,6 @@ def process_slice(batch: Batch, index: int, count: int) -> Batch:
     return {k: v[index * n : (index + 1) * n] for k, v in batch.items()}
 
 
-class Tokenized:
-    """Documents tokenized as ``[bos] + ids + [eos]`` (``[CLS]``/``[SEP]`` for a tokenizer without
-    bos/eos, `tokenizer.document_ids`), one flat int32 array.
-
-    Document ``d`` is ``tokens[offsets[d] : offsets[d] + starts[d + 1] - starts[d]]``:
-    ``starts`` places the documents in their concatenation, ``offsets`` in ``tokens`` (the same
-    but for a :meth:`select` view, which shares its parent's ``tokens``).
-    """
-
-    def __init__(self, documents: Iterable[str], tokenizer: Tokenizer, max_tokens: int = 0):
-        """Tokenizes ``documents`` in order; with ``max_tokens > 0``, stops once at least that
-        many tokens are held."""
-        arrays: list[np.ndarray] = []
-        total, it = 0, iter(documents)
-        first, last = tokenizer_lib.document_ids(tokenizer)
-        while chunk := list(itertools.islice(it, _ENCODE_CHUNK)):
-            for ids in tokenizer.encode_batch(chunk):
-                arrays.append(np.asarray([first, *ids, last], np.int32))
-                total += len(arrays[-1])
-            if max_tokens and total >= max_tokens:
-                break
-        lengths = np.asarray([len(a) for a in arrays], np.int64)
-        self.tokens: Any = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
-        self.starts = np.concatenate([[0], np.cumsum(lengths)])
-        self.offsets = self.starts[:-1]
-
-    @classmethod
-    def from_arrays(cls, tokens: Any, starts: np.ndarray) -> Tokenized:
-        """Documents already tokenized: ``tokens`` (an array, or anything indexable by an int
-        array with a length, e.g. a memory-mapped token cache) cut at ``starts``."""
-        docs = cls.__new__(cls)
-        docs.tokens, docs.starts = tokens, np.asarray(starts, np.int64)
-        docs.offsets = docs.starts[:-1]
-        return docs
-
-    def select(self, ids: np.ndarray) -> Tokenized:
-        """Documents ``ids``, in that order, as a view: no token is copied or read."""
-        ids = np.asarray(ids, np.int64)
-        view = Tokenized.from_arrays(self.tokens, np.zeros(1, np.int64))
-        view.starts = np.concatenate([[0], np.cumsum(np.diff(self.starts)[ids])])
-        view.offsets = self.offsets[ids]
-        return view
-
-    @property
-    def total(self) -> int:
-        """Tokens in all the documents."""
-        return int(self.starts[-1])
-
-    def __len__(self) -> int:
-        return len(self.starts) - 1
-
-    def pack(self, order: np.ndarray, rows: np.ndarray, row_len: int) -> Batch:
-        """Rows ``rows`` of documents ``order`` concatenated and cut into ``row_len`` tokens.
-
-        Segment ids count the documents in a row from 1; positions restart at 0 at each
-        segment (also where a document continues from the previous row). Tokens past the end
-        of the concatenation are padding: token 0, segment 0, position 0.
-        """
-        lengths = np.diff(self.starts)[order]
-        ends = np.cumsum(lengths)
-        begins = ends - lengths
-        where = rows[:, None] * row_len + np.arange(row_len)  # [R, L] places in the concatenation
-        doc = np.searchsorted(ends, where, side="right")
-        real = doc < len(order)
-        doc = np.minimum(doc, len(order) - 1)
-        start = np.maximum(begins[doc], rows[:, None] * row_len)  # segment start within the row
-        place = np.minimum(self.offsets[order[doc]] + where - begins[doc], len(self.tokens) - 1)
-        tokens = np.asarray(self.tokens[place])
-        return {
-            "tokens": np.where(real, tokens, 0).astype(np.int32),
-            "segment_ids": np.where(real, doc - doc[:, :1] + 1, 0).astype(np.int32),
-            "positions": np.where(real, where - start, 0).astype(np.int32),
-        }
-
-
 class _Stream:
     """One packing stream: its documents re-ordered and packed each epoch, rows shuffled.
 
@@ -138,24 +61,35 @@ class _Stream:
     def __init__(self, docs: Tokenized, row_len: int, seed: list[int], name: str):
         self.docs, self.row_len, self.seed = docs, row_len, seed
         self.rows_per_epoch = docs.total // row_len
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         if self.rows_per_epoch < 1:
             raise KilnError(
                 f"{name} holds {docs.total} tokens, less than one row of {row_len}: add"
                 " training text, lower data.seq_len, or lower data.streams."
             )
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 (one stream per run; the current epoch + next)
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([*self.seed, epoch])
-        return rng.permutation(len(self.docs)), rng.permutation(self.rows_per_epoch)
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The epoch's document order, row order and document ends, kept for the current and
+        the next epoch of this stream (drawing them costs time in the stream's documents: a
+        cache shared by a process's streams would redraw them at every batch)."""
+        if epoch not in self._epochs:
+            rng = np.random.default_rng([*self.seed, epoch])
+            # int32 orders (the same permutations as of int64 ranges) halve the per-document
+            # memory, which is what a stream's memory grows with.
+            order = rng.permutation(np.arange(len(self.docs), dtype=np.int32))
+            rows = rng.permutation(np.arange(self.rows_per_epoch, dtype=np.int32))
+            drawn = (order, rows, self.docs.ends(order))
+            self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}
+            self._epochs[epoch] = drawn
+        return self._epochs[epoch]
 
     def rows(self, index: np.ndarray) -> Batch:
         """The stream's rows ``index`` (increasing; they may span epochs), in that order."""
         parts = []
         for epoch in np.unique(index // self.rows_per_epoch):
-            order, row_order = self._epoch(int(epoch))
+            order, row_order, ends = self._epoch(int(epoch))
             mine = index[index // self.rows_per_epoch == epoch] % self.rows_per_epoch
-            parts.append(self.docs.pack(order, row_order[mine], self.row_len))
+            parts.append(self.docs.pack(order, row_order[mine], self.row_len, ends))
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -245,7 +179,17 @@ def resolve_streams(streams: int, global_batch_size: int) -> int:
     return resolved
 
 
-Documents = Sequence[str] | Tokenized
+@typing.runtime_checkable
+class Sharded(typing.Protocol):
+    """Documents stored in shards that deal themselves to packing streams, so that a stream
+    opens only its own shards (`kiln.data.token_cache.CachedSplit`)."""
+
+    def __len__(self) -> int: ...
+
+    def stream_documents(self, seed: list[int], streams: int, stream: int) -> Tokenized: ...
+
+
+Documents = Sequence[str] | Tokenized | Sharded
 
 
 def make_train_dataset(
@@ -273,7 +217,9 @@ def make_train_dataset(
     rows, then stream 1's, ..., each stream's part passed through ``objective`` (default
     :class:`~kiln.data.objectives.CausalLM`) with a generator drawn from (seed, stream, i).
 
-    ``documents`` are texts, or a :class:`Tokenized` (e.g. a token cache's), used as is. With
+    ``documents`` are texts, a :class:`Tokenized`, used as is, or a :class:`Sharded` source (a
+    token cache's split), which deals contiguous ranges of its shuffled shards instead, so a
+    stream opens only the shards of its range. With
     ``weights``, ``documents`` is a list of such sources, a mixture: every source is dealt to
     its own streams, and each row slot picks its source by weight (:class:`_Batches`). One
     source of any weight gives the same batches as that source alone.
@@ -308,17 +254,27 @@ def make_train_dataset(
                 " lower data.streams."
             )
         tag = [seed, _DEAL] if len(sources) == 1 else [seed, _DEAL, k]
-        dealt = np.random.default_rng(tag).permutation(len(docs))
         for s in range(first // stream_rows, last // stream_rows + 1):
-            if isinstance(docs, Tokenized):
-                stream_docs = docs.select(dealt[s::n_streams])
-            else:
-                stream_docs = Tokenized((docs[i] for i in dealt[s::n_streams]), tokenizer)
+            stream_docs = _deal(docs, tokenizer, tag, n_streams, s)
             name = f"Packing stream {s} of {n_streams}" + (f" of source {k}" if k else "")
             epoch_seed = [seed, _EPOCH, s] if len(sources) == 1 else [seed, _EPOCH, s, k]
             mine[k, s] = _Stream(stream_docs, objective.packed_length(seq_len), epoch_seed, name)
     source = _Batches(mine, probs, stream_rows, first % stream_rows, rows, objective, seed)
     return grain.MapDataset.source(source).to_iter_dataset(_READ_OPTIONS)
+
+
+def _deal(
+    docs: Documents, tokenizer: Tokenizer, seed: list[int], streams: int, s: int
+) -> Tokenized:
+    """Stream ``s``'s documents: a sharded source (a token cache's `CachedSplit`) deals itself
+    by shard; texts and a :class:`Tokenized` are dealt round-robin from a permutation drawn from
+    ``seed`` (texts tokenized here, only this stream's)."""
+    if isinstance(docs, Sharded):
+        return docs.stream_documents(seed, streams, s)
+    dealt = np.random.default_rng(seed).permutation(len(docs))[s::streams]
+    if isinstance(docs, Tokenized):
+        return docs.select(dealt)
+    return Tokenized((docs[i] for i in dealt), tokenizer)
 
 
 def _mixture_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
@@ -363,50 +319,11 @@ def make_eval_batches(
     else:
         docs = Tokenized(documents, tokenizer, max_tokens=max_batches * batch_size * row_len)
     order = np.arange(len(docs))
+    ends = docs.ends(order)
     n_batches = min(max_batches, -(-docs.total // (row_len * batch_size)))
     batches = []
     for i in range(n_batches):
         rows = np.arange(i * batch_size, (i + 1) * batch_size)
-        packed = docs.pack(order, rows, row_len)
+        packed = docs.pack(order, rows, row_len, ends)
         batches.append(objective(packed, np.random.default_rng([EVAL_SEED, i])))
     return batches
-
-
-class PlaceTokenizer:
-    """A stand-in tokenizer for measuring data order: each document's ids name its tokens'
-    places, consecutive within a document and unique across ``documents`` (with a gap
-    between documents), all from ``FIRST`` up; lengths are ``tokenizer``'s."""
-
-    FIRST = 1000
-
-    def __init__(self, tokenizer: Tokenizer, documents: Sequence[str]):
-        self.bos_id, self.eos_id = tokenizer.bos_id, tokenizer.eos_id
-        self.places: dict[str, tuple[int, int]] = {}
-        place = self.FIRST
-        for doc, ids in zip(documents, tokenizer.encode_batch(documents), strict=True):
-            self.places[doc] = (place, len(ids))
-            place += len(ids) + 1
-
-    def encode(self, text: str) -> list[int]:
-        first, n = self.places[text]
-        return list(range(first, first + n))
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
-
-def continued_fraction(batches: Sequence[Batch], key: str = "inputs") -> float:
-    """The fraction of rows (from the second batch on) whose first token continues the last
-    token of a row of the previous batch.
-
-    For batches drawn with a :class:`PlaceTokenizer`: a row continues another exactly when its
-    first id is the other's last id plus one (a continuation that is a document's eos alone is
-    not counted). A random order gives about (rows starting mid-document) x (batch rows / rows
-    per epoch).
-    """
-    hits = total = 0
-    for prev, cur in itertools.pairwise(batches):
-        ends = set(prev[key][:, -1].tolist())
-        hits += sum(t > NUM_SPECIAL_IDS and t - 1 in ends for t in cur[key][:, 0].tolist())
-        total += len(cur[key])
-    return hits / max(total, 1)

@@ -14,9 +14,12 @@ task                       kind            input -> target                 split
 ``kjv2web``                generation      KJV verse -> WEB verse          ``bible:{book}:{ch}``
 ``code_summary``           generation      SymPy function -> docstring     the row's ``split``
 ``code_generation``        generation      signature + docstring -> body   the row's ``split``
-``jsonl``                  any             user data (:func:`load_task`)   ``split`` or id md5
-``squad``                  extractive_qa   SQuAD v1.1 JSON file            ``split`` or id md5
+``jsonl``                  any             user data (``user_tasks``)      ``split`` or id md5
+``squad``                  extractive_qa   SQuAD v1.1 JSON file(s)         the file, or title md5
 =========================  ==============  ==============================  =====================
+
+The user-file tasks (``jsonl``, ``squad``, ``chat``) are read by
+:func:`kiln.data.user_tasks.load_any`, which also loads these shipped ones by name.
 
 A WordNet definition is the gloss up to its first example quote.
 """
@@ -34,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from kiln.data import corpus
 from kiln.errors import KilnError
 
-KINDS = ("classification", "generation", "regression")
+KINDS = ("classification", "generation", "regression", "extractive_qa")
 TASK_NAMES = (
     "wn_lexname",
     "bible_genre",
@@ -42,8 +45,9 @@ TASK_NAMES = (
     "code_summary",
     "code_generation",
     "wn_reverse_dictionary",
-    "jsonl",
 )
+# Tasks read from the user's files (`kiln.data.user_tasks.load_any`), not shipped data.
+USER_TASKS = ("jsonl", "squad", "chat")
 SYMPY_FILE = "sympy114_functions.jsonl.xz"
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 # Metrics of a user's generation task; the first is the primary one.
@@ -64,12 +68,16 @@ _ROWS: dict[tuple, list] = {}
 class Example:
     """One labeled example; ``target`` is the label name for classification tasks and the
     value as text (``repr`` of a float) for regression; ``pair`` is a sentence pair's second
-    text (``""``: a single text)."""
+    text (``""``: a single text). Extractive QA: ``input`` is the question, ``context`` the
+    passage and ``answers`` the gold (text, character offset in ``context``) pairs; ``target``
+    is the first answer's text."""
 
     id: str
     input: str
     target: str
     pair: str = ""
+    context: str = ""
+    answers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +104,8 @@ class Task:
     splits: dict[str, list[Example]]
     pairs: bool = False
     positive: str = ""
+    doc_stride: int = 0  # extractive QA: overlap of a context's windows (task.doc_stride)
+    max_answer_len: int = 0  # extractive QA: longest answer in tokens (task.max_answer_len)
 
 
 def definition(gloss: str) -> str:
@@ -112,31 +122,26 @@ def load_task(
     labels: Sequence[str] = (),
     fields: Mapping[str, str] | None = None,
 ) -> Task:
-    """Load a task by name; parsed files are cached per (path, mtime, size).
-
-    Shipped tasks read ``data_dir`` (default :func:`kiln.data.corpus.default_data_dir`). The
-    ``jsonl`` task reads the user file ``path``: one JSON object per line with string fields
-    ``text`` + ``label`` (classification) or ``input`` + ``target`` (generation), an optional
-    ``id`` (default: md5 of the text/input) and an optional ``split`` (``train``,
-    ``validation``/``val``, ``test``; default: :func:`~kiln.data.corpus.split_of` of the id).
-    ``kind`` is inferred from the first line's fields unless given. ``labels`` fixes the label
-    set (default: the labels seen in train). Sentence pairs, regression and renamed fields
-    (``fields``): :mod:`kiln.data.user_tasks`.
+    """Load a shipped task by name from ``data_dir`` (default
+    :func:`kiln.data.corpus.default_data_dir`); parsed files are cached per (path, mtime,
+    size). The other arguments belong to the user-file tasks (:data:`USER_TASKS`), which
+    :func:`kiln.data.user_tasks.load_any` reads: here they are refused.
 
     Each call returns fresh split lists; the examples are shared with the cache (they are frozen).
 
     Raises:
-        KilnError: On an unknown task, a missing or malformed file, a bad label, or an empty split.
+        KilnError: On an unknown or user-file task name, or a missing or malformed file.
     """
+    if name in USER_TASKS:
+        raise KilnError(
+            f"Task {name!r} reads your own file: load it with kiln.data.user_tasks.load_any"
+            " (a run does, from task.name and task.path)."
+        )
     if name not in TASK_NAMES:
         raise KilnError(
-            f"Unknown task {name!r}: use one of {', '.join(TASK_NAMES)} (jsonl reads your own "
-            "data from a path)."
+            f"Unknown task {name!r}: use one of {', '.join(TASK_NAMES + USER_TASKS)} (jsonl,"
+            " squad and chat read your own data from task.path)."
         )
-    if name == "jsonl":
-        from kiln.data import user_tasks
-
-        return user_tasks.load_jsonl(path, kind, labels, fields or {})
     given = [f"{key}={value!r}" for key, value in [("path", path), ("kind", kind)] if value]
     if labels:
         given.append(f"labels={list(labels)!r}")
@@ -145,7 +150,7 @@ def load_task(
     if given:
         raise KilnError(
             f"Task {name!r} is a shipped task and takes no {', '.join(given)}: these options are "
-            "only for the jsonl task. Remove them, or use task jsonl for your own data."
+            "only for the user-file tasks. Remove them, or use task jsonl for your own data."
         )
     root, origin = corpus.data_root(data_dir)
     if name in ("wn_lexname", "wn_reverse_dictionary"):

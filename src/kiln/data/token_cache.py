@@ -1,4 +1,4 @@
-"""A pre-tokenized, sharded, memory-mapped token cache of one data source.
+"""A pre-tokenized, sharded token cache of one data source, read without loading it.
 
 Layout of a cache directory::
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from kiln.data import sources
 from kiln.data import tokenizer as tokenizer_lib
-from kiln.data.pipeline import Tokenized
+from kiln.data.tokenized import Tokenized
 from kiln.errors import KilnError
 
 VERSION = 1
@@ -295,45 +295,91 @@ def _run(
 
 
 class _Concat:
-    """Memory-mapped token arrays read as one (indexed by an int array)."""
+    """Token files read as one array, indexed by an int array: each run of consecutive places is
+    one ``os.pread``, so only the bytes asked for are read and nothing stays mapped (a
+    memory map's read-around would keep megabytes resident per batch, growing toward the
+    corpus size)."""
 
-    def __init__(self, arrays: list[np.ndarray]):
-        self.arrays = [a for a in arrays if len(a)]
-        self.bounds = np.cumsum([0] + [len(a) for a in self.arrays])
+    def __init__(self, paths: list[pathlib.Path], dtype: str):
+        self.dtype = np.dtype(dtype)
+        sizes = [p.stat().st_size // self.dtype.itemsize for p in paths]
+        self.fds = [os.open(p, os.O_RDONLY) for p, n in zip(paths, sizes, strict=True) if n]
+        self.bounds = np.cumsum([0] + [n for n in sizes if n])
+
+    def __del__(self, close=os.close) -> None:  # `os` may be gone at interpreter exit
+        for fd in getattr(self, "fds", []):
+            close(fd)
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
 
     def __getitem__(self, place: np.ndarray) -> np.ndarray:
-        place = np.asarray(place)
-        if len(self.arrays) == 1:
-            return self.arrays[0][place]
-        which = np.searchsorted(self.bounds, place, side="right") - 1
-        out = np.zeros(place.shape, self.arrays[0].dtype if self.arrays else np.int32)
-        for i in np.unique(which):
-            mask = which == i
-            out[mask] = self.arrays[i][place[mask] - self.bounds[i]]
-        return out
+        place = np.asarray(place, np.int64)
+        flat = place.reshape(-1)
+        out = np.zeros(flat.shape, self.dtype)
+        if not flat.size:
+            return out.reshape(place.shape)
+        which = np.searchsorted(self.bounds, flat, side="right") - 1
+        cuts = np.flatnonzero((np.diff(flat) != 1) | (np.diff(which) != 0)) + 1
+        size = self.dtype.itemsize
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), flat.size], strict=True):
+            f = int(which[a])
+            data = os.pread(self.fds[f], (b - a) * size, int(flat[a] - self.bounds[f]) * size)
+            out[a:b] = np.frombuffer(data, self.dtype)
+        return out.reshape(place.shape)
 
 
-def _map(path: pathlib.Path, dtype: str) -> np.ndarray:
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+class CachedSplit:
+    """One split of a complete cache, its shards opened only when used.
+
+    ``stream_documents`` deals the split to packing streams by shard: the shards in a seeded
+    order, their documents concatenated and cut into ``streams`` contiguous ranges, so stream
+    ``s`` opens only the one or few shards its range covers and a process only those of its
+    streams. ``opened`` records the shards opened so far.
+    """
+
+    def __init__(self, directory: str | os.PathLike, split: str):
+        self.directory, self.split = pathlib.Path(directory), split
+        manifest = read_manifest(self.directory)
+        self.dtype = manifest["dtype"]
+        self.names = [Shard(**info).name for info in manifest["shards"]]
+        self.counts = np.asarray([d["splits"][split]["documents"] for d in manifest["done"]])
+        self.opened: set[int] = set()
+
+    def __len__(self) -> int:
+        return int(self.counts.sum())
+
+    def shards(self, ids: np.ndarray | list[int]) -> Tokenized:
+        """The documents of shards ``ids``, in that order (tokens read on use)."""
+        paths, starts, base = [], [np.zeros(1, np.int64)], 0
+        for i in ids:
+            stem = self.directory / SHARDS / f"{self.names[i]}.{self.split}"
+            paths.append(pathlib.Path(f"{stem}.tokens"))
+            starts.append(np.fromfile(f"{stem}.offsets", np.int64)[1:] + base)
+            base += paths[-1].stat().st_size // np.dtype(self.dtype).itemsize
+            self.opened.add(int(i))
+        return Tokenized.from_arrays(_Concat(paths, self.dtype), np.concatenate(starts))
+
+    def stream_documents(self, seed: list[int], streams: int, stream: int) -> Tokenized:
+        """Stream ``stream`` of ``streams``'s documents: its contiguous range of the split's
+        documents, the shards ordered by a permutation drawn from ``seed``."""
+        order = np.random.default_rng(seed).permutation(len(self.names))
+        ends = np.cumsum(self.counts[order])
+        total = int(ends[-1]) if len(ends) else 0
+        low, high = stream * total // streams, (stream + 1) * total // streams
+        if high <= low:
+            return self.shards([])
+        first = int(np.searchsorted(ends, low, side="right"))
+        last = int(np.searchsorted(ends, high - 1, side="right"))
+        docs = self.shards(order[first : last + 1])
+        begin = int(ends[first] - self.counts[order[first]])
+        return docs.slice(low - begin, high - begin)
 
 
 def load(directory: str | os.PathLike, split: str) -> Tokenized:
-    """A complete cache's documents of one split, memory-mapped (tokens are read on use)."""
-    directory = pathlib.Path(directory)
-    manifest = read_manifest(directory)
-    arrays, starts, base = [], [np.zeros(1, np.int64)], 0
-    for info in manifest["shards"]:
-        stem = directory / SHARDS / f"{Shard(**info).name}.{split}"
-        arrays.append(_map(pathlib.Path(f"{stem}.tokens"), manifest["dtype"]))
-        offsets = np.fromfile(f"{stem}.offsets", np.int64)
-        starts.append(offsets[1:] + base)
-        base += len(arrays[-1])
-    return Tokenized.from_arrays(_Concat(arrays), np.concatenate(starts))
+    """A complete cache's documents of one split (tokens are read on use)."""
+    cached = CachedSplit(directory, split)
+    return cached.shards(range(len(cached.names)))
 
 
 def read_manifest(directory: pathlib.Path) -> dict:

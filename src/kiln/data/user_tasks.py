@@ -17,13 +17,12 @@ numeric label: regression) unless given; every line must use the same fields.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
-from kiln.data import corpus, tasks
+from kiln.data import chat, squad, tasks, user_lines
 from kiln.errors import KilnError
 
 FIELDS = ("text", "text_pair", "label", "input", "target")
@@ -44,6 +43,49 @@ class _Row:
     kind: str
     fields: tuple[str, str]  # (source, target) field names
     example: tasks.Example
+
+
+def load_any(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    path: str | os.PathLike = "",
+    kind: str = "",
+    labels: Sequence[str] = (),
+    fields: Mapping[str, str] | None = None,
+) -> tasks.Task:
+    """Any task by name: a user file's, from ``path`` (``jsonl``: :func:`load_jsonl`, or
+    :func:`kiln.data.chat.load_chat` when its first line has ``messages`` or ``kind`` is
+    ``chat``, as for ``chat``; ``squad``: :func:`kiln.data.squad.load_squad`), or a shipped one
+    (:func:`kiln.data.tasks.load_task`, from ``data_dir``)."""
+    if name == chat.NAME or (name == "jsonl" and chat.is_chat_file(path, kind)):
+        _no_options(name, chat.KIND, kind, labels, fields, "a JSONL file of 'messages' lists")
+        return chat.load_chat(path, name)
+    if name == "jsonl":
+        return load_jsonl(path, kind, labels, fields or {})
+    if name == "squad":
+        _no_options(name, squad.KIND, kind, labels, fields, "SQuAD's")
+        return squad.load_squad(str(path))
+    return tasks.load_task(
+        name, data_dir=data_dir, path=path, kind=kind, labels=labels, fields=fields
+    )
+
+
+def _no_options(
+    name: str,
+    own: str,
+    kind: str,
+    labels: Sequence[str],
+    fields: Mapping[str, str] | None,
+    format_: str,
+) -> None:
+    """Refuses the jsonl-only options for a task of fixed kind `own` and format."""
+    given = [k for k, v in (("kind", kind), ("labels", labels), ("fields", fields)) if v]
+    if given and (kind != own or labels or fields):
+        raise KilnError(
+            f"Task {name} takes no {', '.join(given)}: its kind is {own} and its format"
+            f" {format_}. Remove them."
+        )
 
 
 def parse_fields(spec: str) -> dict[str, str]:
@@ -138,10 +180,7 @@ def _rows(path: pathlib.Path, kind: str, fields: dict[str, str]) -> list[_Row]:
     """One `_Row` per non-blank line."""
     renamed = {theirs: ours for ours, theirs in fields.items()}
     rows: list[_Row] = []
-    for number, line in enumerate(corpus._read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        record = corpus.json_object(path, number, line, _EXAMPLE)
+    for number, record in user_lines.records(path, _EXAMPLE):
         record = {renamed.get(k, k): v for k, v in record.items() if k not in fields}
         rows.append(_row(path, number, record, kind, rows[0] if rows else None, fields))
     if not rows:
@@ -195,8 +234,8 @@ def _row(
     source = _string(where, record, fields[0], shown)
     target = _target(where, value, line_kind, fields[1], shown)
     pair = _pair(where, record, fields, first, shown)
-    example_id = _id_of(where, record, source)
-    split = _split_of(where, record, example_id)
+    example_id = user_lines.id_of(where, record, source)
+    split = user_lines.split_of(where, record, example_id)
     return _Row(number, split, line_kind, fields, tasks.Example(example_id, source, target, pair))
 
 
@@ -273,30 +312,3 @@ def _pair(
             " texts: fix or remove the line."
         )
     return pair
-
-
-def _id_of(where: str, record: dict, source: str) -> str:
-    """The line's ``id`` (a string or an integer), else md5 of its input text."""
-    if "id" not in record:
-        return hashlib.md5(source.encode("utf-8")).hexdigest()
-    value = record["id"]
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise KilnError(
-            f"{where}: the 'id' field must be a string or an integer, found "
-            f"{value!r}. Fix it or drop the field (the id then is md5 of the input)."
-        )
-    return str(value)
-
-
-def _split_of(where: str, record: dict, example_id: str) -> str:
-    """The line's ``split`` field, else the md5 split of its id."""
-    if "split" not in record:
-        return corpus.split_of(example_id)
-    value = record["split"]
-    split = corpus._SPLIT_ALIASES.get(value) if isinstance(value, str) else None
-    if split is None:
-        raise KilnError(
-            f"{where}: unknown split {value!r}; use one of "
-            f"{', '.join(corpus.SPLITS)} (or 'val'), or drop the field to split by md5 of the id."
-        )
-    return split

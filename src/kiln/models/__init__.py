@@ -16,6 +16,7 @@ from kiln.data.objectives import OBJECTIVES, Layout
 from kiln.errors import KilnError, config_error
 from kiln.models import bert, gpt, heads, layers, t5
 
+SPAN = "span"  # the `pooling` of a span head (extractive QA): every position is scored
 _INPUTS = {
     Layout.DECODER: ("inputs",),
     Layout.ENCODER: ("inputs",),
@@ -41,6 +42,9 @@ class Family:
     # Its classifier marks a sentence pair's second segment with token types (it then needs
     # model.type_vocab_size=2); otherwise the [SEP] between the texts is the only mark.
     pair_token_types: bool = False
+    # Its extractive-QA model: start/end logits over positions (`pooling="span"`); None: the
+    # family cannot fine-tune on extractive_qa tasks.
+    span_head: type[nn.Module] | None = None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -60,6 +64,8 @@ class Family:
     def uses_head(self, task_kind: str) -> bool:
         """Whether a task of `task_kind` trains a head (else the model answers in text):
         classification and regression (one output) on its classifier."""
+        if task_kind == "extractive_qa":
+            return self.span_head is not None
         return task_kind in ("classification", "regression") and self.classifier is not None
 
     def check_task_kind(self, task_kind: str, task_name: str) -> None:
@@ -69,6 +75,14 @@ class Family:
                 f"Task {task_name!r} is a regression task, which needs a head with one output;"
                 f" model.family={self.name!r} has none. Fine-tune a family with a classifier"
                 f" ({', '.join(f.name for f in FAMILIES.values() if f.classifier)})."
+            )
+        if task_kind == "extractive_qa" and self.span_head is None:
+            raise KilnError(
+                f"Task {task_name!r} is an extractive QA task, which needs a span head over the"
+                f" context's tokens; model.family={self.name!r} has none. Fine-tune a family"
+                f" with one ({', '.join(f.name for f in FAMILIES.values() if f.span_head)}),"
+                " or give the task as generation (input: question and context; target: the"
+                " answer) in a JSONL file."
             )
         if task_kind == "generation" and not self.generates:
             raise KilnError(
@@ -113,6 +127,7 @@ FAMILIES: dict[str, Family] = {
             lm_head_transform=True,
             own_fields=("type_vocab_size",),
             pair_token_types=True,
+            span_head=heads.BertSpanHead,
         ),
         Family(
             "t5",
@@ -135,7 +150,9 @@ def family(name: str) -> Family:
 def family_of(model: nn.Module) -> Family:
     """The `Family` of a built model (its classification model included)."""
     for f in FAMILIES.values():
-        if isinstance(model, f.module) or (f.classifier and isinstance(model, f.classifier)):
+        if isinstance(model, f.module) or any(
+            head and isinstance(model, head) for head in (f.classifier, f.span_head)
+        ):
             return f
     raise KilnError(f"{type(model).__name__} is not a model of any family in kiln.models.")
 
@@ -175,12 +192,21 @@ def check_model_section(model_config: Any) -> Family:
     return fam
 
 
-def build_model(model_config: Any, num_classes: int = 0, pooling: str = "") -> nn.Module:
+def build_model(
+    model_config: Any, num_classes: int = 0, pooling: str = "", peft: dict[str, Any] | None = None
+) -> nn.Module:
     """The linen module for `model.family`; with `num_classes`, its classification model
-    (`pooling` "" = the family's default, see `Family.pooling`)."""
+    (`pooling` "" = the family's default, see `Family.pooling`; "span": its span head); `peft`:
+    the layer config's LoRA and soft-prompt fields (`kiln.peft.Spec.model_fields`)."""
     fam, config = family(model_config["family"]), transformer_config(model_config)
+    if peft:
+        config = dataclasses.replace(config, **peft)
     if not num_classes:
         return fam.module(config)
+    if pooling == SPAN:  # Extractive QA: start/end logits over positions.
+        if fam.span_head is None:
+            raise KilnError(f"model.family={fam.name!r} has no span head (extractive QA).")
+        return fam.span_head(config)
     if fam.classifier is None:
         raise KilnError(f"model.family={fam.name!r} has no classification head.")
     fam.check_pooling(pooling)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kiln.models import blocks, layers
+from kiln.models import adapters, blocks, layers
 from kiln.models.layers import TransformerConfig
 
 
@@ -59,6 +59,8 @@ class BERT(nn.Module):
         if cfg.type_vocab_size > 0:
             self.type_embed = layers.Embed(cfg.type_vocab_size, names=("type_vocab", "embed"), **kw)
         self.embed_dropout = nn.Dropout(cfg.dropout)
+        if cfg.prompt_length:  # Prompt tuning (`kiln.peft`): a learned prompt goes first.
+            self.soft_prompt = adapters.SoftPrompt(cfg, name=adapters.PROMPT)
         block = blocks.rematerialized(blocks.TransformerBlock, cfg)
         self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
         # Post-LN normalises the embedding sum (as BERT does); pre-LN normalises the output.
@@ -95,9 +97,15 @@ class BERT(nn.Module):
         x_BLD = self.embed_dropout(x_BLD, deterministic=deterministic)
 
         rope_positions_BL = positions_BL if cfg.position == "rope" else None
+        if cfg.prompt_length:
+            x_BLD, bias_B1LL, rope_positions_BL = self.soft_prompt.prepend(
+                x_BLD, bias_B1LL, rope_positions_BL
+            )
         args = blocks.BlockArgs(bias=bias_B1LL, positions_BL=rope_positions_BL)
         mode = blocks.BlockMode(deterministic=deterministic)  # Bidirectional, never decoding.
         x_BLD = blocks.apply_blocks(self, self.blocks, x_BLD, args, mode)
+        if cfg.prompt_length:  # [CLS] is position 0 again for the pooler.
+            x_BLD = self.soft_prompt.strip(x_BLD)
         if cfg.norm_position == "pre":
             x_BLD = self.norm(x_BLD)
         return nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)

@@ -203,7 +203,8 @@ def apply_blocks(
     """
     cfg = blocks[0].config
     scan = cfg.scan_layers and not mode.decode
-    dropout_rng = cfg.dropout > 0 and not mode.deterministic and not mode.decode
+    dropout = cfg.dropout > 0 or cfg.lora_dropout > 0  # LoRA's dropout: `layers.Dense`.
+    dropout_rng = dropout and not mode.deterministic and not mode.decode
     if parent.is_initializing():
         for block in blocks:
             x = block(x, args, mode)

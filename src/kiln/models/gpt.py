@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kiln.errors import KilnError
-from kiln.models import attention, blocks, layers
+from kiln.models import adapters, attention, blocks, layers
 from kiln.models.layers import TransformerConfig
 
 
@@ -32,6 +32,8 @@ class GPT(nn.Module):
         if cfg.position == "learned":
             self.position_embed = layers.Embed(cfg.max_len, names=("max_len", "embed"), **kw)
         self.embed_dropout = nn.Dropout(cfg.dropout)
+        if cfg.prompt_length:  # Prompt tuning (`kiln.peft`): a learned prompt goes first.
+            self.soft_prompt = adapters.SoftPrompt(cfg, name=adapters.PROMPT)
         self.cache_slots = attention.CacheSlots()  # Decode mode only (the "cache" collection).
         block = blocks.rematerialized(blocks.TransformerBlock, cfg)
         self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
@@ -82,11 +84,22 @@ class GPT(nn.Module):
         x_BLD = self.embed_dropout(x_BLD, deterministic=deterministic)
 
         rope_positions_BL = positions_BL if cfg.position == "rope" else None
+        if cfg.prompt_length:
+            if decode:
+                raise KilnError(
+                    "GPT: a soft prompt (finetune.prompt_tuning) cannot decode with the KV cache;"
+                    " fine-tune a decoder for generation with finetune.lora instead."
+                )
+            x_BLD, bias_B1LS, rope_positions_BL = self.soft_prompt.prepend(
+                x_BLD, bias_B1LS, rope_positions_BL
+            )
         args = blocks.BlockArgs(
             bias=bias_B1LS, positions_BL=rope_positions_BL, cache_index=cache_index
         )
         mode = blocks.BlockMode(deterministic=deterministic, decode=decode)
         x_BLD = blocks.apply_blocks(self, self.blocks, x_BLD, args, mode)
+        if cfg.prompt_length:
+            x_BLD = self.soft_prompt.strip(x_BLD)
         if cfg.norm_position == "pre":
             x_BLD = self.final_norm(x_BLD)
         return nn.with_logical_constraint(x_BLD, layers.ACT_NAMES)

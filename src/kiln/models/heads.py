@@ -1,9 +1,11 @@
-"""Classification heads on the pre-trained bodies; their parameter trees extend the body's.
+"""Task heads on the pre-trained bodies; their parameter trees extend the body's.
 
 `BertClassifier` pools the first token ([CLS]) through a dense + tanh `pooler`, then a linear
 `classifier`; `GPTClassifier` reads the last real token of each row (a decoder sees the whole
-input only there) through a linear `classifier`. Both leave the body's parameter names as they
-are in pre-training, so `init_from` loads the body and only the heads start fresh.
+input only there) through a linear `classifier`; `BertSpanHead` scores every position as an
+answer's start or end (extractive QA) with a two-output `classifier`. All leave the body's
+parameter names as they are in pre-training, so `init_from` loads the body and only the heads
+start fresh.
 """
 
 import flax.linen as nn
@@ -100,3 +102,33 @@ class GPTClassifier(gpt.GPT):
             last_B = last_positions(segment_ids_BL)
             pooled_BD = jnp.take_along_axis(x_BLD, last_B[:, None, None], axis=1)[:, 0]
         return self.classifier(pooled_BD).astype(jnp.float32)
+
+
+class BertSpanHead(bert.BERT):
+    """Extractive question answering: start and end logits [B, 2, L] of the answer span over
+    every position (`pooling="span"`: nothing is pooled); padding positions get -1e9, so a
+    softmax over L never picks them."""
+
+    num_classes: int = 2  # start, end
+    pooling: str = "span"
+
+    def setup(self):
+        super().setup()
+        self.classifier = _classifier(self.config, 2)
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        x_BLD = self.encode(
+            inputs, segment_ids, positions, token_type_ids, deterministic=deterministic
+        )
+        logits_B2L = jnp.swapaxes(self.classifier(x_BLD).astype(jnp.float32), 1, 2)
+        if segment_ids is None:
+            return logits_B2L
+        return jnp.where((segment_ids != 0)[:, None, :], logits_B2L, -1e9)

@@ -1,6 +1,6 @@
-"""Transformer primitives shared by the GPT, BERT and T5 families: the config, dense layers,
-norms, embeddings, rope, attention masks and the MLP. Attention is in `attention.py`, the
-transformer block and the layer stack in `blocks.py`.
+"""Transformer primitives shared by the GPT, BERT and T5 families: the config, dense layers
+(with optional LoRA adapters), norms, embeddings and the MLP. Masks and rope are in `masks.py`
+(re-exported here), attention in `attention.py`, the block and the layer stack in `blocks.py`.
 
 Shape suffixes: B batch, L length (queries), S length (keys/values), D d_model, H heads,
 K kv heads, G query groups (H // K), E head_dim, F d_ff, V vocab.
@@ -9,6 +9,7 @@ K kv heads, G query groups (H // K), E head_dim, F d_ff, V vocab.
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -17,10 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from kiln.errors import config_error
-
-# Additive bias for masked attention logits. Finite, so fully masked rows give a uniform
-# softmax instead of NaN, and large enough that exp(NEG_INF - max) is exactly 0 in float32.
-NEG_INF = -1e9
+from kiln.models.masks import NEG_INF as NEG_INF  # Re-exported: the families read them here.
+from kiln.models.masks import apply_rope as apply_rope
+from kiln.models.masks import cached_causal_mask as cached_causal_mask
+from kiln.models.masks import causal_mask as causal_mask
+from kiln.models.masks import mask_to_bias as mask_to_bias
+from kiln.models.masks import padding_mask as padding_mask
+from kiln.models.masks import prefix_lm_mask as prefix_lm_mask
+from kiln.models.masks import segments_and_positions as segments_and_positions
 
 Dtype = jnp.dtype | str
 
@@ -41,6 +46,8 @@ MODEL_CHOICES = {
 }
 _POSITIVE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len")
 
+# Layer-config fields set from the run's `finetune` section (`kiln.peft`), not from `model`.
+PEFT_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "prompt_length")
 # Logical names of the [B, L, D] activations between blocks.
 ACT_NAMES = ("act_batch", "act_length", "act_embed")
 
@@ -94,6 +101,13 @@ class TransformerConfig:
     # Run the blocks of a stack as one lax.scan (one layer compiled, whatever the depth) instead
     # of unrolled; the same function (see `blocks.apply_blocks`, `blocks.stack_blocks`).
     scan_layers: bool = False
+    # `PEFT_FIELDS`: LoRA adapters on the `make_dense` kernels whose path matches lora_targets
+    # (see `Dense`; rank 0 = none), a soft prompt of prompt_length vectors (`adapters`).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
+    prompt_length: int = 0
 
     def __post_init__(self):
         # The model section's rules live here only: `config_lib.validate` builds this config.
@@ -198,6 +212,13 @@ class Dense(nn.Module):
 
     The kernel is created with its full multi-dimensional shape, so its logical axis names
     (`names`, one per kernel dimension) hold from initialisation on.
+
+    LoRA (`lora_rank` > 0): at init, a kernel whose path ("block_0/attn/query/kernel") fully
+    matches `lora_targets` gets adapters `lora_a` [in..., r] (normal, std 1/sqrt(fan_in)) and
+    `lora_b` [r, out...] (zeros, so the adapted model starts as the base), and then
+    y += (lora_alpha / r) * dropout(x) . lora_a . lora_b. They carry the kernel's logical names
+    on their in and out axes (the rank axis is replicated). Applied, a Dense uses adapters iff
+    its parameters hold them; the dropout is active when a "dropout" rng is given (training).
     """
 
     features: tuple[int, ...]
@@ -207,6 +228,10 @@ class Dense(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -215,6 +240,8 @@ class Dense(nn.Module):
             "kernel", _init(self.std, self.names), (*in_shape, *self.features), self.param_dtype
         )
         y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.n_in)
+        if self._has_lora(in_shape):
+            y = y + self._lora(x, in_shape)
         if self.use_bias:
             bias_names = self.names[self.n_in :]
             bias = self.param(
@@ -225,6 +252,35 @@ class Dense(nn.Module):
             )
             y = y + bias.astype(self.dtype)
         return y
+
+    def _has_lora(self, in_shape: tuple[int, ...]) -> bool:
+        if not self.lora_rank:
+            return False
+        if not self.is_initializing():
+            return self.has_variable("params", "lora_a")
+        path = "/".join((*self.path, "kernel"))
+        if not re.fullmatch(self.lora_targets, path):
+            return False
+        dims = (math.prod(in_shape), math.prod(self.features))
+        if self.lora_rank > min(dims):
+            why = f"exceeds the smaller dimension of {path} ({dims[0]} x {dims[1]})"
+            raise config_error(
+                "finetune.lora.rank", self.lora_rank, why, f"Use a rank <= {min(dims)}."
+            )
+        return True
+
+    def _lora(self, x: jax.Array, in_shape: tuple[int, ...]) -> jax.Array:
+        """(alpha / r) * dropout(x) . lora_a . lora_b."""
+        r, fan_in = self.lora_rank, math.prod(in_shape)
+        a_names, b_names = (*self.names[: self.n_in], None), (None, *self.names[self.n_in :])
+        lora_a = self.param(
+            "lora_a", _init(fan_in**-0.5, a_names), (*in_shape, r), self.param_dtype
+        )
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), b_names)
+        lora_b = self.param("lora_b", zeros, (r, *self.features), self.param_dtype)
+        x = nn.Dropout(self.lora_dropout)(x, deterministic=not self.has_rng("dropout"))
+        h = matmul(x.astype(self.dtype), lora_a.astype(self.dtype), self.n_in)
+        return (self.lora_alpha / r) * matmul(h, lora_b.astype(self.dtype), 1)
 
     def transposed_kernel(self) -> jax.Array:
         """The [D, V] kernel of an output projection as a [V, D] table, in the compute dtype
@@ -241,7 +297,7 @@ def make_dense(
     name: str,
 ) -> Dense:
     """A Dense named `name` over the trailing input axes (`axis` = -1 or (-2, -1)), with the
-    config's bias and dtypes and the logical axis names `names` on its kernel."""
+    config's bias, dtypes and LoRA settings and the logical axis names `names` on its kernel."""
     features = (features,) if isinstance(features, int) else tuple(features)
     n_in = 1 if isinstance(axis, int) else len(axis)
     return Dense(
@@ -252,6 +308,10 @@ def make_dense(
         use_bias=cfg.use_bias,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        lora_targets=cfg.lora_targets,
         name=name,
     )
 
@@ -311,72 +371,6 @@ class Embed(nn.Module):
         table_VD = self.embedding.astype(self.dtype)
         logits_NV = jnp.einsum("nd,vd->nv", x_ND, table_VD, preferred_element_type=jnp.float32)
         return logits_NV.reshape(*x_BLD.shape[:-1], -1)
-
-
-def apply_rope(x_BLHE: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, half-split: (x[i], x[i + E/2]) rotates by pos * theta^(-2i/E)."""
-    half = x_BLHE.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_BLE = positions_BL.astype(jnp.float32)[..., None] * inv_freq
-    sin_BL1E, cos_BL1E = jnp.sin(angle_BLE)[:, :, None], jnp.cos(angle_BLE)[:, :, None]
-    x1, x2 = jnp.split(x_BLHE.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos_BL1E - x2 * sin_BL1E, x2 * cos_BL1E + x1 * sin_BL1E], -1)
-    return out.astype(x_BLHE.dtype)
-
-
-def segments_and_positions(
-    shape: tuple[int, int], segment_ids_BL: jax.Array | None, positions_BL: jax.Array | None
-) -> tuple[jax.Array, jax.Array]:
-    """Segment ids (None: one document per row) and positions (None: arange) for [B, L]."""
-    if segment_ids_BL is None:
-        segment_ids_BL = jnp.ones(shape, jnp.int32)
-    if positions_BL is None:
-        positions_BL = jnp.broadcast_to(jnp.arange(shape[1]), shape)
-    return segment_ids_BL, positions_BL
-
-
-def causal_mask(segment_ids_BL: jax.Array) -> jax.Array:
-    """Boolean [B, 1, L, L]: t attends to s iff s <= t and both lie in the same segment.
-
-    Padding (segment 0) attends to earlier padding only, so no row is fully masked.
-    """
-    length = segment_ids_BL.shape[-1]
-    causal_LL = jnp.tril(jnp.ones((length, length), dtype=bool))
-    return padding_mask(segment_ids_BL, segment_ids_BL) & causal_LL
-
-
-def prefix_lm_mask(segment_ids_BL: jax.Array, prefix_mask_BL: jax.Array) -> jax.Array:
-    """Boolean [B, 1, L, L]: `causal_mask`, plus every prefix key of the query's own segment.
-
-    t attends to s iff same segment and (s <= t or prefix_mask[s]): the prefix of each document
-    is read bidirectionally, its continuation causally.
-    """
-    same_segment_B1LL = padding_mask(segment_ids_BL, segment_ids_BL)
-    prefix_B11S = prefix_mask_BL.astype(bool)[:, None, None, :]
-    return causal_mask(segment_ids_BL) | (same_segment_B1LL & prefix_B11S)
-
-
-def padding_mask(q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array) -> jax.Array:
-    """Boolean [B, 1, L, S]: a query attends to the keys of its own segment (0 is padding)."""
-    return q_segment_ids_BL[:, None, :, None] == kv_segment_ids_BS[:, None, None, :]
-
-
-def cached_causal_mask(
-    q_segment_ids_BL: jax.Array, kv_segment_ids_BS: jax.Array, index: jax.Array
-) -> jax.Array:
-    """Boolean [B, 1, L, S] over S cache slots, for queries in slots [index, index + L).
-
-    Query t attends to slot s iff s <= index + t and both lie in the same segment, so real
-    tokens never see padding (segment 0) or unwritten slots; `causal_mask` if index = 0, S = L.
-    """
-    q_slots_L1 = index + jnp.arange(q_segment_ids_BL.shape[-1])[:, None]
-    causal_LS = jnp.arange(kv_segment_ids_BS.shape[-1]) <= q_slots_L1
-    return padding_mask(q_segment_ids_BL, kv_segment_ids_BS) & causal_LS
-
-
-def mask_to_bias(mask: jax.Array) -> jax.Array:
-    """Boolean mask -> additive float32 bias: 0 where allowed, NEG_INF where masked."""
-    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
 
 
 def gelu(cfg: TransformerConfig) -> Callable[[jax.Array], jax.Array]:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kiln.models import attention, blocks, layers
+from kiln.models import adapters, attention, blocks, layers
 from kiln.models.layers import TransformerConfig
 
 RELPOS_NAMES = ("relpos_buckets", "heads")
@@ -155,6 +155,7 @@ class Encoder(nn.Module):
         x_BSD: jax.Array,
         segment_ids_BS: jax.Array,
         positions_BS: jax.Array,
+        soft_prompt: adapters.SoftPrompt | None = None,
         *,
         deterministic: bool = True,
     ) -> jax.Array:
@@ -168,6 +169,8 @@ class Encoder(nn.Module):
             max_distance=cfg.relative_max_distance,
         )
         x_BSD = nn.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
+        if soft_prompt is not None:
+            x_BSD, bias_BHSS, _ = soft_prompt.prepend(x_BSD, bias_BHSS)
         block = blocks.rematerialized(blocks.TransformerBlock, cfg)
         x_BSD = blocks.apply_blocks(
             self,
@@ -176,6 +179,8 @@ class Encoder(nn.Module):
             blocks.BlockArgs(bias=bias_BHSS),
             blocks.BlockMode(deterministic=deterministic),  # Bidirectional, never decoding.
         )
+        if soft_prompt is not None:  # The decoder reads the input's positions only.
+            x_BSD = soft_prompt.strip(x_BSD)
         x_BSD = layers.make_norm(cfg, "final_norm")(x_BSD)
         x_BSD = nn.Dropout(cfg.dropout)(x_BSD, deterministic=deterministic)
         return nn.with_logical_constraint(x_BSD, layers.ACT_NAMES)
@@ -269,6 +274,8 @@ class T5(nn.Module):
         )
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        if cfg.prompt_length:  # Prompt tuning (`kiln.peft`): before the encoder input.
+            self.soft_prompt = adapters.SoftPrompt(cfg, name=adapters.PROMPT)
         if not cfg.tie_embeddings:
             self.lm_head = layers.Dense(
                 features=(cfg.vocab_size,),
@@ -291,7 +298,10 @@ class T5(nn.Module):
             encoder_inputs.shape, encoder_segment_ids, encoder_positions
         )
         x_BSD = self.token_embed(encoder_inputs)
-        return self.encoder(x_BSD, segment_ids_BS, positions_BS, deterministic=deterministic)
+        prompt = self.soft_prompt if self.config.prompt_length else None
+        return self.encoder(
+            x_BSD, segment_ids_BS, positions_BS, prompt, deterministic=deterministic
+        )
 
     def decode(
         self,

@@ -4,7 +4,8 @@
       --config.data.sources="web=/data/web/*.jsonl.gz weight=3; books=/data/books" \\
       --workdir runs/web --workers 4
 
-The tokenizer is the run's (`<workdir>`'s, else `tokenizer.path`'s, else one trained into the
+Shipped corpora in the mixture (`bible`, `wordnet`, `sympy`) need no cache. The tokenizer is
+the run's (`<workdir>`'s, else `tokenizer.path`'s, else one trained into the
 workdir on `tokenizer.max_sentences` documents sampled across the sources), so the run started
 later with the same config and workdir finds the caches ready. Rerunning resumes an interrupted
 prepare; a cache built for other files or another tokenizer is refused unless `--force`.
@@ -30,18 +31,20 @@ def prepare(config, workdir: str, workers: int = 0, force: bool = False) -> dict
     from kiln.data import mixture
     from kiln.errors import KilnError
 
-    if not config.data.get("sources"):
+    if not config.data.get("sources") or config.data.corpus:
         raise KilnError(
-            "The config has no data.sources: set --config.data.sources="
-            f"{mixture.EXAMPLE!r} (data.corpus is read as text and needs no cache)."
+            f"The config trains on data.corpus={config.data.corpus!r}, which is read as text and"
+            " needs no cache: set --config.data.corpus= (empty) and --config.data.sources="
+            f"{mixture.EXAMPLE!r}."
         )
     specs = mixture.parse(config.data.sources)
     if workers:
         config.data.prepare_workers = workers
     os.makedirs(workdir, exist_ok=True)
     n, seed = config.tokenizer.max_sentences, config.seed
+    data_dir = config.data.data_dir or None
     tok = inputs.prepare_tokenizer(
-        config, workdir, lambda: mixture.sample_documents(specs, n, seed)
+        config, workdir, lambda: mixture.sample_documents(specs, n, seed, data_dir)
     )
     return mixture.prepare_caches(config, workdir, str(tok.path), tok.vocab_size, force=force)
 
