@@ -410,7 +410,8 @@ def test_sweep_end_to_end(tmp_path):
 
     assert report.main([str(workdir)]) == 0
     text = (workdir / "report.md").read_text()
-    lines = [line for line in text.splitlines() if line.startswith("|")]
+    first_table = text[text.index("\n|") :].split("\n\n")[0]  # (an "Over seeds" table follows)
+    lines = [line for line in first_table.splitlines() if line.startswith("|")]
     header, _, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert len(rows) == 4 and header[:4] == ["run", "optim.lr", "seed", "validation/perplexity"]
     checked = 0
