@@ -5,6 +5,7 @@ import datetime
 import os
 import pathlib
 import platform
+import time
 
 import jax
 import ml_collections
@@ -60,3 +61,19 @@ def record(name: str, description: str, table: str, results: str | None = str(RE
     if results:
         with open(results, "a") as f:
             f.write(text)
+
+
+def interleaved_rounds(runs: dict[str, list], rounds: int, steps: int, label: str = "") -> None:
+    """Times `steps` train steps of every run per round, the runs interleaved so machine noise
+    falls on all alike. A run is a list [step_fn, state, batch, ..., times]: the state is
+    carried on and each round's seconds per step appended to its last item."""
+    for r in range(rounds):
+        for run in runs.values():
+            step, state, batch, times = run[0], run[1], run[2], run[-1]
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, out = step(state, batch)
+            jax.block_until_ready(out)
+            times.append((time.perf_counter() - start) / steps)
+            run[1] = state
+        print(f"{label}round {r + 1}/{rounds}", flush=True)

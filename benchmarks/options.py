@@ -18,7 +18,6 @@ memory_analysis: what the options change), appends the table to benchmarks/RESUL
 import argparse
 import contextlib
 import statistics
-import time
 
 import common
 import jax
@@ -83,16 +82,7 @@ def main() -> None:
         for name, overrides in VARIANTS.items():
             print(f"[{family}] compiling {name} ...", flush=True)
             runs[name] = [*compile_variant(family, overrides), []]
-        for r in range(args.rounds):
-            for run in runs.values():
-                step, state, batch, _, times = run
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    state, out = step(state, batch)
-                jax.block_until_ready(out)
-                times.append((time.perf_counter() - start) / args.steps)
-                run[1] = state
-            print(f"[{family}] round {r + 1}/{args.rounds}", flush=True)
+        common.interleaved_rounds(runs, args.rounds, args.steps, f"[{family}] ")
         base = statistics.median(runs["default"][4])
         for name, (*_, temp, times) in runs.items():
             ms = statistics.median(times)

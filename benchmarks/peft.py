@@ -13,7 +13,6 @@ step time, with their ratios to full fine-tuning; appends the table to benchmark
 
 import argparse
 import statistics
-import time
 
 import common
 import jax
@@ -74,16 +73,7 @@ def main() -> None:
     for name, variant in VARIANTS.items():
         print(f"compiling {name} ...", flush=True)
         runs[name] = [*measure(finetune_config(args.spec, **variant)), []]
-    for r in range(args.rounds):
-        for run in runs.values():
-            step, state, batch, *_, times = run
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                state, out = step(state, batch)
-            jax.block_until_ready(out)
-            times.append((time.perf_counter() - start) / args.steps)
-            run[1] = state
-        print(f"round {r + 1}/{args.rounds}", flush=True)
+    common.interleaved_rounds(runs, args.rounds, args.steps)
     full = runs["full fine-tuning"]
     full_ms = statistics.median(full[5])
     lines = [
