@@ -30,15 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 def _pretrain_config(family: str = "bert", steps: int = 2):
-    config = config_lib.load_config(f"experiments/{family}/pretrain.py:size=tiny")
-    config.data.data_dir = "data/tiny"
-    config.model.vocab_size = 512
-    config.model.max_len = 32
-    config.data.seq_len = 32
-    config.data.global_batch_size = 8
-    config.eval.batches = 1
-    config.eval.sample_prompt = ""
-    config.tokenizer.max_sentences = 2000
+    config = config_lib.load_config(f"experiments/{family}/pretrain.py:size=micro")
     config.train.steps = steps
     config.checkpoint.every = steps
     return config

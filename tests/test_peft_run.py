@@ -18,15 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 def _pretrain_config():
-    config = config_lib.load_config("experiments/bert/pretrain.py:size=tiny")
-    config.data.data_dir = "data/tiny"
-    config.model.vocab_size = 512
+    config = config_lib.load_config("experiments/bert/pretrain.py:size=micro")
     config.model.d_model = 32
     config.model.d_ff = 64
-    config.model.max_len = 32
     config.data.seq_len = 16
-    config.data.global_batch_size = 8
-    config.eval.batches = 1
     config.tokenizer.max_sentences = 1000
     config.train.steps = 1
     config.checkpoint.every = 1
@@ -76,6 +71,10 @@ def test_lora_run_saves_adapters_resumes_exactly_and_merges(tmp_path, capsys):
     uninterrupted = run.train_and_evaluate(config, straight)
     for key in ("test/loss", "test/accuracy", "validation/loss"):
         assert resumed[key] == uninterrupted[key], key
+    config.finetune.lora.rank = 2  # The adapters are part of what the run computes.
+    with pytest.raises(KilnError, match="holds a different run.*finetune.lora.rank"):
+        run.train_and_evaluate(config, interrupted)
+    config.finetune.lora.rank = 4
 
     saved = _saved_params(interrupted, 3)
     assert saved and all(peft.is_trainable(p) for p in saved)  # No base weight in it.

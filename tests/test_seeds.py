@@ -108,14 +108,7 @@ def test_report_of_a_sweep_with_seeds(tmp_path):
 
 @pytest.mark.slow
 def test_two_seed_pipeline_end_to_end(tmp_path):
-    pretrain = config_lib.load_config("experiments/bert/pretrain.py:size=tiny")
-    pretrain.data.data_dir = "data/tiny"
-    pretrain.model.vocab_size = 512
-    pretrain.model.max_len = 32
-    pretrain.data.seq_len = 32
-    pretrain.data.global_batch_size = 8
-    pretrain.eval.batches = 1
-    pretrain.tokenizer.max_sentences = 2000
+    pretrain = config_lib.load_config("experiments/bert/pretrain.py:size=micro")
     pretrain.train.steps = pretrain.checkpoint.every = 2
     arms = defaults.finetune_arms(
         pretrain,

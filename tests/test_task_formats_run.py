@@ -13,11 +13,8 @@ _WORDS = "river stone light city train model north south old new bright quiet".s
 
 
 def _pretrain(family: str, workdir: str, max_len: int = 32):
-    config = config_lib.load_config(f"experiments/{family}/pretrain.py:size=tiny")
-    config.data.data_dir = "data/tiny"
-    config.model.vocab_size, config.model.max_len, config.data.seq_len = 512, max_len, 32
-    config.data.global_batch_size, config.eval.batches, config.eval.sample_prompt = 8, 1, ""
-    config.tokenizer.max_sentences = 2000
+    config = config_lib.load_config(f"experiments/{family}/pretrain.py:size=micro")
+    config.model.max_len = max_len
     config.train.steps = config.checkpoint.every = 1
     run.train_and_evaluate(config, workdir)
     return config

@@ -2,12 +2,13 @@
 
   python -m kiln.main --config experiments/bert/pretrain.py:size=tiny --workdir runs/bert_tiny
 
-Arguments: `size` = tiny | small | base (BERT-base, 110M) | large (BERT-large, 340M), and
-`style` = bert (post-LN, learned positions, GELU, token types, tied MLM head) | modern (pre-LN,
-RoPE, RMSNorm). Masking: 15% of ordinary tokens, 80% [MASK] / 10% random / 10% kept;
-`--config.objective.whole_word=True` masks whole words. Evaluation reports masked-token loss,
-perplexity and accuracy. Expected on a 2-core CPU: `size=tiny` runs 400 steps in about 2
-minutes; masked-token perplexity ~2100 -> ~315, masked-token accuracy ~0.12.
+Arguments: `size` = micro (data/tiny, 8 steps: for tests) | tiny | small | base (BERT-base,
+110M) | large (BERT-large, 340M), and `style` = bert (post-LN, learned positions, GELU, token
+types, tied MLM head) | modern (pre-LN, RoPE, RMSNorm). Masking: 15% of ordinary tokens, 80%
+[MASK] / 10% random / 10% kept; `--config.objective.whole_word=True` masks whole words.
+Evaluation reports masked-token loss, perplexity and accuracy. Expected on a 2-core CPU:
+`size=tiny` runs 400 steps in about 2 minutes; masked-token perplexity ~2100 -> ~315,
+masked-token accuracy ~0.12.
 """
 
 import ml_collections
@@ -16,6 +17,7 @@ from kiln import config_lib, defaults
 
 # (d_model, n_layers, n_heads, d_ff, vocab_size, seq_len, global_batch_size, steps)
 SIZES = {
+    "micro": (128, 2, 4, 512, 512, 32, 8, 8),  # data/tiny: the tests' seconds-long runs
     "tiny": (128, 2, 4, 512, 2048, 128, 16, 400),
     "small": (512, 4, 8, 2048, 8192, 128, 32, 5_000),  # ~17M, as BERT-small (L4/H512)
     "base": (768, 12, 12, 3072, 30528, 512, 256, 1_000_000),  # BERT-base
@@ -33,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seq_len=seq_len,
         batch=batch,
         steps=steps,
-        lr=2e-3 if args["size"] == "tiny" else 1e-4,
+        lr=2e-3 if args["size"] in ("micro", "tiny") else 1e-4,
         objective="mlm",
     )
     c.optim.b2 = 0.999
@@ -52,6 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         norm_position="pre" if modern else "post",
         type_vocab_size=0 if modern else 2,
         norm_eps=1e-5 if modern else 1e-12,
-        dropout=0.0 if args["size"] == "tiny" else 0.1,
+        dropout=0.0 if args["size"] in ("micro", "tiny") else 0.1,
     )
+    if args["size"] == "micro":
+        defaults.micro(c)
     return c

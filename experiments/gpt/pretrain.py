@@ -56,11 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.eval.sample_prompt = "In the beginning"
     if args["size"] == "micro":
-        c.data.data_dir = "data/tiny"
-        c.tokenizer.max_sentences = 2000
-        c.eval.batches = 1
-        c.eval.sample_prompt = ""
-        c.train.log_every = 1
+        defaults.micro(c)
     return c
 
 

@@ -9,13 +9,15 @@ dropped, a pooler and classifier start fresh) and `scratch` (the same fine-tunin
 initialisation with the same budget). Both fine-tuning arms run at each learning rate of
 `lrs`; the comparison picks each arm's learning rate on validation accuracy only.
 
-Arguments: `size` = tiny (the quickstart, about 5 minutes on a 2-core CPU: 1,200 MLM steps at
-40% masking, then 16 epochs over 500 labeled examples (low-resource), dropout 0.1, mean pooling,
-scored from the best validation checkpoint, both arms alike) | cpu (5,000 MLM steps with 40%
-masking, then 6 epochs at two learning rates per arm, about an hour on a 2-core CPU) | gpu
-(a 4-layer d512 BERT, 30k steps of batch 256); `seed` (default 0); `lrs`, fine-tuning learning
+Arguments: `size` = micro (data/tiny, seconds: for tests) | tiny (the quickstart, about 5
+minutes on a 2-core CPU: 1,200 MLM steps at 40% masking, then 16 epochs over 500 labeled
+examples (low-resource)) | cpu (5,000 MLM steps with 40% masking, then 6 epochs at two learning
+rates per arm, about an hour on a 2-core CPU) | gpu (a 4-layer d512 BERT, 30k steps of batch
+256); every size fine-tunes both arms alike with dropout 0.1 and mean pooling, and scores the
+best validation checkpoint; `seed` (default 0); `lrs`, fine-tuning learning
 rates separated by `/` (default: the size's); `seeds` (fine-tuning seeds separated by `/`, e.g.
-`seeds=0/1/2`: stages `finetune_seed0`, ...; the comparison reports mean +- std). `fewshot` is
+`seeds=0/1/2`: stages `finetune_seed0`, ...; the comparison reports mean +- std); `labels`
+(labeled examples, or `all`: 94,045; default the size's; `make reproduce` sweeps it). `fewshot` is
 refused: a BERT does not generate, so it cannot be prompted. See the README for the measured
 tables.
 """
@@ -27,17 +29,20 @@ from kiln import arms, config_lib, defaults
 # name: (d_model, n_layers, n_heads, d_ff, vocab, pretrain steps, pretrain lr, mask rate,
 #        pretrain batch, fine-tuning epochs, fine-tuning lrs)
 SIZES = {
+    "micro": (32, 1, 2, 64, 512, 20, 3e-3, 0.40, 8, 2, (3e-3,)),  # data/tiny: the tests' runs
     "tiny": (128, 2, 4, 512, 2048, 1200, 3e-3, 0.40, 32, 16, (3e-3,)),
     "cpu": (128, 2, 4, 512, 2048, 5000, 3e-3, 0.40, 32, 6, (1e-3, 3e-3)),
     "gpu": (512, 4, 8, 2048, 8192, 30_000, 1e-3, 0.40, 256, 4, (1e-4, 3e-4, 1e-3)),
 }
-TRAIN_EXAMPLES = {"tiny": 500, "cpu": 5_000, "gpu": 5_000}  # tiny: the low-resource regime
+# Labeled examples by size (tiny: the low-resource regime); `labels=N|all` overrides.
+TRAIN_EXAMPLES = {"micro": 100, "tiny": 500, "cpu": 5_000, "gpu": 5_000}
+TASK = "wn_lexname"
 SEQ_LEN = 64  # pre-training rows
 FINETUNE_SEQ_LEN = 48  # definitions: median 18 tokens, 4% longer than 48 (truncated, counted)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, size="tiny", seed="0", lrs="", seeds="", fewshot="")
+    args = config_lib.parse_arg(arg, size="tiny", seed="0", lrs="", seeds="", fewshot="", labels="")
     d_model, layers, heads, d_ff, vocab, steps, lr, mask_rate, batch, epochs, lrs = config_lib.pick(
         "size", args["size"], SIZES
     )
@@ -67,11 +72,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_len=128,
         type_vocab_size=2,
     )
+    if args["size"] == "micro":
+        defaults.micro(pretrain)
     stages = defaults.finetune_arms(
         pretrain,
         lrs,
-        task="wn_lexname",
-        train_examples=TRAIN_EXAMPLES[args["size"]],
+        task=TASK,
+        train_examples=arms.parse_labels(args["labels"], TRAIN_EXAMPLES[args["size"]], TASK),
         epochs=epochs,
         seq_len=FINETUNE_SEQ_LEN,
         batch=32,
@@ -79,12 +86,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # The quickstart scores the first 4,000 validation/test examples (by md5 of the id).
         eval_examples=4_000 if args["size"] == "tiny" else 0,
     )
-    if args["size"] == "tiny":
-        for stage in stages.values():  # Both arms alike: the recipe that let 500 labels learn.
-            stage.model.dropout = 0.1
-            stage.task.pooling = "mean"
-            stage.checkpoint.best_metric = "accuracy"  # scored from the best validation step
-            stage.eval.every = stage.checkpoint.every = max(1, stage.train.steps // 4)
+    for stage in stages.values():  # Both arms alike: the recipe that let 500 labels learn.
+        stage.model.dropout = 0.1
+        stage.task.pooling = "mean"
+        stage.checkpoint.best_metric = "accuracy"  # scored from the best validation step
+        stage.eval.every = stage.checkpoint.every = max(1, stage.train.steps // 4)
     advice = (
         "This budget is small (1,200 MLM steps): with another seed or machine the margin can"
         " vanish; run size=cpu (about an hour on a 2-core CPU: 5,000 steps, 5,000 labels, two"
@@ -95,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     fewshot = arms.fewshot_arm(
         pretrain,
         arms.parse_shots(args["fewshot"]),  # Refused: bert does not generate.
-        task="wn_lexname",
+        task=TASK,
         scoring="rank",
         eval_examples=4_000 if args["size"] == "tiny" else 0,
         run_seeds=run_seeds,

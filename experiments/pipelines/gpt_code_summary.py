@@ -11,8 +11,9 @@ initialisation). Scored by greedy decoding with the KV cache: ROUGE-L and BLEU.
 Arguments: `size` = tiny (about 25 CPU-minutes, 44 minutes of wall time measured on a shared
 2-core CPU; scores 300 test functions; ROUGE-L 13.0 fine-tuned vs 10.7 from scratch) | cpu | gpu
 (cpu and gpu not measured yet); `seed`; `seeds` (fine-tuning seeds separated by `/`, e.g.
-`seeds=0/1/2`: stages `finetune_seed0`, ...; the comparison reports mean +- std); `fewshot=K`
-(adds a `fewshot` arm: `pretrain` prompted with K demonstrations, no training); `scored`
+`seeds=0/1/2`: stages `finetune_seed0`, ...; the comparison reports mean +- std); `labels`
+(functions fine-tuned on, or `all`: 6,009, the default); `fewshot=K` (adds a `fewshot` arm:
+`pretrain` prompted with K demonstrations, no training); `scored`
 (validation/test examples scored; default the size's).
 """
 
@@ -31,7 +32,9 @@ SEQ_LEN = 256
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, size="tiny", seed="0", seeds="", fewshot="", scored="")
+    args = config_lib.parse_arg(
+        arg, size="tiny", seed="0", seeds="", fewshot="", scored="", labels=""
+    )
     d_model, layers, heads, d_ff, vocab, steps, batch, epochs, lr, scored = config_lib.pick(
         "size", args["size"], SIZES
     )
@@ -58,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         pretrain,
         (lr,),
         task="code_summary",
-        train_examples=6_009,  # the whole train split,
+        train_examples=arms.parse_labels(args["labels"], 6_009, "code_summary"),  # default: all
         epochs=epochs,
         seq_len=SEQ_LEN,
         batch=16,

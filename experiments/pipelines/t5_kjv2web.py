@@ -11,7 +11,8 @@ Arguments: `size` = tiny (about 15 CPU-minutes, 20 minutes of wall time measured
 2-core CPU; scores 1,000 test verses; too small to learn copying: chrF 10.4 fine-tuned, 18.7 from
 scratch, 71.5 copying the input) | cpu | gpu (cpu and gpu not measured yet); `seed`; `seeds`
 (fine-tuning seeds separated by `/`, e.g. `seeds=0/1/2`: stages `finetune_seed0`, ...; the
-comparison reports mean +- std); `fewshot=K` (adds a `fewshot` arm: `pretrain` prompted with K
+comparison reports mean +- std); `labels` (verse pairs fine-tuned on, or `all`: 24,526;
+default the size's); `fewshot=K` (adds a `fewshot` arm: `pretrain` prompted with K
 demonstrations, no training); `scored` (validation/test examples scored; default the size's).
 Measured `size=tiny,fewshot=1,scored=300`: test chrF 1.9 one-shot, 12.0 fine-tuned, 18.4 from
 scratch (docs/finetuning.md).
@@ -32,7 +33,9 @@ SEQ_LEN = 64
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, size="tiny", seed="0", seeds="", fewshot="", scored="")
+    args = config_lib.parse_arg(
+        arg, size="tiny", seed="0", seeds="", fewshot="", scored="", labels=""
+    )
     d_model, layers, heads, d_ff, vocab, steps, batch, examples, epochs, lr, scored = (
         config_lib.pick("size", args["size"], SIZES)
     )
@@ -66,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         pretrain,
         (lr,),
         task="kjv2web",
-        train_examples=examples,
+        train_examples=arms.parse_labels(args["labels"], examples, "kjv2web"),
         epochs=epochs,
         seq_len=SEQ_LEN,
         batch=32,

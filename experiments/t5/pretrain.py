@@ -2,14 +2,14 @@
 
   python -m kiln.main --config experiments/t5/pretrain.py:size=tiny --workdir runs/t5_tiny
 
-Arguments: `size` = tiny | small | base (~250M, T5 v1.1 base shape) | large (~780M). T5 v1.1
-architecture: RMSNorm without bias, relative position bias (32 buckets, shared per stack),
-gated GELU, no biases, untied output layer, no 1/sqrt(d) on attention logits. Span corruption
-as in the T5 paper: noise density 0.15, mean span 3, one sentinel per span; the encoder sees
-`data.seq_len` tokens. `--config.objective.name=prefix_lm` trains inputs -> continuation
-instead. Evaluation reports target-token loss, perplexity and accuracy. Expected on a 2-core
-CPU: `size=tiny` runs 400 steps in about 2.5 minutes; target-token perplexity ~2100 -> ~124,
-target-token accuracy ~0.27.
+Arguments: `size` = micro (data/tiny, 8 steps: for tests) | tiny | small | base (~250M, T5 v1.1
+base shape) | large (~780M). T5 v1.1 architecture: RMSNorm without bias, relative position bias
+(32 buckets, shared per stack), gated GELU, no biases, untied output layer, no 1/sqrt(d) on
+attention logits. Span corruption as in the T5 paper: noise density 0.15, mean span 3, one
+sentinel per span; the encoder sees `data.seq_len` tokens. `--config.objective.name=prefix_lm`
+trains inputs -> continuation instead. Evaluation reports target-token loss, perplexity and
+accuracy. Expected on a 2-core CPU: `size=tiny` runs 400 steps in about 2.5 minutes; target-
+token perplexity ~2100 -> ~124, target-token accuracy ~0.27.
 """
 
 import ml_collections
@@ -18,6 +18,7 @@ from kiln import config_lib, defaults
 
 # (d_model, n_layers per stack, n_heads, d_ff, vocab_size, seq_len, global_batch_size, steps)
 SIZES = {
+    "micro": (128, 2, 4, 384, 512, 32, 8, 8),  # data/tiny: the tests' seconds-long runs
     "tiny": (128, 2, 4, 384, 2048, 128, 16, 400),
     "small": (384, 4, 6, 1024, 8192, 256, 32, 5_000),
     "base": (768, 12, 12, 2048, 32128, 512, 128, 500_000),  # T5 v1.1 base
@@ -34,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seq_len=seq_len,
         batch=batch,
         steps=steps,
-        lr=3e-3 if args["size"] == "tiny" else 1e-3,
+        lr=3e-3 if args["size"] in ("micro", "tiny") else 1e-3,
         objective="span_corruption",
     )
     c.optim.weight_decay = 0.0
@@ -60,4 +61,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         scale_attention=False,
         norm_eps=1e-6,
     )
+    if args["size"] == "micro":
+        defaults.micro(c)
     return c

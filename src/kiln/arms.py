@@ -1,5 +1,6 @@
 """The shipped pipelines' optional arms, from their config arguments: fine-tuning seeds
-(`seeds=0/1/2`) and a few-shot prompting arm (`fewshot=K`) for the families that generate."""
+(`seeds=0/1/2`), the labeled set's size (`labels=1000`) and a few-shot prompting arm
+(`fewshot=K`) for the families that generate."""
 
 import ml_collections
 
@@ -21,6 +22,23 @@ def parse_seeds(text: str, seed: int) -> tuple[int, ...]:
             " e.g. seeds=0/1/2 (or leave it out for the one seed of `seed`)."
         )
     return values
+
+
+def parse_labels(text: str, default: int, task: str) -> int:
+    """`labels=1000` -> 1000 labeled training examples; `labels=all` -> the task's whole train
+    split (`tasks.TRAIN_SIZES`); "" -> `default`."""
+    from kiln.data import tasks
+
+    if not text:
+        return default
+    if text == "all":
+        return tasks.TRAIN_SIZES[task]
+    if not text.isdigit() or int(text) == 0:
+        raise KilnError(
+            f"labels={text!r} is not a number of labeled examples; use e.g. labels=1000 (the"
+            " first 1,000 training examples by md5 of the id), labels=all, or leave it out."
+        )
+    return int(text)
 
 
 def parse_shots(text: str) -> int | None:

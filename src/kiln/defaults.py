@@ -50,6 +50,16 @@ def model_section(family: str, **fields: Any) -> ml_collections.ConfigDict:
     return m
 
 
+def micro(c: ml_collections.ConfigDict) -> None:
+    """The tests' seconds-long variant of a run (`size=micro`): the data/tiny slice, a small
+    tokenizer sample, one evaluation batch, no sample, a log line every step."""
+    c.data.data_dir = "data/tiny"
+    c.tokenizer.max_sentences = 2000
+    c.eval.batches = 1
+    c.eval.sample_prompt = ""
+    c.train.log_every = 1
+
+
 def run_sections(
     *, seq_len: int, batch: int, steps: int, lr: float, objective: str
 ) -> ml_collections.ConfigDict:

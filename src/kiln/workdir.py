@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 # Sections that define what a run computes: a resumed run may change anything else (steps,
 # learning rate, evaluation, checkpointing, mesh) but not these.
-RUN_IDENTITY = ("seed", "model", "tokenizer", "data", "objective", "task")
+RUN_IDENTITY = ("seed", "model", "tokenizer", "data", "objective", "task", "finetune")
 # Model fields that change how, not what, the run computes: a resumed run may change them.
 HOW_NOT_WHAT = ("remat", "scan_layers")
 

@@ -14,15 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 def _pretrain_config(family: str):
-    config = config_lib.load_config(f"experiments/{family}/pretrain.py:size=tiny")
-    config.data.data_dir = "data/tiny"
-    config.model.vocab_size = 512
-    config.model.max_len = 128
-    config.data.seq_len = 32
-    config.data.global_batch_size = 8
-    config.eval.batches = 1
-    config.eval.sample_prompt = ""
-    config.tokenizer.max_sentences = 2000
+    config = config_lib.load_config(f"experiments/{family}/pretrain.py:size=micro")
+    config.model.max_len = 128  # Room for a demonstration in the prompt.
     config.train.steps = 2
     config.checkpoint.every = 2
     return config

@@ -46,6 +46,15 @@ TASK_NAMES = (
     "code_generation",
     "wn_reverse_dictionary",
 )
+# Train-split sizes of the shipped tasks in data/ (a pipeline's `labels=all`; tests check them).
+TRAIN_SIZES = {
+    "wn_lexname": 94_045,
+    "bible_genre": 24_526,
+    "kjv2web": 24_526,
+    "code_summary": 6_009,
+    "code_generation": 6_009,
+    "wn_reverse_dictionary": 94_045,
+}
 # Tasks read from the user's files (`kiln.data.user_tasks.load_any`), not shipped data.
 USER_TASKS = ("jsonl", "squad", "chat")
 SYMPY_FILE = "sympy114_functions.jsonl.xz"
