@@ -12,7 +12,8 @@ from typing import Any
 from kiln.tools.report_runs import Run, Workdir, curve, numeric, rows, value_text
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only, no screen)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +45,7 @@ def _draw(curves: list[tuple[str, list, list]], key: str, path: str, title: str)
     curves = [c for c in curves if c[1]]
     if not curves:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, steps, values in curves:
         ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=name)
@@ -78,7 +79,7 @@ def _plot_key(runs: list[Run], key: str, primary: str, path: str) -> bool:
     keyed = [(x if all_numeric else value_text(x), y) for x, y in points]
     xs = sorted({x for x, _ in keyed}) if all_numeric else list(dict.fromkeys(x for x, _ in keyed))
     position = {x: x if all_numeric else i for i, x in enumerate(xs)}
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([position[x] for x, _ in keyed], [y for _, y in keyed], alpha=0.7, label="run")
     means = [statistics.mean(y for x, y in keyed if x == v) for v in xs]

@@ -13,7 +13,7 @@ import os
 import statistics
 from typing import NamedTuple
 
-from kiln.tools.report_plots import _pyplot
+from kiln.tools.report_plots import pyplot
 
 ARMS = {"finetune": "fine-tuned", "scratch": "scratch"}
 NOT_RUN = "not run yet"
@@ -222,7 +222,7 @@ def render(results: dict) -> str:
 def _plot_labels(name: str, pipeline: dict, stats: dict, path: str) -> None:
     """Test metric against labeled examples (log x): arms with std error bars, baselines
     dashed, few-shot dotted."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sizes = _sizes(pipeline)
     for arm, label in ARMS.items():
@@ -255,7 +255,7 @@ def _plot_labels(name: str, pipeline: dict, stats: dict, path: str) -> None:
 
 def _plot_pretrain(name: str, pipeline: dict, path: str) -> None:
     """Pre-training loss against step: train solid, validation dashed, one color per seed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, p in enumerate(sorted(pipeline.get("pretrain", []), key=lambda p: p["seed"])):
         ax.plot(p["steps"], p["loss"], color=f"C{i}", label=f"seed {p['seed']} train")
