@@ -8,12 +8,14 @@ same from random initialisation). Test chrF and BLEU are reported next to the co
 baseline (`test/copy_input_chrf`, `test/copy_input_bleu`: 71.5 and 51.9 on the full test set).
 
 Arguments: `size` = tiny (about 15 CPU-minutes, 20 minutes of wall time measured on a shared
-2-core CPU; scores 1,000 test verses; too small to learn copying: chrF 10.4 fine-tuned, 18.7 from
-scratch, 71.5 copying the input) | cpu | gpu (cpu and gpu not measured yet); `seed`; `seeds`
-(fine-tuning seeds separated by `/`, e.g. `seeds=0/1/2`: stages `finetune_seed0`, ...; the
-comparison reports mean +- std); `labels` (verse pairs fine-tuned on, or `all`: 24,526;
+2-core CPU; scores 1,000 test verses; too small to learn copying: chrF 10.4 fine-tuned, 18.7
+from scratch, 71.5 copying the input) | cpu | gpu (cpu and gpu not measured yet); `seed`;
+`seeds` (fine-tuning seeds separated by `/`, e.g. `seeds=0/1/2`: stages `finetune_seed0`, ...;
+the comparison reports mean +- std); `labels` (verse pairs fine-tuned on, or `all`: 24,526;
 default the size's); `fewshot=K` (adds a `fewshot` arm: `pretrain` prompted with K
-demonstrations, no training); `scored` (validation/test examples scored; default the size's).
+demonstrations, no training); `scored` (validation/test examples scored; default the size's);
+`objective` (pre-training: span_corruption, the default | denoise: the whole row as the target,
+so the decoder learns to copy | prefix_lm).
 Measured `size=tiny,fewshot=1,scored=300`: test chrF 1.9 one-shot, 12.0 fine-tuned, 18.4 from
 scratch (docs/finetuning.md).
 """
@@ -34,13 +36,20 @@ SEQ_LEN = 64
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(
-        arg, size="tiny", seed="0", seeds="", fewshot="", scored="", labels=""
+        arg,
+        size="tiny",
+        seed="0",
+        seeds="",
+        fewshot="",
+        scored="",
+        labels="",
+        objective="span_corruption",
     )
     d_model, layers, heads, d_ff, vocab, steps, batch, examples, epochs, lr, scored = (
         config_lib.pick("size", args["size"], SIZES)
     )
     pretrain = defaults.run_sections(
-        seq_len=SEQ_LEN, batch=batch, steps=steps, lr=2e-3, objective="span_corruption"
+        seq_len=SEQ_LEN, batch=batch, steps=steps, lr=2e-3, objective=args["objective"]
     )
     pretrain.seed = int(args["seed"])
     run_seeds = arms.parse_seeds(args["seeds"], pretrain.seed)

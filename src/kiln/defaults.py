@@ -104,7 +104,8 @@ def _add_inputs(c: ml_collections.ConfigDict, seq_len: int, batch: int, objectiv
     c.data.prepare_workers = 1  # processes tokenizing the sources' caches
 
     c.objective = ml_collections.ConfigDict()
-    # gpt: causal_lm | prefix_lm; bert: mlm; t5: span_corruption | prefix_lm
+    # gpt: causal_lm | prefix_lm; bert: mlm; t5: span_corruption | denoise (the whole row as
+    # target, BART-style) | prefix_lm
     c.objective.name = objective
     c.objective.mask_rate = 0.15  # mlm: fraction of ordinary tokens selected
     c.objective.whole_word = False  # mlm: select whole words

@@ -8,6 +8,7 @@ import pytest
 from kiln.data.objectives import (
     OBJECTIVES,
     CausalLM,
+    Denoising,
     EncoderDecoderPrefixLM,
     Layout,
     MaskedLM,
@@ -143,6 +144,7 @@ INVALID = [(f, n) for f in OBJECTIVES for n in ALL_NAMES if n not in OBJECTIVES[
         ("decoder", "prefix_lm", PrefixLM),
         ("encoder", "mlm", MaskedLM),
         ("encoder_decoder", "span_corruption", SpanCorruption),
+        ("encoder_decoder", "denoise", Denoising),
         ("encoder_decoder", "prefix_lm", EncoderDecoderPrefixLM),
     ],
 )
@@ -150,7 +152,7 @@ def test_make_objective_valid_pairs(layout, name, cls):
     objective = make_objective(name, layout, StubTokenizer(), 64)
     assert type(objective) is cls and objective.name == name
     assert objective.layout == layout
-    assert len(VALID) == 5
+    assert len(VALID) == 6
 
 
 @pytest.mark.parametrize("layout, name", INVALID)
@@ -544,6 +546,34 @@ def test_span_corruption():
     assert abs(noise / spans - 3.0) < 0.2
     assert min(span_lengths) == 1 and max(span_lengths) >= 8, "span lengths are random"
     assert len(first_span_starts) > 20, "span positions are random"
+
+
+def test_denoise_targets_the_whole_row_from_span_corruptions_inputs():
+    seq_len = 64
+    tok = StubTokenizer()
+    denoise = make_objective("denoise", "encoder_decoder", tok, seq_len)
+    spans = make_objective("span_corruption", "encoder_decoder", tok, seq_len)
+    raw = denoise.packed_length(seq_len)
+    assert raw == spans.packed_length(seq_len) and denoise.targets_length == raw + 1
+    batch = raw_rows(np.random.default_rng(1), batch=50, length=raw, min_used=raw // 3)
+    ours = denoise(batch, np.random.default_rng(7))
+    theirs = spans(batch, np.random.default_rng(7))  # The same noise from the same rng.
+    for key in ("encoder_inputs", "encoder_segment_ids", "encoder_positions"):
+        np.testing.assert_array_equal(ours[key], theirs[key])
+    for b in range(len(batch["tokens"])):
+        n = int((batch["segment_ids"][b] != 0).sum())
+        t = int(ours["decoder_segment_ids"][b].sum())
+        assert t == n + 1
+        np.testing.assert_array_equal(ours["targets"][b, :n], batch["tokens"][b, :n])
+        assert ours["targets"][b, n] == EOS_ID and not ours["targets"][b, t:].any()
+        # What span corruption drops and keeps puts the row back together: the same row.
+        s = int(theirs["encoder_segment_ids"][b].sum())
+        u = int(theirs["decoder_segment_ids"][b].sum())
+        restored = reconstruct_span_corruption(
+            theirs["encoder_inputs"][b, :s], theirs["targets"][b, :u]
+        )
+        np.testing.assert_array_equal(restored, ours["targets"][b, :n])
+        check_decoder_side(ours, b, t)
 
 
 def test_span_corruption_statistics_with_other_settings():

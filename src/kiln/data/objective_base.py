@@ -28,7 +28,7 @@ class Layout(enum.StrEnum):
 OBJECTIVES = {
     Layout.DECODER: ("causal_lm", "prefix_lm"),
     Layout.ENCODER: ("mlm",),
-    Layout.ENCODER_DECODER: ("span_corruption", "prefix_lm"),
+    Layout.ENCODER_DECODER: ("span_corruption", "denoise", "prefix_lm"),
 }
 
 

@@ -8,7 +8,7 @@ loss ``weights`` (every other array int32, all ``[B, length]``):
 - ``gpt`` (decoder), ``causal_lm``: ``inputs, segment_ids, positions, targets, weights``;
 - ``gpt`` (decoder), ``prefix_lm``: the same plus ``prefix_mask``;
 - ``bert`` (encoder), ``mlm``: ``inputs, segment_ids, positions, targets, weights``;
-- ``t5`` (encoder-decoder), ``span_corruption`` and ``prefix_lm``: ``encoder_inputs,
+- ``t5`` (encoder-decoder), ``span_corruption``, ``denoise`` and ``prefix_lm``: ``encoder_inputs,
   encoder_segment_ids, encoder_positions`` (``[B, seq_len]``) and ``decoder_inputs,
   decoder_segment_ids, decoder_positions, targets, weights`` (``[B, targets length]``).
 
@@ -31,7 +31,7 @@ from kiln.data.masked_lm import (
     masked_lm,
 )
 from kiln.data.objective_base import OBJECTIVES, Batch, Layout, Objective, as_layout, causal_lm
-from kiln.data.span_corruption import SpanCorruption, span_corruption
+from kiln.data.span_corruption import Denoising, SpanCorruption, span_corruption
 from kiln.errors import KilnError
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "WORD_START",
     "Batch",
     "CausalLM",
+    "Denoising",
     "EncoderDecoderPrefixLM",
     "Layout",
     "MaskedLM",
@@ -80,8 +81,8 @@ def make_objective(
         mask_token_fraction: mlm: fraction of the selected tokens replaced by the mask id.
         random_token_fraction: mlm: fraction of the selected tokens replaced by a random token.
         whole_word: mlm: select whole words.
-        noise_density: span_corruption: fraction of tokens dropped.
-        mean_noise_span_length: span_corruption: mean length of a dropped span.
+        noise_density: span_corruption, denoise: fraction of tokens dropped.
+        mean_noise_span_length: span_corruption, denoise: mean length of a dropped span.
 
     Raises:
         KilnError: On an objective the layout does not support, a tokenizer without the special
@@ -108,7 +109,8 @@ def make_objective(
         return masked_lm(
             tokenizer, mask_rate, mask_token_fraction, random_token_fraction, whole_word
         )
-    return span_corruption(tokenizer, seq_len, noise_density, mean_noise_span_length)
+    kind = Denoising if name == "denoise" else SpanCorruption
+    return span_corruption(tokenizer, seq_len, noise_density, mean_noise_span_length, kind)
 
 
 def check_options(
@@ -144,7 +146,7 @@ def check_options(
                 f"objective.mask_token_fraction={mask_token_fraction} plus objective."
                 f"random_token_fraction={random_token_fraction} exceed 1: lower one of them."
             )
-    if name == "span_corruption":
+    if name in ("span_corruption", "denoise"):
         _check_rate("objective.noise_density", noise_density, low_open=True, high_open=True)
         if not mean_noise_span_length >= 1:
             raise KilnError(

@@ -1,4 +1,4 @@
-"""T5's span corruption objective."""
+"""T5's span corruption objective, and its BART-style variant that reconstructs the whole row."""
 
 from __future__ import annotations
 
@@ -120,6 +120,26 @@ class SpanCorruption(Objective):
         return np.concatenate([inputs, eos], axis=1), np.concatenate([targets, eos], axis=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Denoising(SpanCorruption):
+    """BART's text infilling on T5's spans: the encoder inputs are span corruption's (each noise
+    span replaced by a sentinel, then eos); the targets are the whole row of real tokens, then
+    eos. Span corruption's decoder only ever writes the dropped spans; this one also copies
+    everything it was shown, which tasks whose output mostly repeats the input (kjv2web) need.
+    """
+
+    name: ClassVar[str] = "denoise"
+
+    def corrupted_lengths(self, n: int) -> tuple[int, int]:
+        """(encoder inputs, targets) lengths, eos included: the targets are the row + eos."""
+        return super().corrupted_lengths(n)[0], n + 1 if n else 0
+
+    def _corrupt(self, tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        inputs, _ = super()._corrupt(tokens, rng)
+        eos = np.full((tokens.shape[0], 1), self.eos_id, np.int32)
+        return inputs, np.concatenate([tokens, eos], axis=1)
+
+
 def _random_compositions(rows: int, total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
     """``[rows, parts]`` positive lengths summing to ``total``, uniform over compositions.
 
@@ -134,12 +154,16 @@ def _random_compositions(rows: int, total: int, parts: int, rng: np.random.Gener
 
 
 def span_corruption(
-    tokenizer: Any, seq_len: int, noise_density: float, mean_noise_span_length: float
+    tokenizer: Any,
+    seq_len: int,
+    noise_density: float,
+    mean_noise_span_length: float,
+    kind: type[SpanCorruption] = SpanCorruption,
 ) -> SpanCorruption:
-    """T5's span corruption (its rates checked by `check_options`), checked to fit one span per
-    row and the tokenizer's sentinels."""
-    sentinels = _sentinel_ids(tokenizer, "span_corruption")
-    objective = SpanCorruption(
+    """T5's span corruption (or `kind`, e.g. `Denoising`; rates checked by `check_options`),
+    checked to fit one span per row and the tokenizer's sentinels."""
+    sentinels = _sentinel_ids(tokenizer, kind.name)
+    objective = kind(
         seq_len=seq_len,
         sentinel_ids=sentinels,
         bos_id=tokenizer.bos_id,
