@@ -393,7 +393,7 @@ def pipeline(
     stages: dict[str, ml_collections.ConfigDict], select: str, advice: str = ""
 ) -> ml_collections.ConfigDict:
     """A pipeline config: `stages` run in order; arms compared on validation `select`;
-    `advice` is printed when pre-training did not beat scratch."""
+    `advice` is printed after the verdict (what one run does not show, where to look further)."""
     c = ml_collections.ConfigDict()
     c.stages = tuple(stages)
     c.select = select

@@ -172,7 +172,8 @@ def _choose_arms(rows: dict[str, Any], select: str) -> dict[str, Any]:
 
 
 def verdict(table: dict[str, Any], advice: str) -> str:
-    """One sentence: did the pre-trained arm beat scratch on the test `select` metric?"""
+    """One sentence: did the pre-trained arm beat scratch on the test `select` metric? Then
+    `advice` (what the result does not show, and where to look further)."""
     arms, select = table["arms"], table["select"]
     if not {"finetune", "scratch"} <= set(arms):
         return ""
@@ -186,7 +187,7 @@ def verdict(table: dict[str, Any], advice: str) -> str:
     if ours > theirs:
         return (
             f"Pre-training helped: test {select} {ours:.4g} fine-tuned from the pre-trained"
-            f" checkpoint vs {theirs:.4g} from scratch ({ours - theirs:+.4g})."
+            f" checkpoint vs {theirs:.4g} from scratch ({ours - theirs:+.4g}). {advice}".strip()
         )
     return (
         f"Pre-training did not help at this budget: test {select} {ours:.4g} fine-tuned from the"

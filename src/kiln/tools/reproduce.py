@@ -72,7 +72,8 @@ def cell_config(
 
 
 def fingerprint(*configs: ml_collections.ConfigDict) -> str:
-    """A short hash of configs: a cell measured under another config is redone."""
+    """A short hash of run configs (a cell's stages and its pre-training; not the pipeline's
+    wording): a cell measured under other configs is redone."""
     text = json.dumps([c.to_dict() for c in configs], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -144,7 +145,7 @@ def run_pipeline_study(grid: Grid, name: str, study: Study) -> None:
                 _baselines(study, name, spec, config)
             cell = arms_pipeline(config, "@pretrain")
             count = _train_examples(cell)
-            print_ = fingerprint(cell, config.pretrain)
+            print_ = fingerprint(*(cell[s] for s in cell.stages), config.pretrain)
             if study.has_cell(name, seed, count, {"finetune", "scratch"}, print_):
                 continue
             seed_dir = os.path.join(grid.workdir, name, f"seed{seed}")
