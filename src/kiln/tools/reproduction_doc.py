@@ -72,11 +72,12 @@ def _sizes(pipeline: dict) -> list[int]:
 
 
 def _holds(finetune: Stat | None, scratch: Stat | None) -> str:
-    """`yes` if the margin exceeds the two arms' summed std with 2+ seeds each."""
+    """`yes` if the margin exceeds the two arms' summed std with 2+ seeds each; with one seed,
+    `1 seed` for a positive margin and `no` otherwise."""
     if finetune is None or scratch is None:
         return "n/a"
-    if min(finetune.n, scratch.n) < 2:
-        return "1 seed"
+    if min(finetune.n, scratch.n) < 2:  # No spread yet, but a loss is a loss.
+        return "1 seed" if finetune.mean > scratch.mean else "no"
     return "yes" if finetune.mean - scratch.mean > finetune.std + scratch.std else "no"
 
 
