@@ -138,20 +138,23 @@ def run_pipeline_study(grid: Grid, name: str, study: Study) -> None:
 
     spec = PIPELINES[name]
     for seed in grid.seeds:
+        seed_dir = os.path.join(grid.workdir, name, f"seed{seed}")
+        pretrain_dir = os.path.join(seed_dir, "pretrain")
+        pretrained = False
         for labels in grid.labels:
             config = cell_config(grid.experiments, name, grid.size, seed, labels, spec.shots)
-            if seed == grid.seeds[0]:  # Facts of the task and labeled set, not of a seed.
-                _describe(study, name, spec, config, grid)
-                _baselines(study, name, spec, config)
             cell = arms_pipeline(config, "@pretrain")
+            if seed == grid.seeds[0]:  # Facts of the task and labeled set, not of a seed.
+                task = _describe(study, name, spec, config, cell, grid)
+                _baselines(study, name, spec, cell, task)
             count = _train_examples(cell)
-            print_ = fingerprint(*(cell[s] for s in cell.stages), config.pretrain)
-            if study.has_cell(name, seed, count, {"finetune", "scratch"}, print_):
+            cell_print = fingerprint(*(cell[s] for s in cell.stages), config.pretrain)
+            if study.has_cell(name, seed, count, {"finetune", "scratch"}, cell_print):
                 continue
-            seed_dir = os.path.join(grid.workdir, name, f"seed{seed}")
-            pretrain_dir = os.path.join(seed_dir, "pretrain")
-            _pretrain(study, name, seed, config, pretrain_dir)
-            _fewshot(study, name, seed, config, pretrain_dir, os.path.join(seed_dir, "fewshot"))
+            if not pretrained:  # Once per seed, for the first cell that needs it.
+                _pretrain(study, name, seed, config, pretrain_dir)
+                _fewshot(study, name, seed, config, pretrain_dir, os.path.join(seed_dir, "fewshot"))
+                pretrained = True
             started = time.perf_counter()
             table = pipelines.run_pipeline(
                 arms_pipeline(config, pretrain_dir), os.path.join(seed_dir, f"n{count}")
@@ -172,7 +175,7 @@ def run_pipeline_study(grid: Grid, name: str, study: Study) -> None:
                         "validation": chosen["metrics"][f"validation/{cell.select}"],
                         "test": chosen["metrics"][f"test/{cell.select}"],
                         "minutes": minutes,  # the whole cell: both arms, every learning rate
-                        "fingerprint": print_,
+                        "fingerprint": cell_print,
                     },
                     ("seed", "labels", "arm"),
                 )
@@ -191,13 +194,18 @@ def _data_dir(config: ml_collections.ConfigDict) -> str | None:
 
 
 def _describe(
-    study: Study, name: str, spec: Spec, config: ml_collections.ConfigDict, grid: Grid
-) -> None:
-    """The pipeline's fixed facts: task, metric and its scale, split sizes, the grid asked."""
+    study: Study,
+    name: str,
+    spec: Spec,
+    config: ml_collections.ConfigDict,
+    cell: ml_collections.ConfigDict,
+    grid: Grid,
+) -> Any:
+    """The pipeline's fixed facts (task, metric and its scale, split sizes, the grid asked);
+    returns the loaded task."""
     from kiln import evaluation
     from kiln.data import tasks
 
-    cell = arms_pipeline(config, "@pretrain")
     first = cell[cell.stages[0]]
     task = tasks.load_task(first.task.name, data_dir=_data_dir(config))
     train_size = len(task.splits["train"])
@@ -213,21 +221,21 @@ def _describe(
         seeds=sorted(set(grid.seeds) | set(entry.get("seeds", ()))),
         target={"baseline": spec.target, "labels": spec.target_labels or train_size},
     )
+    return task
 
 
-def _baselines(study: Study, name: str, spec: Spec, config: ml_collections.ConfigDict) -> None:
-    """The spec's baselines on this cell's labeled set, each scored once."""
-    from kiln.data import tasks
+def _baselines(
+    study: Study, name: str, spec: Spec, cell: ml_collections.ConfigDict, task: Any
+) -> None:
+    """The spec's baselines on this cell's labeled set of `task`, each scored once."""
     from kiln.tools import baselines
 
-    cell = arms_pipeline(config, "@pretrain")
     first = cell[cell.stages[0]]
     count = _train_examples(cell)
     done = {(b["name"], b["labels"]) for b in study.entry(name)["baselines"]}
     for baseline in spec.baselines:
         if (baseline, count) in done:
             continue
-        task = tasks.load_task(first.task.name, data_dir=_data_dir(config))
         scores = baselines.score(baseline, task, count, first.task.eval_examples)
         study.put(
             "baselines",

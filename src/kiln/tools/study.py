@@ -38,6 +38,7 @@ class Study:
         )
 
     def has_cell(self, name: str, seed: int, labels: int, arms: set[str], print_: str) -> bool:
+        """Whether the JSON holds `arms` of this cell, measured under fingerprint `print_`."""
         found = {
             r["arm"]
             for r in self.entry(name)["runs"]
