@@ -315,10 +315,13 @@ def test_no_error_message_names_a_config_key_that_does_not_exist():
     from kiln import defaults
 
     keys = {"seed"}
-    sections = {**defaults.run_sections(seq_len=1, batch=1, steps=1, lr=0.0, objective="")}
-    sections["model"] = defaults.model_section("gpt")
-    for section, fields in sections.items():
-        keys |= {f"{section}.{name}" for name in getattr(fields, "keys", list)()}
+    for objective in ("", "electra"):  # electra adds its own objective fields
+        sections = {
+            **defaults.run_sections(seq_len=1, batch=1, steps=1, lr=0.0, objective=objective)
+        }
+        sections["model"] = defaults.model_section("gpt")
+        for section, fields in sections.items():
+            keys |= {f"{section}.{name}" for name in getattr(fields, "keys", list)()}
     # make_objective's own arguments, checked by name; no config sets them.
     api_only = {"objective.mask_token_fraction", "objective.random_token_fraction"}
     named = re.compile(rf"(?<![\w.])((?:{'|'.join(sections)})\.[a-z_]+)=")

@@ -24,7 +24,7 @@ from kiln import (
 from kiln.data import tasks
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
-from kiln.tools import sample
+from kiln.tools import convert, sample
 
 pytestmark = pytest.mark.slow
 
@@ -375,3 +375,36 @@ def test_sample_cli_errors(bert_source, tmp_path, capsys):
         sample.main(["--workdir", workdir, "--prompt", "x", "--temprature", "0.5"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --temprature" in capsys.readouterr().err
+
+
+def test_electra_pretraining_reports_detection_and_fine_tunes_from_the_body(tmp_path):
+    """An ELECTRA run evaluates its generator and detection losses; a fine-tune loads its body
+    exactly (a BERT's names) and leaves the generator and detection head unused."""
+    pretrain = config_lib.load_config("experiments/bert/pretrain.py:size=micro,objective=electra")
+    pretrain.train.steps = pretrain.checkpoint.every = 2
+    source = str(tmp_path / "electra")
+    summary = run.train_and_evaluate(pretrain, source)
+    for key in ("generator_loss", "detection_loss", "detection_accuracy"):
+        assert 0 <= summary[f"validation/{key}"] < 100, key
+    # loss = generator's + rtd_weight * (detection sum * mask_rate / selected tokens): about
+    # generator + 50 * detection when the selected tokens are mask_rate of the real ones.
+    expected = summary["validation/generator_loss"] + 50 * summary["validation/detection_loss"]
+    assert summary["validation/loss"] == pytest.approx(expected, rel=0.05)
+
+    config = _finetune_config(pretrain, source)
+    built_source = restore.resolve(config.init_from)
+    model = models.build_model(config.model, num_classes=45)
+    fresh = train.init_params(model, 0)
+    loaded, fresh_paths, unused = restore.plan(built_source, fresh, skip=config.init_from.skip)
+    assert sorted(fresh_paths) == [
+        "classifier/bias",
+        "classifier/kernel",
+        "pooler/bias",
+        "pooler/kernel",
+    ]
+    assert unused and all(p.startswith(("generator/", "rtd_")) for p in unused)
+    result = run.train_and_evaluate(config, str(tmp_path / "ft"))
+    assert result["step"] == 2 and 0 <= result["test/accuracy"] <= 1
+    # No HF class holds an ELECTRA pre-training run's body without its heads: a clear error.
+    with pytest.raises(KilnError, match="objective.name='electra'.*Fine-tune it"):
+        convert.export_hf(source, str(tmp_path / "hf"))

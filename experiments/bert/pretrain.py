@@ -4,7 +4,10 @@
 
 Arguments: `size` = micro (data/tiny, 8 steps: for tests) | tiny | small | base (BERT-base,
 110M) | large (BERT-large, 340M), and `style` = bert (post-LN, learned positions, GELU, token
-types, tied MLM head) | modern (pre-LN, RoPE, RMSNorm). Masking: 15% of ordinary tokens, 80%
+types, tied MLM head) | modern (pre-LN, RoPE, RMSNorm), and `objective` = mlm | electra
+(replaced-token detection: a generator half the width fills the masked tokens, the model
+learns which tokens were replaced; `objective.generator_fraction`, `objective.rtd_weight`).
+Masking: 15% of ordinary tokens, 80%
 [MASK] / 10% random / 10% kept; `--config.objective.whole_word=True` masks whole words.
 Evaluation reports masked-token loss, perplexity and accuracy. Expected on a 2-core CPU:
 `size=tiny` runs 400 steps in about 2 minutes; masked-token perplexity ~2100 -> ~315,
@@ -26,7 +29,7 @@ SIZES = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, size="tiny", style="bert")
+    args = config_lib.parse_arg(arg, size="tiny", style="bert", objective="mlm")
     d_model, n_layers, n_heads, d_ff, vocab, seq_len, batch, steps = config_lib.pick(
         "size", args["size"], SIZES
     )
@@ -36,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch=batch,
         steps=steps,
         lr=2e-3 if args["size"] in ("micro", "tiny") else 1e-4,
-        objective="mlm",
+        objective=args["objective"],
     )
     c.optim.b2 = 0.999
     c.optim.weight_decay = 0.01

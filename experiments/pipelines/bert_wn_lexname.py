@@ -17,7 +17,10 @@ rates per arm, about an hour on a 2-core CPU) | gpu (a 4-layer d512 BERT, 30k st
 best validation checkpoint; `seed` (default 0); `lrs`, fine-tuning learning
 rates separated by `/` (default: the size's); `seeds` (fine-tuning seeds separated by `/`, e.g.
 `seeds=0/1/2`: stages `finetune_seed0`, ...; the comparison reports mean +- std); `labels`
-(labeled examples, or `all`: 94,045; default the size's; `make reproduce` sweeps it). `fewshot` is
+(labeled examples, or `all`: 94,045; default the size's; `make reproduce` sweeps it);
+`objective` = mlm (the default) | electra (ELECTRA's replaced-token detection, Clark et al.
+2020: a generator of half the width fills the masked tokens and the body learns from every
+token which were replaced; fine-tuning starts from the body alike). `fewshot` is
 refused: a BERT does not generate, so it cannot be prompted. See the README for the measured
 tables.
 """
@@ -42,7 +45,9 @@ FINETUNE_SEQ_LEN = 48  # definitions: median 18 tokens, 4% longer than 48 (trunc
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, size="tiny", seed="0", lrs="", seeds="", fewshot="", labels="")
+    args = config_lib.parse_arg(
+        arg, size="tiny", seed="0", lrs="", seeds="", fewshot="", labels="", objective="mlm"
+    )
     d_model, layers, heads, d_ff, vocab, steps, lr, mask_rate, batch, epochs, lrs = config_lib.pick(
         "size", args["size"], SIZES
     )
@@ -51,10 +56,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     seed = int(args["seed"])
     run_seeds = arms.parse_seeds(args["seeds"], seed)
     pretrain = defaults.run_sections(
-        seq_len=SEQ_LEN, batch=batch, steps=steps, lr=lr, objective="mlm"
+        seq_len=SEQ_LEN, batch=batch, steps=steps, lr=lr, objective=args["objective"]
     )
     pretrain.seed = seed
-    pretrain.objective.mask_rate = mask_rate
+    # ELECTRA masks 15% (Clark et al.): its generator fills them, the body scores every token.
+    pretrain.objective.mask_rate = 0.15 if args["objective"] == "electra" else mask_rate
     pretrain.optim.b2 = 0.999
     pretrain.optim.weight_decay = 0.01
     pretrain.optim.warmup_fraction = 0.1

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import optax
 
-from kiln import losses, models, optim, peft, sharding, train
+from kiln import defaults, losses, models, optim, peft, sharding, train
 from kiln.data.objectives import Layout
 from kiln.errors import config_error
 
@@ -63,7 +63,10 @@ def build(
         why = "is a decoder-only fine-tune without a head, which decodes with the KV cache"
         fix = "Use finetune.lora for it; prompt tuning suits head and encoder inputs."
         raise config_error("finetune.prompt_tuning.length", spec.prompt_length, why, fix)
-    model = models.build_model(config.model, num_classes, pooling, spec.model_fields())
+    # A pre-training run's objective may train a module of its own (ELECTRA's generator).
+    pretraining = not num_classes and not ("task" in config and config.task.name)
+    objective = config.get("objective") if pretraining else None
+    model = models.build_model(config.model, num_classes, pooling, spec.model_fields(), objective)
     steps = config.train.steps
     schedule = optim.make_schedule(config.optim, steps)
     optimizer = optim.make_optimizer(config.optim, steps, config.model.n_layers)
@@ -75,6 +78,9 @@ def build(
     # The loss belongs to what the run trains: a classification head, or a language model.
     if num_classes:
         loss = losses.classifier
+    elif objective is not None and objective.name == "electra":
+        rtd_weight = defaults.electra_fields(objective)["rtd_weight"]
+        loss = losses.replaced_token_detection(objective.mask_rate, rtd_weight)
     else:
         loss = losses.language_model(config.train.get("loss_chunks", 0))
     train_step, eval_step = train.jit_steps(

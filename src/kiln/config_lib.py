@@ -157,6 +157,7 @@ def _check_model(config: ml_collections.ConfigDict) -> "Family":
 
 def _check_data(config: ml_collections.ConfigDict, family: "Family") -> None:
     """The `data` and `objective` sections, against the model."""
+    from kiln import defaults
     from kiln.data import mixture, objectives, pipeline
 
     d, o = config.data, config.objective
@@ -168,7 +169,15 @@ def _check_data(config: ml_collections.ConfigDict, family: "Family") -> None:
         mask_rate=o.mask_rate,
         noise_density=o.noise_density,
         mean_noise_span_length=o.mean_noise_span_length,
+        **defaults.electra_fields(o),
     )
+    if o.name not in family.objectives:
+        _fail(
+            "objective.name",
+            o.name,
+            f"trains a module that model.family={family.name!r} does not have",
+            f"Use one of {list(family.objectives)}.",
+        )
     if "streams" in d:
         pipeline.resolve_streams(d.streams, d.global_batch_size)
     if d.seq_len > config.model.max_len:

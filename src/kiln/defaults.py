@@ -9,6 +9,17 @@ import ml_collections
 SHIPPED_MIXTURE = "bible=bible weight=6.5; wordnet=wordnet weight=9.7; sympy=sympy weight=2.1"
 
 
+# ELECTRA's objective fields: the generator's heads and d_ff as a fraction of the body's, and
+# the weight of the replaced-token detection loss next to the generator's masked-LM loss.
+ELECTRA_FIELDS = {"generator_fraction": 0.5, "rtd_weight": 50.0}
+
+
+def electra_fields(objective: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `objective` section's ELECTRA fields, defaults where it has none (a config whose
+    objective.name was overridden to electra)."""
+    return {k: objective.get(k, v) for k, v in ELECTRA_FIELDS.items()}
+
+
 def model_section(family: str, **fields: Any) -> ml_collections.ConfigDict:
     """The `model` section with every architecture field; `fields` override the defaults."""
     m = ml_collections.ConfigDict()
@@ -104,13 +115,15 @@ def _add_inputs(c: ml_collections.ConfigDict, seq_len: int, batch: int, objectiv
     c.data.prepare_workers = 1  # processes tokenizing the sources' caches
 
     c.objective = ml_collections.ConfigDict()
-    # gpt: causal_lm | prefix_lm; bert: mlm; t5: span_corruption | denoise (the whole row as
-    # target, BART-style) | prefix_lm
+    # gpt: causal_lm | prefix_lm; bert: mlm | electra (replaced-token detection); t5:
+    # span_corruption | denoise (the whole row as target, BART-style) | prefix_lm
     c.objective.name = objective
     c.objective.mask_rate = 0.15  # mlm: fraction of ordinary tokens selected
     c.objective.whole_word = False  # mlm: select whole words
     c.objective.noise_density = 0.15  # span_corruption: fraction of tokens dropped
     c.objective.mean_noise_span_length = 3.0  # span_corruption
+    if objective == "electra":  # Its own fields only: other runs' configs stay as they were.
+        c.objective.update(ELECTRA_FIELDS)
 
 
 def _add_optim(c: ml_collections.ConfigDict, lr: float) -> None:

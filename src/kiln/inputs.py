@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from kiln import finetuning, metrics, models, restore
+from kiln import defaults, finetuning, metrics, models, restore
 from kiln import workdir as workdir_lib
 from kiln.data import (
     corpus,
@@ -188,6 +188,7 @@ def make_objective(
         whole_word=o.whole_word,
         noise_density=o.noise_density,
         mean_noise_span_length=o.mean_noise_span_length,
+        **defaults.electra_fields(o),
     )
 
 

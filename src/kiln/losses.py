@@ -3,8 +3,9 @@
 A `LossFn` takes (model, params, batch, dropout rng or None) and returns float32 sums:
 `loss_sum`, `correct_sum`, `weight_sum` (and, for a classifier, each row's predicted class as
 `classes`). The train and eval steps call the one `kiln.build` picks for the run
-(`language_model` or `classifier`, which is `regression` on float targets), so a loss that
-is not token cross-entropy needs a new `LossFn`, never an edit of the trainer.
+(`language_model`, `replaced_token_detection` for ELECTRA, or `classifier`, which is
+`regression` on float targets), so a loss that is not token cross-entropy needs a new
+`LossFn`, never an edit of the trainer.
 """
 
 import functools
@@ -14,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[nn.Module, Any, Batch, jax.Array | None], dict[str, jax.Array]]
@@ -46,6 +48,52 @@ def language_model(loss_chunks: int = 0) -> LossFn:
             return fused_cross_entropy_sums(*head, batch["targets"], batch["weights"], loss_chunks)
         logits = apply_model(model, params, batch, rng)
         return cross_entropy_sums(logits, batch["targets"], batch["weights"])
+
+    return loss
+
+
+def replaced_token_detection(mask_rate: float, rtd_weight: float = 50.0) -> LossFn:
+    """ELECTRA's loss (`kiln.models.electra.Electra` on masked-LM batches): the generator's
+    masked-LM cross-entropy plus `rtd_weight` times the discriminator's binary cross-entropy
+    on every real token (segment id > 0) of whether the generator's sample replaced it.
+
+    The sums stay additive over microbatches: the detection sum enters scaled by `mask_rate`,
+    so that after the trainer divides by `weight_sum` (the selected tokens, about `mask_rate`
+    of the real ones) the loss is about the generator's mean plus `rtd_weight` times the
+    detection mean, the paper's weighting. `correct_sum` counts the generator's correct tokens;
+    evaluation also reports `generator_loss`, `detection_loss` and `detection_accuracy`.
+    The generator samples from a key split off the dropout key (key 0 in evaluation)."""
+
+    def loss(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None) -> dict:
+        dropout_rng, sample_key = (None, None) if rng is None else jax.random.split(rng)
+        out = apply_model(
+            model,
+            params,
+            batch,
+            dropout_rng,
+            original=batch["targets"],
+            selected=batch["weights"],
+            sample_key=sample_key,
+        )
+        sums = cross_entropy_sums(out.generator_logits, batch["targets"], batch["weights"])
+        real_BL = (batch["segment_ids"] > 0).astype(jnp.float32)
+        detection_BL = optax.sigmoid_binary_cross_entropy(
+            out.detection_logits, out.replaced.astype(jnp.float32)
+        )
+        detection_sum = jnp.sum(detection_BL * real_BL)
+        detected_BL = (out.detection_logits > 0) == (out.replaced > 0)
+        real_count = jnp.sum(real_BL)
+        return {
+            **sums,
+            "loss_sum": sums["loss_sum"] + rtd_weight * mask_rate * detection_sum,
+            # Reported by evaluation as generator_loss, detection_loss, detection_accuracy.
+            "generator_loss_sum": sums["loss_sum"],
+            "generator_loss_count": sums["weight_sum"],
+            "detection_loss_sum": detection_sum,
+            "detection_loss_count": real_count,
+            "detection_accuracy_sum": jnp.sum(detected_BL * real_BL),
+            "detection_accuracy_count": real_count,
+        }
 
     return loss
 

@@ -46,39 +46,60 @@ def evaluate(
 ) -> tuple[dict[str, float], list[int]]:
     """Perplexity and token accuracy over fixed batches (sums first, then one division), and a
     classifier's predicted class of every row (empty for language models)."""
-    totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+    totals, classes = _eval_totals(eval_step, params, batches, mesh, rows)
+    return _eval_metrics(totals), classes
+
+
+def _eval_totals(
+    eval_step: Any, params: Any, batches: list, mesh: Any, rows: int
+) -> tuple[dict[str, float], list[int]]:
+    """The eval step's sums added over `batches` (a loss's own `<name>_sum`/`<name>_count`
+    pairs included), and the predicted classes."""
+    totals: dict[str, float] = {}
     classes: list[int] = []
     for batch in batches:
         out = jax.device_get(eval_step(params, to_global(batch, mesh, rows)))
-        totals = {k: totals[k] + float(out[k]) for k in totals}
+        for k, v in out.items():
+            if k.endswith(("_sum", "_count")):
+                totals[k] = totals.get(k, 0.0) + float(v)
         if "classes" in out:
             classes.extend(np.asarray(out["classes"]).tolist())
-    tokens = max(totals["weight_sum"], 1.0)
-    loss = totals["loss_sum"] / tokens
+    return totals, classes
+
+
+def _eval_metrics(totals: dict[str, float]) -> dict[str, float]:
+    """Loss, perplexity and accuracy per weighted token, plus `<name>` = `<name>_sum` /
+    `<name>_count` for a loss's own metrics (ELECTRA's detection loss and accuracy)."""
+    tokens = max(totals.get("weight_sum", 0.0), 1.0)
+    loss = totals.get("loss_sum", 0.0) / tokens
     result = {
         "loss": loss,
         "perplexity": math.exp(min(loss, 80.0)),
-        "accuracy": totals["correct_sum"] / tokens,
-        "tokens": totals["weight_sum"],
+        "accuracy": totals.get("correct_sum", 0.0) / tokens,
+        "tokens": totals.get("weight_sum", 0.0),
     }
-    return result, classes
+    for key, value in totals.items():
+        name = key.removesuffix("_count")
+        if key.endswith("_count") and f"{name}_sum" in totals:
+            result[name] = totals[f"{name}_sum"] / max(value, 1.0)
+    return result
 
 
 def evaluate_sources(
     eval_step: Any, params: Any, by_source: dict[str, list], mesh: Any, rows: int
 ) -> dict[str, float]:
     """`evaluate` over a mixture's batches, one pass per source: the metrics of all of them
-    (token-weighted, as over the batches concatenated) plus `source/<name>/loss` per source."""
-    parts = {name: evaluate(eval_step, params, b, mesh, rows)[0] for name, b in by_source.items()}
-    tokens = max(sum(r["tokens"] for r in parts.values()), 1.0)
-    loss = sum(r["loss"] * r["tokens"] for r in parts.values()) / tokens
-    result = {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 80.0)),
-        "accuracy": sum(r["accuracy"] * r["tokens"] for r in parts.values()) / tokens,
-        "tokens": sum(r["tokens"] for r in parts.values()),
+    (as over the batches concatenated) plus `source/<name>/loss` per source."""
+    parts = {
+        name: _eval_totals(eval_step, params, batches, mesh, rows)[0]
+        for name, batches in by_source.items()
     }
-    return result | {f"source/{name}/loss": r["loss"] for name, r in parts.items()}
+    totals: dict[str, float] = {}
+    for part in parts.values():
+        for k, v in part.items():
+            totals[k] = totals.get(k, 0.0) + v
+    per_source = {f"source/{name}/loss": _eval_metrics(t)["loss"] for name, t in parts.items()}
+    return _eval_metrics(totals) | per_source
 
 
 def sample_text(run: "_Run", params: Any) -> str:

@@ -9,6 +9,7 @@ from kiln.data.objectives import (
     OBJECTIVES,
     CausalLM,
     Denoising,
+    ElectraInputs,
     EncoderDecoderPrefixLM,
     Layout,
     MaskedLM,
@@ -143,6 +144,7 @@ INVALID = [(f, n) for f in OBJECTIVES for n in ALL_NAMES if n not in OBJECTIVES[
         ("decoder", "causal_lm", CausalLM),
         ("decoder", "prefix_lm", PrefixLM),
         ("encoder", "mlm", MaskedLM),
+        ("encoder", "electra", ElectraInputs),
         ("encoder_decoder", "span_corruption", SpanCorruption),
         ("encoder_decoder", "denoise", Denoising),
         ("encoder_decoder", "prefix_lm", EncoderDecoderPrefixLM),
@@ -152,7 +154,7 @@ def test_make_objective_valid_pairs(layout, name, cls):
     objective = make_objective(name, layout, StubTokenizer(), 64)
     assert type(objective) is cls and objective.name == name
     assert objective.layout == layout
-    assert len(VALID) == 6
+    assert len(VALID) == 7
 
 
 @pytest.mark.parametrize("layout, name", INVALID)
@@ -403,6 +405,19 @@ def test_mlm_statistics():
     assert abs(random.mean() - 0.1 * (1 - chance)) < 0.01
     assert abs(kept.mean() - (0.1 + 0.1 * chance)) < 0.01
     assert len(np.unique(chosen[random])) > 0.9 * (VOCAB - NUM_SPECIAL_IDS)
+
+
+def test_electra_inputs_mask_every_selected_token():
+    rng = np.random.default_rng(1)
+    batch = random_packed_batch(rng, batch=8, length=256, min_used=200)
+    out = make_objective("electra", "encoder", StubTokenizer(), 256, mask_rate=0.25)(batch, rng)
+    targets, weights = dense_predictions(out)
+    selected = weights == 1
+    candidate = (batch["tokens"] >= NUM_SPECIAL_IDS) & (batch["segment_ids"] != 0)
+    np.testing.assert_array_equal(selected.sum(1), np.round(0.25 * candidate.sum(1)))
+    assert np.all(out["inputs"][selected] == MASK_ID)  # no random or kept tokens
+    np.testing.assert_array_equal(out["inputs"][~selected], batch["tokens"][~selected])
+    np.testing.assert_array_equal(targets[selected], batch["tokens"][selected])
 
 
 def reference_words(tokens: np.ndarray, seg: np.ndarray) -> list[list[tuple[int, int]]]:

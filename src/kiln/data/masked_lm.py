@@ -131,19 +131,28 @@ def _select_exactly(candidate: np.ndarray, rate: float, rng: np.random.Generator
     return selected
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ElectraInputs(MaskedLM):
+    """ELECTRA's batches: masked LM's, with every selected token replaced by the mask id (the
+    generator's input in the paper); the loss is `kiln.losses.replaced_token_detection`."""
+
+    name: ClassVar[str] = "electra"
+
+
 def masked_lm(
     tokenizer: Any,
     mask_rate: float,
     mask_token_fraction: float,
     random_token_fraction: float,
     whole_word: bool,
+    kind: type[MaskedLM] = MaskedLM,
 ) -> MaskedLM:
-    """BERT's masked LM (its rates checked by `check_options`); the tokenizer gives the mask id
-    (and word starts)."""
-    mask_id = special_id(tokenizer, "mask_id", "[MASK]", "mlm")
+    """BERT's masked LM (its rates checked by `check_options`), or another `kind` of it; the
+    tokenizer gives the mask id (and word starts)."""
+    mask_id = special_id(tokenizer, "mask_id", "[MASK]", kind.name)
     ordinary = np.ones(tokenizer.vocab_size, bool)
     ordinary[sorted(tokenizer_lib.special_ids(tokenizer))] = False
-    return MaskedLM(
+    return kind(
         mask_id=mask_id,
         vocab_size=tokenizer.vocab_size,
         mask_rate=mask_rate,

@@ -27,9 +27,13 @@ class Layout(enum.StrEnum):
 # layout -> its valid objective.name values (the first is the default).
 OBJECTIVES = {
     Layout.DECODER: ("causal_lm", "prefix_lm"),
-    Layout.ENCODER: ("mlm",),
+    Layout.ENCODER: ("mlm", "electra"),
     Layout.ENCODER_DECODER: ("span_corruption", "denoise", "prefix_lm"),
 }
+# Objectives whose loss trains a module of their own besides the family's (ELECTRA's
+# generator and detection head): only a family that names one (`Family.objective_modules`)
+# offers them.
+MODULE_OBJECTIVES = ("electra",)
 
 
 def as_layout(layout: str) -> Layout:

@@ -7,7 +7,9 @@ loss ``weights`` (every other array int32, all ``[B, length]``):
 
 - ``gpt`` (decoder), ``causal_lm``: ``inputs, segment_ids, positions, targets, weights``;
 - ``gpt`` (decoder), ``prefix_lm``: the same plus ``prefix_mask``;
-- ``bert`` (encoder), ``mlm``: ``inputs, segment_ids, positions, targets, weights``;
+- ``bert`` (encoder), ``mlm``: ``inputs, segment_ids, positions, targets, weights`` (and
+  ``predict_positions``); ``electra``: the same, every selected token masked (the loss is
+  ELECTRA's replaced-token detection, `kiln.losses.replaced_token_detection`);
 - ``t5`` (encoder-decoder), ``span_corruption``, ``denoise`` and ``prefix_lm``: ``encoder_inputs,
   encoder_segment_ids, encoder_positions`` (``[B, seq_len]``) and ``decoder_inputs,
   decoder_segment_ids, decoder_positions, targets, weights`` (``[B, targets length]``).
@@ -26,22 +28,33 @@ from kiln.data.masked_lm import (
     BYTE_LEVEL_SPACE,
     WORD_START,
     WORDPIECE_CONTINUES,
+    ElectraInputs,
     MaskedLM,
     dense_predictions,
     masked_lm,
 )
-from kiln.data.objective_base import OBJECTIVES, Batch, Layout, Objective, as_layout, causal_lm
+from kiln.data.objective_base import (
+    MODULE_OBJECTIVES,
+    OBJECTIVES,
+    Batch,
+    Layout,
+    Objective,
+    as_layout,
+    causal_lm,
+)
 from kiln.data.span_corruption import Denoising, SpanCorruption, span_corruption
 from kiln.errors import KilnError
 
 __all__ = [
     "BYTE_LEVEL_SPACE",
+    "MODULE_OBJECTIVES",
     "OBJECTIVES",
     "WORDPIECE_CONTINUES",
     "WORD_START",
     "Batch",
     "CausalLM",
     "Denoising",
+    "ElectraInputs",
     "EncoderDecoderPrefixLM",
     "Layout",
     "MaskedLM",
@@ -68,6 +81,8 @@ def make_objective(
     whole_word: bool = False,
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
+    generator_fraction: float = 0.5,
+    rtd_weight: float = 50.0,
 ) -> Objective:
     """The objective ``name`` for a model of input ``layout``.
 
@@ -83,6 +98,9 @@ def make_objective(
         whole_word: mlm: select whole words.
         noise_density: span_corruption, denoise: fraction of tokens dropped.
         mean_noise_span_length: span_corruption, denoise: mean length of a dropped span.
+        generator_fraction: electra: the generator's size relative to the body (checked here;
+            the model reads it).
+        rtd_weight: electra: the weight of the detection loss (checked here; the loss reads it).
 
     Raises:
         KilnError: On an objective the layout does not support, a tokenizer without the special
@@ -98,6 +116,8 @@ def make_objective(
         random_token_fraction=random_token_fraction,
         noise_density=noise_density,
         mean_noise_span_length=mean_noise_span_length,
+        generator_fraction=generator_fraction,
+        rtd_weight=rtd_weight,
     )
     if name == "causal_lm":
         return CausalLM()
@@ -109,6 +129,8 @@ def make_objective(
         return masked_lm(
             tokenizer, mask_rate, mask_token_fraction, random_token_fraction, whole_word
         )
+    if name == "electra":  # The generator reads [MASK] at every selected token (the paper's).
+        return masked_lm(tokenizer, mask_rate, 1.0, 0.0, whole_word, ElectraInputs)
     kind = Denoising if name == "denoise" else SpanCorruption
     return span_corruption(tokenizer, seq_len, noise_density, mean_noise_span_length, kind)
 
@@ -123,6 +145,8 @@ def check_options(
     random_token_fraction: float = 0.1,
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
+    generator_fraction: float = 0.5,
+    rtd_weight: float = 50.0,
 ) -> Layout:
     """The rules of `make_objective`'s arguments that need no tokenizer (`config_lib.validate`
     runs them before any data is read); returns the layout as a :class:`Layout`."""
@@ -137,7 +161,7 @@ def check_options(
         raise KilnError(
             f"data.seq_len={seq_len} is too short for objective.name={name!r}: the minimum is 2."
         )
-    if name == "mlm":
+    if name in ("mlm", "electra"):
         _check_rate("objective.mask_rate", mask_rate, low_open=True)
         _check_rate("objective.mask_token_fraction", mask_token_fraction)
         _check_rate("objective.random_token_fraction", random_token_fraction)
@@ -145,6 +169,13 @@ def check_options(
             raise KilnError(
                 f"objective.mask_token_fraction={mask_token_fraction} plus objective."
                 f"random_token_fraction={random_token_fraction} exceed 1: lower one of them."
+            )
+    if name == "electra":
+        _check_rate("objective.generator_fraction", generator_fraction, low_open=True)
+        if not rtd_weight > 0:
+            raise KilnError(
+                f"objective.rtd_weight={rtd_weight} must be > 0 (the weight of the replaced-token"
+                " detection loss next to the generator's masked-LM loss; ELECTRA uses 50)."
             )
     if name in ("span_corruption", "denoise"):
         _check_rate("objective.noise_density", noise_density, low_open=True, high_open=True)

@@ -12,9 +12,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kiln.data.objectives import OBJECTIVES, Layout
+from kiln.data.objectives import MODULE_OBJECTIVES, OBJECTIVES, Layout
 from kiln.errors import KilnError, config_error
-from kiln.models import bert, gpt, heads, layers, t5
+from kiln.models import bert, electra, gpt, heads, layers, t5
 
 SPAN = "span"  # the `pooling` of a span head (extractive QA): every position is scored
 _INPUTS = {
@@ -45,6 +45,10 @@ class Family:
     # Its extractive-QA model: start/end logits over positions (`pooling="span"`); None: the
     # family cannot fine-tune on extractive_qa tasks.
     span_head: type[nn.Module] | None = None
+    # Pre-training objectives that train another module than `module` (objective.name -> it,
+    # built with the `objective` section's fields that it names); its body keeps `module`'s
+    # parameter names, so fine-tuning starts from it as from `module`.
+    objective_modules: tuple[tuple[str, type[nn.Module], tuple[str, ...]], ...] = ()
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -54,7 +58,8 @@ class Family:
     @property
     def objectives(self) -> tuple[str, ...]:
         """Its pre-training `objective.name` values, the default first."""
-        return OBJECTIVES[self.layout]
+        own = {name for name, _, _ in self.objective_modules}
+        return tuple(o for o in OBJECTIVES[self.layout] if o not in MODULE_OBJECTIVES or o in own)
 
     @property
     def generates(self) -> bool:
@@ -128,6 +133,7 @@ FAMILIES: dict[str, Family] = {
             own_fields=("type_vocab_size",),
             pair_token_types=True,
             span_head=heads.BertSpanHead,
+            objective_modules=(("electra", electra.Electra, ("generator_fraction",)),),
         ),
         Family(
             "t5",
@@ -150,9 +156,8 @@ def family(name: str) -> Family:
 def family_of(model: nn.Module) -> Family:
     """The `Family` of a built model (its classification model included)."""
     for f in FAMILIES.values():
-        if isinstance(model, f.module) or any(
-            head and isinstance(model, head) for head in (f.classifier, f.span_head)
-        ):
+        own = (f.module, f.classifier, f.span_head, *(m for _, m, _ in f.objective_modules))
+        if any(kind and isinstance(model, kind) for kind in own):
             return f
     raise KilnError(f"{type(model).__name__} is not a model of any family in kiln.models.")
 
@@ -193,15 +198,24 @@ def check_model_section(model_config: Any) -> Family:
 
 
 def build_model(
-    model_config: Any, num_classes: int = 0, pooling: str = "", peft: dict[str, Any] | None = None
+    model_config: Any,
+    num_classes: int = 0,
+    pooling: str = "",
+    peft: dict[str, Any] | None = None,
+    objective: Any = None,
 ) -> nn.Module:
     """The linen module for `model.family`; with `num_classes`, its classification model
     (`pooling` "" = the family's default, see `Family.pooling`; "span": its span head); `peft`:
-    the layer config's LoRA and soft-prompt fields (`kiln.peft.Spec.model_fields`)."""
+    the layer config's LoRA and soft-prompt fields (`kiln.peft.Spec.model_fields`); without
+    `num_classes`, the module that pre-trains with the `objective` section (None: `module`)."""
     fam, config = family(model_config["family"]), transformer_config(model_config)
     if peft:
         config = dataclasses.replace(config, **peft)
     if not num_classes:
+        name = objective["name"] if objective is not None else ""
+        for objective_name, module, fields in fam.objective_modules:
+            if objective_name == name:
+                return module(config, **{f: objective[f] for f in fields if f in objective})
         return fam.module(config)
     if pooling == SPAN:  # Extractive QA: start/end logits over positions.
         if fam.span_head is None:

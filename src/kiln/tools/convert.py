@@ -33,6 +33,7 @@ import numpy as np
 from kiln import checkpoint, config_lib, finetuning, metrics, models, peft, restore, sharding
 from kiln import hf as hf_lib
 from kiln import workdir as workdir_lib
+from kiln.data import objectives
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
 from kiln.hf import AUTO_CLASSES, checkpoints, files
@@ -86,6 +87,13 @@ def export_hf(workdir: str, out: str, step: int = -1) -> dict[str, Any]:
     source = restore.resolve(spec, where="--")
     if "model" not in source.config:
         raise KilnError(f"--workdir {workdir} is a pipeline; name one of its stages' workdirs.")
+    objective = source.config.get("objective", {}).get("name", "")
+    if objective in objectives.MODULE_OBJECTIVES and not source.config.task.name:
+        raise KilnError(
+            f"--workdir {workdir} pre-trained with objective.name={objective!r}: its body has no"
+            " language-model head for an HF model class to carry. Fine-tune it (init_from.workdir="
+            f"{workdir}) and export the fine-tuned run."
+        )
     params = read_params(source)
     model = source.config.model.to_dict()
     found = workdir_lib.find_tokenizer(source.workdir)
