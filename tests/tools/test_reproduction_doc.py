@@ -180,6 +180,10 @@ def test_targets_pretraining_and_missing():
     results["pipelines"]["synthetic_c"]["target"]["baseline"] = None  # no target: no line
     c = sections(reproduction_doc.render(results))["synthetic_c"].splitlines()
     assert sum(ln.startswith("- ") for ln in c) == 1
+    assert "Notes:" not in doc["synthetic_a"]  # none in the JSON, none in the document
+    results["pipelines"]["synthetic_c"]["notes"] = ["a probe: 0.5 (`cmd`)", "another"]
+    c = sections(reproduction_doc.render(results))["synthetic_c"]
+    assert "Notes:\n\n- a probe: 0.5 (`cmd`)\n- another" in c
     header, rows = tables(doc["synthetic_a"])[1]
     assert header == ["seed", "minutes", "steps", "final train loss", "final validation loss"]
     assert rows == [

@@ -213,6 +213,8 @@ def render(results: dict) -> str:
         lines += ["", *fewshot] if fewshot else []
         lines += ["", "Targets:", "", *_targets(name, p, stats)]
         lines += ["", "Pre-training:", "", *_pretrain_table(p)]
+        if p.get("notes"):  # Facts measured outside the grid (probes), each with its command.
+            lines += ["", "Notes:", "", *(f"- {note}" for note in p["notes"])]
         if _has_labels_plot(name, p, stats):
             lines += ["", f"![{name}: test {p['metric']}]({PLOTS}/{name}_labels.png)"]
         if _has_pretrain_plot(p):
