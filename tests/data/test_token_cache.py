@@ -336,18 +336,22 @@ def test_evaluation_reports_each_source(tmp_path):
 
     # A stand-in eval step: the loss sum and token count are the batch's own numbers.
     def eval_step(params, batch):
-        return {
-            k: float(np.asarray(batch[k]).sum()) for k in ("loss_sum", "correct_sum", "weight_sum")
-        }
+        return {k: float(np.asarray(v).sum()) for k, v in batch.items()}
 
-    def batch(loss, correct, weight):
+    def batch(loss, correct, weight, extra=0.0):
         return {
             "loss_sum": np.array([loss]),
             "correct_sum": np.array([correct]),
             "weight_sum": np.array([weight]),
+            # A loss's own metric (ELECTRA's detection loss): its sum over its own count.
+            "detection_loss_sum": np.array([extra]),
+            "detection_loss_count": np.array([2 * weight]),
         }
 
-    by_source = {"a": [batch(6.0, 1.0, 3.0), batch(2.0, 1.0, 1.0)], "b": [batch(10.0, 4.0, 5.0)]}
+    by_source = {
+        "a": [batch(6.0, 1.0, 3.0, 1.5), batch(2.0, 1.0, 1.0, 0.5)],
+        "b": [batch(10.0, 4.0, 5.0, 7.0)],
+    }
     original = run.to_global
     run.to_global = lambda local, mesh, rows: local
     try:
@@ -358,3 +362,4 @@ def test_evaluation_reports_each_source(tmp_path):
     assert got["source/b/loss"] == pytest.approx(10.0 / 5.0)
     assert got["loss"] == pytest.approx(18.0 / 9.0) and got["tokens"] == 9.0
     assert got["accuracy"] == pytest.approx(6.0 / 9.0)
+    assert got["detection_loss"] == pytest.approx(9.0 / 18.0)
