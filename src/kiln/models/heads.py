@@ -41,7 +41,31 @@ def mean_pool(x_BLD: jax.Array, segment_ids_BL: jax.Array | None) -> jax.Array:
     return (x_BLD * real_BL1).sum(axis=1) / jnp.maximum(real_BL1.sum(axis=1), 1.0)
 
 
-class BertClassifier(bert.BERT):
+class _BertTaskModel(bert.BERT):
+    """A BERT body and a task head: `__call__` encodes the inputs (the arguments of
+    `BERT.encode`) and hands the hidden states to `head`."""
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        x_BLD = self.encode(
+            inputs, segment_ids, positions, token_type_ids, deterministic=deterministic
+        )
+        return self.head(x_BLD, segment_ids, deterministic)
+
+    def head(
+        self, x_BLD: jax.Array, segment_ids: jax.Array | None, deterministic: bool
+    ) -> jax.Array:
+        raise NotImplementedError
+
+
+class BertClassifier(_BertTaskModel):
     """Sequence classification logits [B, num_classes] from the [CLS] position (`pooling="cls"`,
     BERT's choice) or the mean over the row's real tokens (`pooling="mean"`)."""
 
@@ -57,18 +81,9 @@ class BertClassifier(bert.BERT):
         self.pool_dropout = nn.Dropout(cfg.dropout)
         self.classifier = _classifier(cfg, self.num_classes)
 
-    def __call__(
-        self,
-        inputs: jax.Array,
-        segment_ids: jax.Array | None = None,
-        positions: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        *,
-        deterministic: bool = True,
+    def head(
+        self, x_BLD: jax.Array, segment_ids: jax.Array | None, deterministic: bool
     ) -> jax.Array:
-        x_BLD = self.encode(
-            inputs, segment_ids, positions, token_type_ids, deterministic=deterministic
-        )
         first_BD = x_BLD[:, 0] if self.pooling == "cls" else mean_pool(x_BLD, segment_ids)
         pooled_BD = jnp.tanh(self.pooler(first_BD))
         pooled_BD = self.pool_dropout(pooled_BD, deterministic=deterministic)
@@ -104,7 +119,7 @@ class GPTClassifier(gpt.GPT):
         return self.classifier(pooled_BD).astype(jnp.float32)
 
 
-class BertSpanHead(bert.BERT):
+class BertSpanHead(_BertTaskModel):
     """Extractive question answering: start and end logits [B, 2, L] of the answer span over
     every position (`pooling="span"`: nothing is pooled); padding positions get -1e9, so a
     softmax over L never picks them."""
@@ -116,18 +131,9 @@ class BertSpanHead(bert.BERT):
         super().setup()
         self.classifier = _classifier(self.config, 2)
 
-    def __call__(
-        self,
-        inputs: jax.Array,
-        segment_ids: jax.Array | None = None,
-        positions: jax.Array | None = None,
-        token_type_ids: jax.Array | None = None,
-        *,
-        deterministic: bool = True,
+    def head(
+        self, x_BLD: jax.Array, segment_ids: jax.Array | None, deterministic: bool
     ) -> jax.Array:
-        x_BLD = self.encode(
-            inputs, segment_ids, positions, token_type_ids, deterministic=deterministic
-        )
         logits_B2L = jnp.swapaxes(self.classifier(x_BLD).astype(jnp.float32), 1, 2)
         if segment_ids is None:
             return logits_B2L
