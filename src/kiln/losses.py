@@ -52,7 +52,7 @@ def language_model(loss_chunks: int = 0) -> LossFn:
     return loss
 
 
-def replaced_token_detection(mask_rate: float, rtd_weight: float = 50.0) -> LossFn:
+def replaced_token_detection(mask_rate: float, rtd_weight: float) -> LossFn:
     """ELECTRA's loss (`kiln.models.electra.Electra` on masked-LM batches): the generator's
     masked-LM cross-entropy plus `rtd_weight` times the discriminator's binary cross-entropy
     on every real token (segment id > 0) of whether the generator's sample replaced it.

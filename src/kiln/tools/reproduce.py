@@ -137,6 +137,7 @@ def run_pipeline_study(grid: Grid, name: str, study: Study) -> None:
     from kiln import pipelines
 
     spec = PIPELINES[name]
+    task = None  # loaded once, for the first cell
     for seed in grid.seeds:
         seed_dir = os.path.join(grid.workdir, name, f"seed{seed}")
         pretrain_dir = os.path.join(seed_dir, "pretrain")
@@ -144,8 +145,9 @@ def run_pipeline_study(grid: Grid, name: str, study: Study) -> None:
         for labels in grid.labels:
             config = cell_config(grid.experiments, name, grid.size, seed, labels, spec.shots)
             cell = arms_pipeline(config, "@pretrain")
-            if seed == grid.seeds[0]:  # Facts of the task and labeled set, not of a seed.
+            if task is None:  # Facts of the task, not of a labeled set or seed.
                 task = _describe(study, name, spec, config, cell, grid)
+            if seed == grid.seeds[0]:  # Facts of the labeled set, not of a seed.
                 _baselines(study, name, spec, cell, task)
             count = _train_examples(cell)
             cell_print = fingerprint(*(cell[s] for s in cell.stages), config.pretrain)
