@@ -234,8 +234,12 @@ _QUIET = f"{os.sep}orbax{os.sep}"
 
 
 class _QuietOrbax(logging.Filter):
+    """Drops error records logged by orbax's code, or about it (asyncio's "Task exception was
+    never retrieved" for an orbax write task, logged whenever that task is collected)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and _QUIET in record.pathname)
+        about_orbax = _QUIET in record.pathname or _QUIET in record.getMessage()
+        return not (record.levelno >= logging.ERROR and about_orbax)
 
 
 _CLOSED = "Event loop is closed"
@@ -250,6 +254,7 @@ def quiet_orbax_errors() -> None:
     if any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
         return
     absl_logger.addFilter(_QuietOrbax())
+    logging.getLogger("asyncio").addFilter(_QuietOrbax())
     previous = sys.unraisablehook
 
     def hook(info: Any) -> None:
