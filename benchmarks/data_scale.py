@@ -130,13 +130,24 @@ def resident_gb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1e6
 
 
-def feed_rate(
-    config, cache_dir: pathlib.Path, tok_path: str, batches: int = 50
+def feed_rate(spec: str, cache_dir: pathlib.Path, tok_path: str) -> tuple[float, float]:
+    """:func:`measure_feed` in a fresh process, so that no earlier stream's freed heap hides
+    the memory this one adds."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure_feed, (spec, cache_dir, tok_path))
+
+
+def measure_feed(
+    spec: str, cache_dir: pathlib.Path, tok_path: str, batches: int = 50
 ) -> tuple[float, float]:
     """Tokens/s of the training stream read from the cache (one pinned core, after 5 warm-up
     batches), with the causal LM objective, and the resident memory it added (GB)."""
+    import common
     from data_throughput import one_core
 
+    config = common.load_spec(spec)
     before = resident_gb()
     tok = tokenizer_lib.load_tokenizer(tok_path)
     docs = token_cache.CachedSplit(cache_dir, "train")

@@ -153,7 +153,7 @@ def scale(args: argparse.Namespace) -> None:
             print(prepared[-1], flush=True)
         for spec in args.train_configs:
             result = data_scale.train(spec, sources, cache, tok_path, args.steps, tmp)
-            feed, stream = data_scale.feed_rate(common.load_spec(spec), cache / "gen", tok_path)
+            feed, stream = data_scale.feed_rate(spec, cache / "gen", tok_path)
             trained.append({"config": spec, "size": size, "feed": feed, "stream": stream, **result})
             print(trained[-1], flush=True)
     finally:
@@ -188,9 +188,9 @@ def scale(args: argparse.Namespace) -> None:
         " the whole command: file hashing, tokenizing, writing; peak RSS of the largest"
         f" process), then `kiln.main` for {args.steps} steps on the cache (peak RSS of the run;"
         " step tok/s: the median logged train/tokens_per_sec) and the training stream from the"
-        " cache on one pinned core (feed tok/s; stream RSS: the resident memory it added). The"
-        " run's RSS is mostly XLA's scratch memory, which kiln.main keeps mapped"
-        " (kiln.tools.host_memory). One 8192-piece BPE tokenizer for all rows (gpt:tiny with"
+        " cache on one pinned core (feed tok/s; stream RSS: the resident memory it added, in a"
+        " fresh process). The run's RSS is mostly XLA's scratch memory, which kiln.main keeps"
+        " mapped (kiln.tools.host_memory). One 8192-piece BPE tokenizer for all rows (gpt:tiny with"
         " model.vocab_size=8192).",
         "\n".join(lines),
         None if args.no_append else args.results,

@@ -175,11 +175,12 @@ if count > 1:
 from kiln import config_lib, inputs
 from kiln.data import token_cache
 opened = []
-real = token_cache.CachedSplit.shards
-def shards(self, ids):
-    opened.extend(int(i) for i in ids if self.split == "train")
-    return real(self, ids)
-token_cache.CachedSplit.shards = shards
+real = token_cache.CachedSplit._stem
+def stem(self, shard):
+    if self.split == "train":
+        opened.append(int(shard))
+    return real(self, shard)
+token_cache.CachedSplit._stem = stem
 config = config_lib.load_config("experiments/gpt/pretrain.py:size=tiny")
 for key, value in json.loads(sys.argv[5]).items():
     section, name = key.split(".")

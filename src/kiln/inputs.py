@@ -262,9 +262,13 @@ def prepare_sources(
     def documents(spec: mixture.Source, split: str) -> Any:
         if mixture.shipped(spec):
             return corpus.read_documents(spec.path, split, data_dir)
+        cached = token_cache.CachedSplit(root / spec.name, split)
         if split == "train":
-            return token_cache.CachedSplit(root / spec.name, split)
-        return token_cache.load(root / spec.name, split)
+            return cached
+        # Evaluation reads a few shards, enough text for all eval batches, so its memory does
+        # not grow with the corpus.
+        rows = config.eval.batches * d.global_batch_size
+        return cached.first_documents(rows * objective.packed_length(d.seq_len))
 
     objective = make_objective(config, tok)
     train = [documents(s, "train") for s in specs]

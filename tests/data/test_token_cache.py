@@ -267,23 +267,40 @@ def sharded_cache(tmp_path, kiln_bpe, files: int = 6):
     return token_cache.CachedSplit(tmp_path / "c", "train")
 
 
+def range_documents(docs) -> list[tuple[int, ...]]:
+    """A TokenRange's documents, cut at the starts it reports."""
+    tokens = docs.tokens[np.arange(docs.total)]
+    cuts = [0, *docs.starts_in(0, docs.total).tolist(), docs.total]
+    return [tuple(tokens[a:b].tolist()) for a, b in itertools.pairwise(cuts)]
+
+
 def test_streams_open_only_their_shards(tmp_path, kiln_bpe):
     split = sharded_cache(tmp_path, kiln_bpe)
     everything = cached(tmp_path / "c", "train")
     seen, opened = [], []
     for s in range(4):
         part = token_cache.CachedSplit(tmp_path / "c", "train")
-        docs = part.stream_documents([7, 0], 4, s)
-        tokens = np.asarray(docs.tokens[np.arange(len(docs.tokens))])
-        starts = np.concatenate([[0], np.cumsum(np.diff(docs.starts))])
-        seen += [
-            tuple(docs.tokens[o + np.arange(n)]) for o, n in zip(docs.offsets, np.diff(starts))
-        ]
+        docs = part.stream_range([7, 0], 4, s)
+        seen += range_documents(docs)
+        assert len(docs) == len(range_documents(docs)) > 0
         opened.append(part.opened)
-        assert len(tokens) and len(part.opened) <= 3  # 6 shards over 4 streams: 2 or 3 each
+        assert len(part.opened) <= 3  # 6 shards over 4 streams: 2 or 3 each
     # Every training document lands in exactly one stream.
     assert sorted(seen) == sorted(tuple(d) for d in everything)
     assert set().union(*opened) == set(range(6)) and len(split) == len(everything)
+
+
+def test_evaluation_reads_the_fewest_shards_that_hold_its_tokens(tmp_path, kiln_bpe):
+    split = sharded_cache(tmp_path, kiln_bpe)
+    everything = sorted(tuple(d) for d in cached(tmp_path / "c", "validation"))
+    few = token_cache.CachedSplit(tmp_path / "c", "validation").first_documents(1)
+    assert len(few) and len(split.opened) == 0
+    tokens = np.asarray(few.tokens[np.arange(few.total)])
+    docs = [tuple(tokens[a:b].tolist()) for a, b in itertools.pairwise(few.starts)]
+    assert set(docs) <= set(everything) and len(docs) < len(everything)
+    every = token_cache.CachedSplit(tmp_path / "c", "validation")
+    all_docs = every.first_documents(10**9)
+    assert every.opened == set(range(6)) and len(all_docs) == len(everything)
 
 
 def test_processes_open_only_their_shards_and_agree(tmp_path, kiln_bpe):

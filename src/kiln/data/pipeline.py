@@ -9,9 +9,10 @@ into rows; it then hands out those rows in a second, independent random order. C
 rows of a document therefore land in unrelated steps: packing rows in reading order instead
 (a stream's next batch continuing where its last one stopped) puts one long document in the
 same batch slots for several steps, and such correlated gradients cost a GPT 0.2 nats of
-validation loss at equal tokens. Every row of step ``i`` is a pure function of (seed, i), so
-the iterator's whole state is the next step's index: resuming, and changing the process count,
-are exact.
+validation loss at equal tokens. A token cache's streams (corpora larger than memory) keep
+their documents in cache order and move the cut each epoch instead (`kiln.data.cache_stream`).
+Every row of step ``i`` is a pure function of (seed, i), so the iterator's whole state is the
+next step's index: resuming, and changing the process count, are exact.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class _Batches:
 
     def __init__(
         self,
-        streams: dict[tuple[int, int], _Stream],
+        streams: dict[tuple[int, int], RowStream],
         weights: np.ndarray,
         stream_rows: int,
         start: int,
@@ -179,6 +180,12 @@ def resolve_streams(streams: int, global_batch_size: int) -> int:
     return resolved
 
 
+class RowStream(typing.Protocol):
+    """A packing stream: its rows by index (:class:`_Stream`, `kiln.data.cache_stream`)."""
+
+    def rows(self, index: np.ndarray) -> Batch: ...
+
+
 @typing.runtime_checkable
 class Sharded(typing.Protocol):
     """Documents stored in shards that deal themselves to packing streams, so that a stream
@@ -186,7 +193,9 @@ class Sharded(typing.Protocol):
 
     def __len__(self) -> int: ...
 
-    def stream_documents(self, seed: list[int], streams: int, stream: int) -> Tokenized: ...
+    def packing_stream(
+        self, seed: list[int], streams: int, stream: int, row_len: int, epoch_seed: list[int]
+    ) -> RowStream: ...
 
 
 Documents = Sequence[str] | Tokenized | Sharded
@@ -219,7 +228,8 @@ def make_train_dataset(
 
     ``documents`` are texts, a :class:`Tokenized`, used as is, or a :class:`Sharded` source (a
     token cache's split), which deals contiguous ranges of its shuffled shards instead, so a
-    stream opens only the shards of its range. With
+    stream opens only the shards of its range, and packs them in cache order with a shift per
+    epoch, in memory that does not grow with the corpus (`kiln.data.cache_stream`). With
     ``weights``, ``documents`` is a list of such sources, a mixture: every source is dealt to
     its own streams, and each row slot picks its source by weight (:class:`_Batches`). One
     source of any weight gives the same batches as that source alone.
@@ -254,23 +264,24 @@ def make_train_dataset(
                 " lower data.streams."
             )
         tag = [seed, _DEAL] if len(sources) == 1 else [seed, _DEAL, k]
+        row_len = objective.packed_length(seq_len)
         for s in range(first // stream_rows, last // stream_rows + 1):
-            stream_docs = _deal(docs, tokenizer, tag, n_streams, s)
-            name = f"Packing stream {s} of {n_streams}" + (f" of source {k}" if k else "")
             epoch_seed = [seed, _EPOCH, s] if len(sources) == 1 else [seed, _EPOCH, s, k]
-            mine[k, s] = _Stream(stream_docs, objective.packed_length(seq_len), epoch_seed, name)
+            if isinstance(docs, Sharded):
+                mine[k, s] = docs.packing_stream(tag, n_streams, s, row_len, epoch_seed)
+                continue
+            name = f"Packing stream {s} of {n_streams}" + (f" of source {k}" if k else "")
+            stream_docs = _deal(docs, tokenizer, tag, n_streams, s)
+            mine[k, s] = _Stream(stream_docs, row_len, epoch_seed, name)
     source = _Batches(mine, probs, stream_rows, first % stream_rows, rows, objective, seed)
     return grain.MapDataset.source(source).to_iter_dataset(_READ_OPTIONS)
 
 
 def _deal(
-    docs: Documents, tokenizer: Tokenizer, seed: list[int], streams: int, s: int
+    docs: Sequence[str] | Tokenized, tokenizer: Tokenizer, seed: list[int], streams: int, s: int
 ) -> Tokenized:
-    """Stream ``s``'s documents: a sharded source (a token cache's `CachedSplit`) deals itself
-    by shard; texts and a :class:`Tokenized` are dealt round-robin from a permutation drawn from
-    ``seed`` (texts tokenized here, only this stream's)."""
-    if isinstance(docs, Sharded):
-        return docs.stream_documents(seed, streams, s)
+    """Stream ``s``'s documents, dealt round-robin from a permutation drawn from ``seed`` (texts
+    tokenized here, only this stream's)."""
     dealt = np.random.default_rng(seed).permutation(len(docs))[s::streams]
     if isinstance(docs, Tokenized):
         return docs.select(dealt)

@@ -34,6 +34,7 @@ import numpy as np
 
 from kiln.data import sources
 from kiln.data import tokenizer as tokenizer_lib
+from kiln.data.cache_stream import CacheStream, Concat, TokenRange
 from kiln.data.tokenized import Tokenized
 from kiln.errors import KilnError
 
@@ -294,45 +295,10 @@ def _run(
             pool.terminate()
 
 
-class _Concat:
-    """Token files read as one array, indexed by an int array: each run of consecutive places is
-    one ``os.pread``, so only the bytes asked for are read and nothing stays mapped (a
-    memory map's read-around would keep megabytes resident per batch, growing toward the
-    corpus size)."""
-
-    def __init__(self, paths: list[pathlib.Path], dtype: str):
-        self.dtype = np.dtype(dtype)
-        sizes = [p.stat().st_size // self.dtype.itemsize for p in paths]
-        self.fds = [os.open(p, os.O_RDONLY) for p, n in zip(paths, sizes, strict=True) if n]
-        self.bounds = np.cumsum([0] + [n for n in sizes if n])
-
-    def __del__(self, close=os.close) -> None:  # `os` may be gone at interpreter exit
-        for fd in getattr(self, "fds", []):
-            close(fd)
-
-    def __len__(self) -> int:
-        return int(self.bounds[-1])
-
-    def __getitem__(self, place: np.ndarray) -> np.ndarray:
-        place = np.asarray(place, np.int64)
-        flat = place.reshape(-1)
-        out = np.zeros(flat.shape, self.dtype)
-        if not flat.size:
-            return out.reshape(place.shape)
-        which = np.searchsorted(self.bounds, flat, side="right") - 1
-        cuts = np.flatnonzero((np.diff(flat) != 1) | (np.diff(which) != 0)) + 1
-        size = self.dtype.itemsize
-        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), flat.size], strict=True):
-            f = int(which[a])
-            data = os.pread(self.fds[f], (b - a) * size, int(flat[a] - self.bounds[f]) * size)
-            out[a:b] = np.frombuffer(data, self.dtype)
-        return out.reshape(place.shape)
-
-
 class CachedSplit:
     """One split of a complete cache, its shards opened only when used.
 
-    ``stream_documents`` deals the split to packing streams by shard: the shards in a seeded
+    ``stream_range`` deals the split to packing streams by shard: the shards in a seeded
     order, their documents concatenated and cut into ``streams`` contiguous ranges, so stream
     ``s`` opens only the one or few shards its range covers and a process only those of its
     streams. ``opened`` records the shards opened so far.
@@ -343,37 +309,58 @@ class CachedSplit:
         manifest = read_manifest(self.directory)
         self.dtype = manifest["dtype"]
         self.names = [Shard(**info).name for info in manifest["shards"]]
-        self.counts = np.asarray([d["splits"][split]["documents"] for d in manifest["done"]])
+        self.done = manifest["done"]
+        self.counts = np.asarray([d["splits"][split]["documents"] for d in self.done])
         self.opened: set[int] = set()
 
     def __len__(self) -> int:
         return int(self.counts.sum())
 
-    def shards(self, ids: np.ndarray | list[int]) -> Tokenized:
-        """The documents of shards ``ids``, in that order (tokens read on use)."""
-        paths, starts, base = [], [np.zeros(1, np.int64)], 0
-        for i in ids:
-            stem = self.directory / SHARDS / f"{self.names[i]}.{self.split}"
-            paths.append(pathlib.Path(f"{stem}.tokens"))
-            starts.append(np.fromfile(f"{stem}.offsets", np.int64)[1:] + base)
-            base += paths[-1].stat().st_size // np.dtype(self.dtype).itemsize
-            self.opened.add(int(i))
-        return Tokenized.from_arrays(_Concat(paths, self.dtype), np.concatenate(starts))
+    def _stem(self, shard: int) -> pathlib.Path:
+        self.opened.add(int(shard))
+        return self.directory / SHARDS / f"{self.names[shard]}.{self.split}"
 
-    def stream_documents(self, seed: list[int], streams: int, stream: int) -> Tokenized:
+    def shards(self, ids: np.ndarray | list[int]) -> Tokenized:
+        """The documents of shards ``ids``, in that order, in memory but for their tokens (read
+        on use); for evaluation, whose documents are re-ordered."""
+        ranges, starts, base = [], [np.zeros(1, np.int64)], 0
+        for i in ids:
+            stem = self._stem(i)
+            ranges.append((pathlib.Path(f"{stem}.tokens"), 0, None))
+            offsets = np.fromfile(f"{stem}.offsets", np.int64)
+            starts.append(offsets[1:] + base)
+            base += int(offsets[-1])
+        return Tokenized.from_arrays(Concat(ranges, self.dtype), np.concatenate(starts))
+
+    def first_documents(self, max_tokens: int) -> Tokenized:
+        """The documents of the fewest shards, in a fixed order, that hold ``max_tokens``
+        tokens (all of them if fewer): evaluation data whose memory does not grow with the
+        corpus."""
+        tokens = np.asarray([d["splits"][self.split]["tokens"] for d in self.done])
+        order = np.random.default_rng(0).permutation(len(self.names))
+        enough = int(np.searchsorted(np.cumsum(tokens[order]), max_tokens)) + 1
+        return self.shards(order[:enough])
+
+    def stream_range(self, seed: list[int], streams: int, stream: int) -> TokenRange:
         """Stream ``stream`` of ``streams``'s documents: its contiguous range of the split's
         documents, the shards ordered by a permutation drawn from ``seed``."""
         order = np.random.default_rng(seed).permutation(len(self.names))
         ends = np.cumsum(self.counts[order])
         total = int(ends[-1]) if len(ends) else 0
         low, high = stream * total // streams, (stream + 1) * total // streams
-        if high <= low:
-            return self.shards([])
-        first = int(np.searchsorted(ends, low, side="right"))
-        last = int(np.searchsorted(ends, high - 1, side="right"))
-        docs = self.shards(order[first : last + 1])
-        begin = int(ends[first] - self.counts[order[first]])
-        return docs.slice(low - begin, high - begin)
+        ranges = []
+        for shard, end, count in zip(order, ends, self.counts[order], strict=True):
+            first, stop = max(low - (end - count), 0), min(high - (end - count), count)
+            if first < stop:
+                ranges.append((self._stem(shard), int(first), int(stop)))
+        return TokenRange(ranges, self.dtype)
+
+    def packing_stream(
+        self, seed: list[int], streams: int, stream: int, row_len: int, epoch_seed: list[int]
+    ) -> CacheStream:
+        """The packing stream of :meth:`stream_range` (`kiln.data.cache_stream`)."""
+        name = f"Packing stream {stream} of {streams} of {self.directory.name}"
+        return CacheStream(self.stream_range(seed, streams, stream), row_len, epoch_seed, name)
 
 
 def load(directory: str | os.PathLike, split: str) -> Tokenized:
