@@ -23,6 +23,7 @@ import numpy as np
 from kiln.data import corpus, pipeline, token_cache
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.data.objectives import CausalLM
+from kiln.tools import host_memory
 
 FILE_BYTES = 128 << 20  # bytes of text per generated file
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,11 +49,15 @@ def generate(directory: pathlib.Path, gigabytes: float, seed: int = 0) -> int:
         written += done
 
 
-def run_measured(command: list[str], log: pathlib.Path) -> tuple[float, float]:
-    """Runs ``command``; returns (wall seconds, peak RSS in GB). Output goes to ``log``."""
+def run_measured(
+    command: list[str], log: pathlib.Path, env: dict | None = None
+) -> tuple[float, float]:
+    """Runs ``command`` (with ``env`` added to the environment); returns (wall seconds, peak RSS
+    in GB). Output goes to ``log``."""
     start = time.perf_counter()
+    env = {**os.environ, **(env or {})}
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -102,8 +107,12 @@ def cache_tokens(cache: pathlib.Path) -> int:
     return total
 
 
-def train(spec: str, sources: str, cache: pathlib.Path, tok: str, steps: int, tmp) -> dict:
-    """`python -m kiln.main` for ``steps`` steps on the prepared cache: peak RSS, step tok/s."""
+def train(
+    spec: str, sources: str, cache: pathlib.Path, tok: str, steps: int, tmp, release: bool = False
+) -> dict:
+    """`python -m kiln.main` for ``steps`` steps on the prepared cache: peak RSS, step tok/s.
+    ``release``: with glibc's defaults (`KILN_KEEP_HOST_MEMORY=0`), so that freed memory is
+    returned and the peak is the run's need, not the heap's high-water mark."""
     workdir = tmp / f"train_{spec.replace(':', '_')}_{cache.name}"
     shutil.rmtree(workdir, ignore_errors=True)
     command = [sys.executable, "-m", "kiln.main", *_config_args(spec, sources, cache, tok)]
@@ -117,7 +126,8 @@ def train(spec: str, sources: str, cache: pathlib.Path, tok: str, steps: int, tm
         f"--config.checkpoint.every={steps}",
         "--config.eval.sample_prompt=",
     ]
-    seconds, rss = run_measured(command, tmp / f"{workdir.name}.log")
+    env = {host_memory.ENV: "0"} if release else None
+    seconds, rss = run_measured(command, tmp / f"{workdir.name}.log", env)
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     rates = [r["train/tokens_per_sec"] for r in rows if "train/tokens_per_sec" in r]
     shutil.rmtree(workdir, ignore_errors=True)

@@ -124,3 +124,23 @@ def test_stream_memory_does_not_grow_with_the_documents(tmp_path, kiln_bpe):
     tracemalloc.stop()
     assert stream.docs.index_start.nbytes <= 8 * (len(split) // cache_stream.SPARSE + 1)
     assert peak < 8 * len(split), peak
+
+
+def test_a_mixture_with_a_cache_resumes_exactly(one_file_cache, kiln_bpe):
+    directory, _ = one_file_cache
+    texts = make_documents(300, seed=5)
+
+    def dataset():
+        split = token_cache.CachedSplit(directory, "train")
+        kwargs = dict(seq_len=ROW, global_batch_size=4, seed=2, streams=2, weights=[2, 1])
+        return pipeline.make_train_dataset([split, texts], kiln_bpe, **kwargs)
+
+    want = list(itertools.islice(dataset(), 12))
+    it = iter(dataset())
+    for _ in range(5):
+        next(it)
+    resumed = iter(dataset())
+    resumed.set_state(it.get_state())
+    for batch in want[5:]:
+        got = next(resumed)
+        assert all(np.array_equal(batch[k], got[k]) for k in batch)
