@@ -91,7 +91,6 @@ class TokenRange:
             token_ranges.append((pathlib.Path(f"{stem}.tokens"), begin, end - begin))
             base += end - begin
         self.ranges = [(first, stop) for _, first, stop in ranges]
-        self.bases = np.cumsum([0] + [n for _, _, n in token_ranges])
         self.tokens = Concat(token_ranges, dtype)
         self.total = base
         self.index_start = np.concatenate(index_start or [np.zeros(0, np.int64)])
