@@ -60,7 +60,7 @@ def as_rows(batch) -> list[tuple]:
 def test_an_epoch_serves_every_row_of_a_shifted_cut_once(one_file_cache):
     directory, docs = one_file_cache
     split = token_cache.CachedSplit(directory, "train")
-    stream = split.packing_stream([1, 0], 1, 0, ROW, [1, 1, 0])
+    stream = split.packing_stream([1, 0], 1, 0, ROW, [1, 1, 0], "s")
     total = sum(len(d) for d in docs)
     assert stream.rows_per_epoch == total // ROW - 1
     served = []
@@ -80,7 +80,9 @@ def test_an_epoch_serves_every_row_of_a_shifted_cut_once(one_file_cache):
         served.append(got)
     assert served[0][:8] != served[1][:8]
     # Rows are a pure function of the index: any order, any rebuild.
-    again = token_cache.CachedSplit(directory, "train").packing_stream([1, 0], 1, 0, ROW, [1, 1, 0])
+    again = token_cache.CachedSplit(directory, "train").packing_stream(
+        [1, 0], 1, 0, ROW, [1, 1, 0], "s"
+    )
     pick = np.asarray([5, 900, 3, 77])
     assert as_rows(again.rows(pick)) == [as_rows(stream.rows(np.asarray([j])))[0] for j in pick]
 
@@ -91,7 +93,7 @@ def test_training_batches_from_the_cache_are_the_stream_rows(one_file_cache, kil
     common = dict(seq_len=ROW, global_batch_size=4, seed=3, streams=2)
     batches = list(itertools.islice(pipeline.make_train_dataset(split, kiln_bpe, **common), 3))
     # Deal seed (seed, 0), epoch seed (seed, 1, stream): each stream's next 2 rows per batch.
-    streams = [split.packing_stream([3, 0], 2, s, ROW, [3, 1, s]) for s in range(2)]
+    streams = [split.packing_stream([3, 0], 2, s, ROW, [3, 1, s], "s") for s in range(2)]
     for i, batch in enumerate(batches):
         parts = [causal_lm(streams[s].rows(np.arange(2 * i, 2 * i + 2))) for s in range(2)]
         assert batch.keys() == parts[0].keys()
@@ -102,8 +104,8 @@ def test_training_batches_from_the_cache_are_the_stream_rows(one_file_cache, kil
 def test_too_little_text_for_one_row_is_an_error(one_file_cache):
     directory, docs = one_file_cache
     split = token_cache.CachedSplit(directory, "train")
-    with pytest.raises(KilnError, match="less than one row of"):
-        split.packing_stream([0], len(docs), 0, 10_000, [0])
+    with pytest.raises(KilnError, match="Stream 0 holds [0-9]+ tokens, less than one row of 10000"):
+        split.packing_stream([0], len(docs), 0, 10_000, [0], "Stream 0")
 
 
 def test_stream_memory_does_not_grow_with_the_documents(tmp_path, kiln_bpe):
@@ -117,7 +119,7 @@ def test_stream_memory_does_not_grow_with_the_documents(tmp_path, kiln_bpe):
     split = token_cache.CachedSplit(tmp_path / "c", "train")
     assert len(split) > 40_000
     tracemalloc.start()
-    stream = split.packing_stream([0], 1, 0, 64, [0, 1])
+    stream = split.packing_stream([0], 1, 0, 64, [0, 1], "s")
     for i in range(20):
         stream.rows(np.arange(16 * i, 16 * (i + 1)))
     peak = tracemalloc.get_traced_memory()[1]

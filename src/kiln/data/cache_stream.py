@@ -20,7 +20,7 @@ import pathlib
 import numpy as np
 from grain.experimental import index_shuffle
 
-from kiln.errors import KilnError
+from kiln.data.tokenized import rows_that_fit
 
 Batch = dict[str, np.ndarray]
 SPARSE = 1024  # documents per entry of a stream's in-memory index of document starts
@@ -144,12 +144,7 @@ class CacheStream:
 
     def __init__(self, docs: TokenRange, row_len: int, seed: list[int], name: str):
         self.docs, self.row_len, self.seed = docs, row_len, seed
-        fit = docs.total // row_len
-        if fit < 1:
-            raise KilnError(
-                f"{name} holds {docs.total} tokens, less than one row of {row_len}: add"
-                " training text, lower data.seq_len, or lower data.streams."
-            )
+        fit = rows_that_fit(docs.total, row_len, name)
         self.rows_per_epoch = fit if fit < 2 else fit - 1
         self.slack = docs.total - self.rows_per_epoch * row_len
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from kiln.data.data_order import PlaceTokenizer, continued_fraction  # noqa: F401 (re-exported)
 from kiln.data.objectives import CausalLM, Objective
-from kiln.data.tokenized import Tokenized
+from kiln.data.tokenized import Tokenized, rows_that_fit
 from kiln.data.tokenizer import Tokenizer
 from kiln.errors import KilnError
 
@@ -61,13 +61,8 @@ class _Stream:
 
     def __init__(self, docs: Tokenized, row_len: int, seed: list[int], name: str):
         self.docs, self.row_len, self.seed = docs, row_len, seed
-        self.rows_per_epoch = docs.total // row_len
+        self.rows_per_epoch = rows_that_fit(docs.total, row_len, name)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        if self.rows_per_epoch < 1:
-            raise KilnError(
-                f"{name} holds {docs.total} tokens, less than one row of {row_len}: add"
-                " training text, lower data.seq_len, or lower data.streams."
-            )
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The epoch's document order, row order and document ends, kept for the current and
@@ -194,7 +189,13 @@ class Sharded(typing.Protocol):
     def __len__(self) -> int: ...
 
     def packing_stream(
-        self, seed: list[int], streams: int, stream: int, row_len: int, epoch_seed: list[int]
+        self,
+        seed: list[int],
+        streams: int,
+        stream: int,
+        row_len: int,
+        epoch_seed: list[int],
+        name: str,
     ) -> RowStream: ...
 
 
@@ -267,12 +268,12 @@ def make_train_dataset(
         row_len = objective.packed_length(seq_len)
         for s in range(first // stream_rows, last // stream_rows + 1):
             epoch_seed = [seed, _EPOCH, s] if len(sources) == 1 else [seed, _EPOCH, s, k]
-            if isinstance(docs, Sharded):
-                mine[k, s] = docs.packing_stream(tag, n_streams, s, row_len, epoch_seed)
-                continue
             name = f"Packing stream {s} of {n_streams}" + (f" of source {k}" if k else "")
-            stream_docs = _deal(docs, tokenizer, tag, n_streams, s)
-            mine[k, s] = _Stream(stream_docs, row_len, epoch_seed, name)
+            if isinstance(docs, Sharded):
+                mine[k, s] = docs.packing_stream(tag, n_streams, s, row_len, epoch_seed, name)
+            else:
+                stream_docs = _deal(docs, tokenizer, tag, n_streams, s)
+                mine[k, s] = _Stream(stream_docs, row_len, epoch_seed, name)
     source = _Batches(mine, probs, stream_rows, first % stream_rows, rows, objective, seed)
     return grain.MapDataset.source(source).to_iter_dataset(_READ_OPTIONS)
 

@@ -356,10 +356,15 @@ class CachedSplit:
         return TokenRange(ranges, self.dtype)
 
     def packing_stream(
-        self, seed: list[int], streams: int, stream: int, row_len: int, epoch_seed: list[int]
+        self,
+        seed: list[int],
+        streams: int,
+        stream: int,
+        row_len: int,
+        epoch_seed: list[int],
+        name: str,
     ) -> CacheStream:
         """The packing stream of :meth:`stream_range` (`kiln.data.cache_stream`)."""
-        name = f"Packing stream {stream} of {streams} of {self.directory.name}"
         return CacheStream(self.stream_range(seed, streams, stream), row_len, epoch_seed, name)
 
 

@@ -11,9 +11,21 @@ import numpy as np
 
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.data.tokenizer import Tokenizer
+from kiln.errors import KilnError
 
 Batch = dict[str, np.ndarray]
 _ENCODE_CHUNK = 1024  # documents per tokenizer call: bounds the Python lists alive at once
+
+
+def rows_that_fit(total: int, row_len: int, name: str) -> int:
+    """How many rows of ``row_len`` tokens ``total`` tokens fill; an error naming the packing
+    stream ``name`` if not even one."""
+    if total < row_len:
+        raise KilnError(
+            f"{name} holds {total} tokens, less than one row of {row_len}: add training text,"
+            " lower data.seq_len, or lower data.streams."
+        )
+    return total // row_len
 
 
 class Tokenized:
@@ -57,13 +69,6 @@ class Tokenized:
         view = Tokenized.from_arrays(self.tokens, np.zeros(1, np.int64))
         view.starts = np.concatenate([[0], np.cumsum(np.diff(self.starts)[ids])])
         view.offsets = self.offsets[ids]
-        return view
-
-    def slice(self, first: int, stop: int) -> Tokenized:
-        """Documents ``first .. stop - 1`` as a view (only their starts are copied)."""
-        starts = self.starts[first : stop + 1] - self.starts[first]
-        view = Tokenized.from_arrays(self.tokens, starts)
-        view.offsets = self.offsets[first:stop]
         return view
 
     @property
