@@ -77,6 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         d_ff=d_ff,
         max_len=128,
         type_vocab_size=2,
+        # Fan-in scaled dense kernels: at d=128, BERT's 0.02 leaves the scratch arm at 0.39
+        # validation accuracy after 6 epochs on 5k labels, this 0.51 (docs/reproduction.md).
+        init_std=d_model**-0.5,
     )
     if args["size"] == "micro":
         defaults.micro(pretrain)

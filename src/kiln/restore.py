@@ -31,7 +31,7 @@ from kiln.hf import checkpoints as hf_checkpoints
 from kiln.optim import HEAD_MODULES
 
 # Model fields a fine-tune may set differently from the run it starts from.
-MAY_DIFFER = ("dropout", "dtype", "param_dtype", "remat", "scan_layers")
+MAY_DIFFER = ("dropout", "init_std", "dtype", "param_dtype", "remat", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ def gpt2_dir(tmp_path_factory) -> str:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        initializer_range=0.05,  # Not the default: import and export must carry it.
         bos_token_id=BOS,
         eos_token_id=EOS,
     )

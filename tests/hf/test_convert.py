@@ -70,6 +70,8 @@ def test_cli_round_trip_and_init_from_workdir(gpt2_dir, tmp_path):
         assert np.array_equal(original[name], exported[name]), name
     config = json.load(open(os.path.join(out, "config.json")))
     assert (config["bos_token_id"], config["eos_token_id"]) == (lm_checks.BOS, lm_checks.EOS)
+    # HF's initializer_range is kiln's init_std (the std fresh heads start from), both ways.
+    assert imported.model.init_std == config["initializer_range"] == 0.05
     tokens = np.random.RandomState(0).randint(0, lm_checks.VOCAB, (1, 10))
     before = lm_checks.hf_logits(lm_checks.load_hf(gpt2_dir), tokens)
     np.testing.assert_array_equal(lm_checks.hf_logits(lm_checks.load_hf(out), tokens), before)

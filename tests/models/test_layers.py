@@ -150,6 +150,7 @@ def test_embed_lookup_and_attend():
         {"norm": "batchnorm"},
         {"mlp": "tanh"},
         {"dropout": 1.0},
+        {"init_std": 0.0},
         {"position": "rope", "d_model": 36, "n_heads": 4, "n_kv_heads": 4},
         {"norm_position": "sandwich"},
         {"type_vocab_size": -1},
@@ -181,3 +182,34 @@ def test_head_dim_defaults_to_d_model_over_n_heads_and_may_be_set():
     assert dataclasses.replace(CFG, head_dim=8) == CFG  # The same architecture.
     with pytest.raises(KilnError, match="model\\.d_model="):
         dataclasses.replace(wide, head_dim=0)  # 32 % 6 again.
+
+
+def test_init_std_sets_every_dense_kernel_and_leaves_embeddings_at_0_02():
+    """Empirical stds of a wide BERT classifier's parameters at init: kernels at init_std,
+    output projections at init_std / sqrt(2 * n_layers), embeddings at 0.02."""
+    from kiln import models
+
+    wide = dataclasses.replace(CFG, vocab_size=512, d_model=256, d_ff=512, init_std=0.1)
+    model = models.FAMILIES["bert"].classifier(wide, num_classes=64, pooling="mean")
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
+    mlm = models.FAMILIES["bert"].module(wide).init(jax.random.PRNGKey(1), tokens)
+    params["mlm_head"] = nn.meta.unbox(mlm["params"]["mlm_head"])
+    out_std = 0.1 / np.sqrt(2 * wide.n_layers)
+    expected = {
+        ("block_0", "attn", "query", "kernel"): 0.1,
+        ("block_1", "attn", "value", "kernel"): 0.1,
+        ("block_0", "attn", "out", "kernel"): out_std,
+        ("block_0", "mlp", "wi", "kernel"): 0.1,
+        ("block_1", "mlp", "wo", "kernel"): out_std,
+        ("pooler", "kernel"): 0.1,
+        ("classifier", "kernel"): 0.1,
+        ("mlm_head", "mlm_transform", "kernel"): 0.1,
+        ("token_embed", "embedding"): 0.02,
+        ("position_embed", "embedding"): 0.02,
+    }
+    for path, std in expected.items():
+        leaf = params
+        for key in path:
+            leaf = leaf[key]
+        assert np.std(np.asarray(leaf)) == pytest.approx(std, rel=0.05), path

@@ -71,6 +71,7 @@ def model_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
         "type_vocab_size": hf_config.get("type_vocab_size", 2),
         "norm_eps": hf_config.get("layer_norm_eps", 1e-12),
         "dropout": hf_config.get("hidden_dropout_prob", 0.1),
+        "init_std": hf_config.get("initializer_range", 0.02),
         "scale_attention": True,
         "head_dim": 0,
     }
@@ -197,6 +198,7 @@ def _config(cfg: Any, hf_class: str) -> dict[str, Any]:
         "layer_norm_eps": cfg.norm_eps,
         "hidden_dropout_prob": cfg.dropout,
         "attention_probs_dropout_prob": cfg.dropout,
+        "initializer_range": cfg.init_std,
         "position_embedding_type": "absolute",
         "pad_token_id": 0,
         "torch_dtype": "float32",

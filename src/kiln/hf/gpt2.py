@@ -65,6 +65,7 @@ def model_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
         "norm_eps": hf_config.get("layer_norm_epsilon", 1e-5),
         "scale_attention": hf_config.get("scale_attn_weights", True),
         "dropout": hf_config.get("resid_pdrop", 0.1),
+        "init_std": hf_config.get("initializer_range", 0.02),
     }
 
 
@@ -141,6 +142,7 @@ def to_hf(model: dict[str, Any], params: dict) -> tuple[dict, dict[str, np.ndarr
         "resid_pdrop": model.get("dropout", 0.0),
         "embd_pdrop": model.get("dropout", 0.0),
         "attn_pdrop": model.get("dropout", 0.0),
+        "initializer_range": model.get("init_std", 0.02),
         "torch_dtype": "float32",
     }
     t = {

@@ -61,6 +61,7 @@ def model_fields(hf_config: dict[str, Any]) -> dict[str, Any]:
         "norm_eps": hf_config.get("rms_norm_eps", 1e-6),
         "rope_theta": float(hf_config.get("rope_theta", 10000.0)),
         "dropout": hf_config.get("attention_dropout", 0.0),
+        "init_std": hf_config.get("initializer_range", 0.02),
     }
 
 
@@ -130,6 +131,7 @@ def to_hf(model: dict[str, Any], params: dict) -> tuple[dict, dict[str, np.ndarr
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": model.get("dropout", 0.0),
+        "initializer_range": model.get("init_std", 0.02),
         "tie_word_embeddings": model["tie_embeddings"],
         "torch_dtype": "float32",
     }

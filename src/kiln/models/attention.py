@@ -109,7 +109,7 @@ class Attention(nn.Module):
         cfg = self.config
         h, e = cfg.n_heads, cfg.head_dim
         q_names = ("embed", "heads", "head_dim")
-        q_BLHE = layers.make_dense(cfg, (h, e), -1, q_names, 0.02, "query")(xq_BLD)
+        q_BLHE = layers.make_dense(cfg, (h, e), -1, q_names, cfg.init_std, "query")(xq_BLD)
         k_BSKE, v_BSKE = self._keys_and_values(xkv_BSD, cross_cache=decode and static_kv)
         if q_positions_BL is not None:
             q_BLHE = layers.apply_rope(q_BLHE, q_positions_BL, cfg.rope_theta)
@@ -118,7 +118,7 @@ class Attention(nn.Module):
         if decode and not static_kv:
             k_BSKE, v_BSKE = self._cached_kv(k_BSKE, v_BSKE, cache_index)
         out_BLHE = self._attend(q_BLHE, k_BSKE, v_BSKE, bias, deterministic)
-        std_out = 0.02 / math.sqrt(2 * cfg.n_layers)
+        std_out = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         out_names = ("heads", "head_dim", "embed")
         return layers.make_dense(cfg, cfg.d_model, (-2, -1), out_names, std_out, "out")(out_BLHE)
 
@@ -133,8 +133,8 @@ class Attention(nn.Module):
         cfg = self.config
         k, e = cfg.n_kv_heads, cfg.head_dim
         kv_names = ("embed", "kv_heads", "head_dim")
-        k_BSKE = layers.make_dense(cfg, (k, e), -1, kv_names, 0.02, "key")(xkv_BSD)
-        v_BSKE = layers.make_dense(cfg, (k, e), -1, kv_names, 0.02, "value")(xkv_BSD)
+        k_BSKE = layers.make_dense(cfg, (k, e), -1, kv_names, cfg.init_std, "key")(xkv_BSD)
+        v_BSKE = layers.make_dense(cfg, (k, e), -1, kv_names, cfg.init_std, "value")(xkv_BSD)
         if cross_cache:
             self.put_variable("cache", "cross_key", k_BSKE)
             self.put_variable("cache", "cross_value", v_BSKE)

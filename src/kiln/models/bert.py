@@ -29,6 +29,7 @@ class MlmHead(nn.Module):
             (cfg.d_model,),
             ("embed", "mlp"),
             use_bias=cfg.use_bias,
+            std=cfg.init_std,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             name="mlm_transform",

@@ -79,7 +79,7 @@ class Electra(bert.BERT):
         super().setup()
         cfg = self.config
         self.generator = bert.BERT(generator_config(cfg, self.generator_fraction))
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.rtd_transform = layers.Dense((cfg.d_model,), ("embed", "mlp"), **kw)
         self.rtd_output = layers.Dense((1,), ("embed", "classes"), **kw)
 

@@ -44,6 +44,7 @@ class GPT(nn.Module):
                 (cfg.vocab_size,),
                 ("embed", "vocab"),
                 use_bias=False,
+                std=cfg.init_std,
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
             )

@@ -19,6 +19,7 @@ def _classifier(cfg: layers.TransformerConfig, num_classes: int) -> layers.Dense
     return layers.Dense(
         (num_classes,),
         ("embed", "classes"),
+        std=cfg.init_std,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         name="classifier",
@@ -76,7 +77,11 @@ class BertClassifier(_BertTaskModel):
         super().setup()
         cfg = self.config
         self.pooler = layers.Dense(
-            (cfg.d_model,), ("embed", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype
+            (cfg.d_model,),
+            ("embed", "mlp"),
+            std=cfg.init_std,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
         )
         self.pool_dropout = nn.Dropout(cfg.dropout)
         self.classifier = _classifier(cfg, self.num_classes)

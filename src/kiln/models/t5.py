@@ -281,6 +281,7 @@ class T5(nn.Module):
                 features=(cfg.vocab_size,),
                 names=("embed", "vocab"),
                 use_bias=False,
+                std=cfg.init_std,
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
             )
