@@ -46,3 +46,21 @@ def test_resuming_with_a_different_objective_is_refused(tmp_path):
     config.objective.name = "prefix_lm"
     with pytest.raises(KilnError, match="objective.name"):
         workdir_lib.prepare(config, str(tmp_path))
+
+
+def test_a_workdir_written_before_a_model_field_existed_resumes(tmp_path):
+    """A saved model section without a field added since (init_std) holds that field's
+    default, the value the run computed with; a changed value is still refused."""
+    import json
+
+    config = tiny_config()
+    workdir_lib.prepare(config, str(tmp_path))
+    path = tmp_path / workdir_lib.CONFIG
+    saved = json.loads(path.read_text())
+    del saved["model"]["init_std"]
+    path.write_text(json.dumps(saved))
+    workdir_lib.prepare(config, str(tmp_path))  # 0.02, as before the field existed: fine
+    path.write_text(json.dumps(saved))
+    config.model.init_std = 0.05
+    with pytest.raises(KilnError, match="model.init_std"):
+        workdir_lib.prepare(config, str(tmp_path))
