@@ -56,7 +56,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, CONFIG)
     if os.path.exists(path):
         old, new = config_lib.load_json(path).to_dict(), config_lib.to_dict(config)
-        _add_new_model_fields(old.get("model", {}))
         for run_config in (old, new):
             for key in HOW_NOT_WHAT:
                 run_config.get("model", {}).pop(key, None)
@@ -70,18 +69,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> None:
             )
     if jax.process_index() == 0:
         config_lib.save_json(config, path)
-
-
-def _add_new_model_fields(model: dict) -> None:
-    """Gives a saved model section the fields added to kiln since it was written, at their
-    defaults: the values the run computed with (e.g. `init_std`, 0.02 before it existed)."""
-    import dataclasses
-
-    from kiln.models import layers
-
-    for field in dataclasses.fields(layers.TransformerConfig):
-        if model and field.name not in model and field.name not in layers.PEFT_FIELDS:
-            model[field.name] = field.default
 
 
 def find_tokenizer(workdir: str | os.PathLike) -> str | None:

@@ -229,8 +229,8 @@ class Dense(nn.Module):
 
     features: tuple[int, ...]
     names: tuple[str, ...]
+    std: float  # Of the normal the kernel starts from: `TransformerConfig.init_std` (or scaled).
     n_in: int = 1
-    std: float = 0.02
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
