@@ -17,7 +17,7 @@ import statistics
 import common
 import jax
 
-from kiln import build, defaults, peft, sharding
+from kiln import arms, build, peft, sharding
 from kiln.tools import fits
 
 SEQ_LEN, BATCH, CLASSES = 64, 32, 45
@@ -31,7 +31,7 @@ VARIANTS = {
 def finetune_config(spec: str, lora: int = 0, prompt: int = 0):
     """The benchmark's fine-tune of `spec`'s architecture (`common.load_spec`)."""
     pretrain = common.load_spec(spec)
-    config = defaults.finetune_stage(
+    config = arms.finetune_stage(
         pretrain,
         task="wn_lexname",
         train_examples=1000,

@@ -19,7 +19,7 @@ import os
 
 import ml_collections
 
-from kiln import config_lib, defaults, models
+from kiln import arms, config_lib, models
 from kiln.data import tasks, user_tasks
 from kiln.errors import KilnError
 
@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         args["task"], data_dir=pretrain.data.data_dir or None, path=args["path"]
     )
     examples = len(tasks.low_resource_subset(task.splits["train"], int(args["examples"])))
-    c = defaults.finetune_stage(
+    c = arms.finetune_stage(
         pretrain,
         task=args["task"],
         train_examples=examples,

@@ -12,7 +12,7 @@ import shutil
 import ml_collections
 import pytest
 
-from kiln import config_lib, defaults, run, selection
+from kiln import arms, config_lib, run, selection
 from kiln import workdir as workdir_lib
 from kiln.errors import KilnError
 
@@ -41,7 +41,7 @@ def _config(tokenizer: str = "", family: str = "bert", **fields):
     pretrain.model.vocab_size = 512
     pretrain.model.max_len = 32
     pretrain.tokenizer.max_sentences = 2000
-    config = defaults.finetune_stage(
+    config = arms.finetune_stage(
         pretrain,
         task="wn_lexname",
         train_examples=40,

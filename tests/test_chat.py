@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kiln import defaults, finetuning, run
+from kiln import arms, finetuning, run
 from kiln.data import chat, corpus, finetune, packing, tasks, user_tasks
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.data.objectives import Layout
@@ -165,7 +165,7 @@ def test_packed_sft_run_trains_on_assistant_tokens_only(tmp_path):
         messages = [{"role": "user", "content": f"{a} {b}"}, {"role": "assistant", "content": b}]
         lines.append({"id": f"c{i}", "messages": messages})
     path = _write(tmp_path / "chat.jsonl", lines)
-    config = defaults.finetune_stage(
+    config = arms.finetune_stage(
         pretrain, task="chat", train_examples=0, epochs=1.0, lr=1e-3, seq_len=32, batch=8,
         init_from=source,
     )  # fmt: skip

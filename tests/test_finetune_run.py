@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from kiln import (
+    arms,
     checkpoint,
     config_lib,
-    defaults,
     finetuning,
     models,
     optim,
@@ -37,7 +37,7 @@ def _pretrain_config(family: str = "bert", steps: int = 2):
 
 
 def _finetune_config(pretrain, source: str, **fields):
-    config = defaults.finetune_stage(
+    config = arms.finetune_stage(
         pretrain,
         task="wn_lexname",
         train_examples=40,
@@ -169,7 +169,7 @@ def _pipeline(**finetune_fields):
         "scratch": _finetune_config(pretrain, ""),
     }
     stages["scratch"].tokenizer.path = "@pretrain"
-    config = defaults.pipeline(stages, select="accuracy")
+    config = arms.pipeline(stages, select="accuracy")
     config.lock()
     return config
 

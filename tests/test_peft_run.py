@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from kiln import checkpoint, config_lib, defaults, peft, restore, run
+from kiln import arms, checkpoint, config_lib, peft, restore, run
 from kiln.errors import KilnError
 from kiln.tools import convert
 
@@ -29,7 +29,7 @@ def _pretrain_config():
 
 
 def _lora_config(pretrain, source: str):
-    config = defaults.finetune_stage(
+    config = arms.finetune_stage(
         pretrain,
         task="wn_lexname",
         train_examples=24,

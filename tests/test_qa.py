@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from kiln import defaults, run, task_metrics
+from kiln import arms, run, task_metrics
 from kiln.data import corpus, qa, squad, tasks, user_tasks
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
@@ -189,7 +189,7 @@ def test_a_tiny_bert_learns_a_cued_span_well_above_trivial_baselines(tmp_path):
     answers, fillers = list("QZXJKVWY"), _FILLERS
     train = _cued_squad(tmp_path / "train.json", answers, fillers, 320, seed=0)
     dev = _cued_squad(tmp_path / "dev.json", answers, fillers, 60, seed=1)
-    config = defaults.finetune_stage(
+    config = arms.finetune_stage(
         pretrain, task="squad", train_examples=320, epochs=3, lr=2e-3, seq_len=64, batch=16,
         init_from=source,
     )  # fmt: skip

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from kiln import config_lib, defaults, pipelines, seeds
+from kiln import arms, config_lib, pipelines, seeds
 from kiln.tools import report
 
 VALUES = [0.523, 0.522, 0.518]
@@ -110,7 +110,7 @@ def test_report_of_a_sweep_with_seeds(tmp_path):
 def test_two_seed_pipeline_end_to_end(tmp_path):
     pretrain = config_lib.load_config("experiments/bert/pretrain.py:size=micro")
     pretrain.train.steps = pretrain.checkpoint.every = 2
-    arms = defaults.finetune_arms(
+    built = arms.finetune_arms(
         pretrain,
         (1e-3,),
         seeds=(0, 1),
@@ -121,11 +121,11 @@ def test_two_seed_pipeline_end_to_end(tmp_path):
         batch=8,
         eval_examples=16,
     )
-    assert set(arms) == {"finetune_seed0", "finetune_seed1", "scratch_seed0", "scratch_seed1"}
-    assert [arms[f"finetune_seed{s}"].seed for s in (0, 1)] == [0, 1]
-    stages = {"pretrain": pretrain, "finetune_seed0": arms["finetune_seed0"]}
-    stages["finetune_seed1"] = arms["finetune_seed1"]
-    table = pipelines.run_pipeline(defaults.pipeline(stages, select="accuracy"), str(tmp_path))
+    assert set(built) == {"finetune_seed0", "finetune_seed1", "scratch_seed0", "scratch_seed1"}
+    assert [built[f"finetune_seed{s}"].seed for s in (0, 1)] == [0, 1]
+    stages = {"pretrain": pretrain, "finetune_seed0": built["finetune_seed0"]}
+    stages["finetune_seed1"] = built["finetune_seed1"]
+    table = pipelines.run_pipeline(arms.pipeline(stages, select="accuracy"), str(tmp_path))
     chosen = table["arms"]["finetune"]
     assert chosen["n"] == 2 and chosen["stage"] == "finetune"
     got = [table["stages"][f"finetune_seed{s}"]["metrics"]["test/loss"] for s in (0, 1)]

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from kiln import config_lib, defaults, run
+from kiln import arms, config_lib, run
 
 pytestmark = pytest.mark.slow
 _WORDS = "river stone light city train model north south old new bright quiet".split()
@@ -35,7 +35,7 @@ def _write(path, regression: bool, pairs: bool) -> str:
 
 
 def _finetune(pretrain, source: str, path: str, metrics: str = ""):
-    config = defaults.finetune_stage(
+    config = arms.finetune_stage(
         pretrain, task="jsonl", train_examples=0, epochs=0.2, lr=1e-3, seq_len=32, batch=8,
         init_from=source,
     )  # fmt: skip

@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     if args["size"] == "micro":
         defaults.micro(pretrain)
-    stages = defaults.finetune_arms(
+    stages = arms.finetune_arms(
         pretrain,
         lrs,
         task=TASK,
@@ -119,4 +119,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_new_tokens=8,
     )
     stages = {"pretrain": pretrain, **fewshot, **stages}
-    return defaults.pipeline(stages, select="accuracy", advice=advice)
+    return arms.pipeline(stages, select="accuracy", advice=advice)

@@ -18,7 +18,7 @@ import os
 
 import ml_collections
 
-from kiln import config_lib, defaults
+from kiln import arms, config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -35,4 +35,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     names = list(stages)
     names.insert(names.index(first) + 1, "lora")
     stages["lora"] = lora
-    return defaults.pipeline({s: stages[s] for s in names}, select=base.select, advice=base.advice)
+    return arms.pipeline({s: stages[s] for s in names}, select=base.select, advice=base.advice)

@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         d_ff=d_ff,
         max_len=SEQ_LEN,
     )
-    stages = defaults.finetune_arms(
+    stages = arms.finetune_arms(
         pretrain,
         (lr,),
         task="code_summary",
@@ -78,4 +78,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         run_seeds=run_seeds,
         max_new_tokens=48,
     )
-    return defaults.pipeline({"pretrain": pretrain, **fewshot, **stages}, select="rouge_l")
+    return arms.pipeline({"pretrain": pretrain, **fewshot, **stages}, select="rouge_l")

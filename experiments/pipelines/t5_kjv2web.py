@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         scale_attention=False,
         norm_eps=1e-6,
     )
-    stages = defaults.finetune_arms(
+    stages = arms.finetune_arms(
         pretrain,
         (lr,),
         task="kjv2web",
@@ -99,4 +99,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         run_seeds=run_seeds,
         max_new_tokens=64,
     )
-    return defaults.pipeline({"pretrain": pretrain, **fewshot, **stages}, select="chrf")
+    return arms.pipeline({"pretrain": pretrain, **fewshot, **stages}, select="chrf")

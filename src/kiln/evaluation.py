@@ -203,7 +203,7 @@ def check_stage(stage: ml_collections.ConfigDict) -> None:
     if stage.train.steps != 0:
         raise KilnError(
             f"train.steps={stage.train.steps}: a config with a prompting section trains"
-            " nothing; set train.steps=0 (defaults.fewshot_stage does), or drop the prompting"
+            " nothing; set train.steps=0 (arms.fewshot_stage does), or drop the prompting"
             " section to fine-tune."
         )
     if not stage.task.name or not (i.workdir or i.get("hf", "")):

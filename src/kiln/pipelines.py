@@ -7,7 +7,7 @@ interrupted one resumes from its own checkpoint. Stages named `<arm>_<variant>` 
 `finetune_lr3e4`) form an arm: the comparison picks each arm's variant with the best
 validation `select` metric and reports its test metrics, so both arms are tuned alike.
 
-A stage with a `prompting` section (`defaults.fewshot_stage`, e.g. the `fewshot` arm) trains
+A stage with a `prompting` section (`arms.fewshot_stage`, e.g. the `fewshot` arm) trains
 nothing (`train.steps=0`): it scores its `init_from` run on its task by zero- or k-shot prompting
 (`kiln.prompting`, run by `kiln.evaluation.run_stage`), and its metrics join the comparison.
 """
@@ -41,7 +41,7 @@ def _check_prompting(stage: ml_collections.ConfigDict) -> None:
     if stage.train.steps != 0:
         raise KilnError(
             f"train.steps={stage.train.steps}: a stage with a prompting section trains nothing;"
-            " set train.steps=0 (defaults.fewshot_stage does), or drop the prompting section."
+            " set train.steps=0 (arms.fewshot_stage does), or drop the prompting section."
         )
     if not stage.task.name or not stage.init_from.workdir:
         raise KilnError(

@@ -1,7 +1,7 @@
 """Runs repeated over seeds: their names and mean +- sample std of their metrics.
 
 A pipeline stage repeated over seeds is named `<stage>_seed<N>` (`stage_name`; e.g.
-`finetune_seed0`, `finetune_lr1e-3_seed1`, built by `defaults.finetune_arms(..., seeds=...)`); a
+`finetune_seed0`, `finetune_lr1e-3_seed1`, built by `arms.finetune_arms(..., seeds=...)`); a
 sweep point repeated over seeds differs from its twins only in its `seed` override. Both group
 into one `Group` per set of seed replicates; `aggregate` gives each numeric metric's mean, its
 sample standard deviation (n - 1 in the denominator; None when n = 1) and n. Pure Python: the

@@ -18,14 +18,14 @@ _PIPELINE = '''
 """Fine-tune an imported checkpoint (init_from.workdir), the same straight from its HF
 directory (init_from.hf), and the architecture from scratch: tiny wn_lexname runs."""
 
-from kiln import config_lib, defaults
+from kiln import arms, config_lib, defaults
 from kiln.hf import checkpoints
 
 IMPORTED, HF = {imported!r}, {hf!r}
 
 
 def _stage(pretrain, workdir="", hf=""):  # The tokenizer comes from the source.
-    c = defaults.finetune_stage(
+    c = arms.finetune_stage(
         pretrain, task="wn_lexname", train_examples=40, epochs=0.4, lr=1e-3, seq_len=32,
         batch=8, init_from=workdir,
     )
@@ -44,7 +44,7 @@ def get_config(arg=None):
         "hf": _stage(checkpoints.kiln_config(HF), hf=HF),
         "scratch": _stage(pretrain),
     }}
-    return defaults.pipeline(stages, select="accuracy")
+    return arms.pipeline(stages, select="accuracy")
 '''
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from kiln import config_lib, defaults, pipelines, run
+from kiln import arms, config_lib, pipelines, run
 from kiln.errors import KilnError
 from kiln.tools import evaluate
 
@@ -77,7 +77,7 @@ def test_cli_errors_are_one_paragraph(pretrained, capsys):
 @pytest.mark.parametrize("pretrained", ["gpt"], indirect=True)  # t5 answers in text, no head
 def test_a_fine_tuned_head_answers_its_task_as_its_run_did(pretrained, tmp_path, capsys):
     workdir, pretrain = pretrained
-    config = defaults.finetune_stage(
+    config = arms.finetune_stage(
         pretrain,
         task="wn_lexname",
         train_examples=16,
@@ -120,11 +120,11 @@ def test_pipeline_with_a_fewshot_arm_compares_prompting(pretrained, tmp_path):
     shutil.copytree(workdir, tmp_path / "pretrain")  # A finished stage: skipped.
     stages = {
         "pretrain": pretrain,
-        "fewshot": defaults.fewshot_stage(
+        "fewshot": arms.fewshot_stage(
             pretrain, task="wn_lexname", shots=1, scoring="rank", eval_examples=4
         ),
     }
-    config = defaults.pipeline(stages, select="accuracy")
+    config = arms.pipeline(stages, select="accuracy")
     table = pipelines.run_pipeline(config, str(tmp_path))
     row = table["stages"]["fewshot"]
     assert row["steps"] == 0 and row["init_from"] == "pretrain, prompting (1-shot, rank)"
@@ -139,7 +139,7 @@ def test_pipeline_with_a_fewshot_arm_compares_prompting(pretrained, tmp_path):
 @pytest.mark.parametrize("pretrained", ["gpt"], indirect=True)
 def test_a_fewshot_config_runs_alone_and_scores_as_the_cli(pretrained, tmp_path, capsys):
     workdir, pretrain = pretrained
-    config = defaults.fewshot_stage(
+    config = arms.fewshot_stage(
         pretrain, task="wn_lexname", shots=1, scoring="rank", eval_examples=4,
         init_from=str(workdir),
     )  # fmt: skip

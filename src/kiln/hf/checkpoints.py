@@ -83,7 +83,7 @@ def kiln_config(
 ) -> ml_collections.ConfigDict:
     """A full kiln run config (kiln's defaults) whose `model` section is the checkpoint's: an
     HF directory's (read from config.json alone where the architecture allows) or a `model`
-    section. Fine-tune configs build on it (`defaults.finetune_stage`)."""
+    section. Fine-tune configs build on it (`arms.finetune_stage`)."""
     if isinstance(hf_dir_or_model, ml_collections.ConfigDict):
         section = hf_dir_or_model
     else:

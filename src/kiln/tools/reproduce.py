@@ -93,14 +93,14 @@ def arms_pipeline(
 ) -> ml_collections.ConfigDict:
     """The cell's pipeline: the `finetune` and `scratch` stages of `config`, starting from the
     seed's shared pre-training run instead of a `pretrain` stage of their own."""
-    from kiln import defaults, pipelines
+    from kiln import arms, pipelines
 
     stages = {
         name: _pointing_at(config[name], pretrain_dir)
         for name in config.stages
         if name != "pretrain" and not pipelines.is_prompting(config[name])
     }
-    return defaults.pipeline(stages, select=config.select, advice=config.advice)
+    return arms.pipeline(stages, select=config.select, advice=config.advice)
 
 
 def _run_stage(stage: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
