@@ -18,7 +18,7 @@ import time
 import common
 import jax
 
-from kiln import config_lib, flops, sharding
+from kiln import flops, sharding, validation
 from kiln.tools import fits
 
 
@@ -37,7 +37,7 @@ def apply_overrides(config, overrides: list[str]) -> None:
 def measure(spec: str, steps: int, repeats: int, overrides: list[str] = ()) -> dict:
     config = common.load_spec(spec)
     apply_overrides(config, overrides)
-    mesh_shape = config_lib.validate(config, jax.device_count())
+    mesh_shape = validation.validate(config, jax.device_count())
     step, state, mesh, _, _ = common.kiln_train_step(config)
     rows = config.data.global_batch_size
     batches = [

@@ -12,7 +12,7 @@ import shutil
 import ml_collections
 import pytest
 
-from kiln import arms, config_lib, run, selection
+from kiln import arms, config_lib, run, selection, validation
 from kiln import workdir as workdir_lib
 from kiln.errors import KilnError
 
@@ -160,15 +160,15 @@ def test_selector_rules_and_record():
     cfg = _config()
     cfg.checkpoint.best_metric = "rouge_x"
     with pytest.raises(KilnError, match="checkpoint.best_metric"):
-        config_lib.validate(cfg, 1)
+        validation.validate(cfg, 1)
     cfg.checkpoint.best_metric = ""
     cfg.train.early_stop_patience = 3
     with pytest.raises(KilnError, match="train.early_stop_patience"):
-        config_lib.validate(cfg, 1)
+        validation.validate(cfg, 1)
     cfg.train.early_stop_patience = 0
     cfg.eval.task_metrics = "sometimes"
     with pytest.raises(KilnError, match="eval.task_metrics"):
-        config_lib.validate(cfg, 1)
+        validation.validate(cfg, 1)
     when = {m: ml_collections.ConfigDict({"task_metrics": m}) for m in selection.MODES}
     assert [selection.task_metrics_at(when[m], 0, head=False) for m in selection.MODES] == [
         False,

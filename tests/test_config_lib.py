@@ -6,7 +6,7 @@ import threading
 import ml_collections
 import pytest
 
-from kiln import config_lib, restore
+from kiln import config_lib, restore, validation
 from kiln.errors import KilnError
 
 
@@ -36,7 +36,7 @@ def test_pick_lists_choices():
 
 
 def test_tiny_config_validates():
-    assert config_lib.validate(gpt_config(), 8) == (8, 1, 1)
+    assert validation.validate(gpt_config(), 8) == (8, 1, 1)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_tiny_config_validates():
 )
 def test_validation_errors_name_the_key(overrides, key):
     with pytest.raises(KilnError) as error:
-        config_lib.validate(gpt_config(**overrides), 8)
+        validation.validate(gpt_config(**overrides), 8)
     assert key in str(error.value)
 
 
@@ -86,7 +86,7 @@ def family_config(family, **overrides):
 )
 def test_another_familys_field_is_an_error(family, key, value, owner):
     with pytest.raises(KilnError) as error:
-        config_lib.validate(family_config(family, **{f"model__{key}": value}), 8)
+        validation.validate(family_config(family, **{f"model__{key}": value}), 8)
     message = str(error.value)
     assert f"model.{key}={value}" in message
     assert f"model.family={family!r}" in message and f"model.family={owner!r}" in message
@@ -98,8 +98,8 @@ def test_own_fields_are_model_fields_and_their_owners_accept_them():
     section = defaults.model_section("gpt")
     for family in models.FAMILIES.values():
         assert set(family.own_fields) <= set(section), family.name
-    config_lib.validate(family_config("t5", model__n_decoder_layers=3), 8)
-    config_lib.validate(family_config("bert", model__type_vocab_size=2), 8)
+    validation.validate(family_config("t5", model__n_decoder_layers=3), 8)
+    validation.validate(family_config("bert", model__type_vocab_size=2), 8)
 
 
 @pytest.mark.parametrize(
@@ -131,18 +131,18 @@ def test_own_fields_are_model_fields_and_their_owners_accept_them():
 )
 def test_rules_of_lower_levels_run_in_validate(family, overrides, key):
     with pytest.raises(KilnError) as error:
-        config_lib.validate(family_config(family, **overrides), 8)
+        validation.validate(family_config(family, **overrides), 8)
     assert key in str(error.value)
 
 
 def test_fine_tune_task_options_that_fit_validate():
-    config_lib.validate(family_config("gpt", task__name="kjv2web", task__pack=True), 8)
-    config_lib.validate(family_config("bert", task__name="wn_lexname", task__pooling="mean"), 8)
+    validation.validate(family_config("gpt", task__name="kjv2web", task__pack=True), 8)
+    validation.validate(family_config("bert", task__name="wn_lexname", task__pooling="mean"), 8)
 
 
 def test_batch_not_divisible_by_processes():
     with pytest.raises(KilnError, match="process"):
-        config_lib.validate(gpt_config(data__global_batch_size=8, mesh__data=1), 1, process_count=3)
+        validation.validate(gpt_config(data__global_batch_size=8, mesh__data=1), 1, process_count=3)
 
 
 def test_diff_and_json_round_trip(tmp_path):
@@ -165,7 +165,7 @@ def test_every_experiment_config_validates_at_tiny_size(path):
     config = config_lib.load_config(f"{path}:size=tiny")
     runs = [config[name] for name in config.stages] if "stages" in config else [config]
     for run_config in runs:  # A pipeline's stages are run configs.
-        assert config_lib.validate(run_config, 8)
+        assert validation.validate(run_config, 8)
         with pytest.raises(AttributeError):  # locked: unknown keys fail
             run_config.model.no_such_key = 1
 
@@ -186,7 +186,7 @@ def test_pipeline_stages_share_the_pretrained_architecture(path, size):
         assert own == source, name
         assert stage.tokenizer.path == "@pretrain" and stage.task.name
         assert stage.init_from.workdir == ("" if name.startswith("scratch") else "@pretrain")
-        assert config_lib.validate(stage, 8)
+        assert validation.validate(stage, 8)
 
 
 def test_write_atomically_never_exposes_a_partial_file(tmp_path):
@@ -257,7 +257,7 @@ def test_every_numeric_field_is_range_checked(key, value):
     section, _, name = key.rpartition(".")
     (config[section] if section else config)[name] = value
     with pytest.raises(KilnError) as error:
-        config_lib.validate(config, 8)
+        validation.validate(config, 8)
     assert str(error.value).startswith(f"config: {key}={value!r} ")
 
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from kiln import build, config_lib, defaults, losses, optim, peft
+from kiln import build, defaults, losses, optim, peft, validation
 from kiln.errors import KilnError
 from kiln.models import adapters
 
@@ -136,7 +136,7 @@ def test_training_keeps_the_base_and_merged_logits_match(family):
 )
 def test_bad_settings_are_refused_naming_the_key(finetune, key):
     with pytest.raises(KilnError, match=key):
-        config_lib.validate(_config(**finetune), 8)
+        validation.validate(_config(**finetune), 8)
 
 
 def test_targets_matching_nothing_and_too_large_ranks_fail_at_build():
@@ -149,4 +149,4 @@ def test_targets_matching_nothing_and_too_large_ranks_fail_at_build():
     config = _config(lora__rank=2)
     config.init_from.workdir, config.init_from.load = "somewhere", "state"
     with pytest.raises(KilnError, match="init_from.load"):
-        config_lib.validate(config, 8)
+        validation.validate(config, 8)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from kiln import checkpoint, config_lib, models
+from kiln import checkpoint, config_lib, models, validation
 from kiln.errors import KilnError
 
 pytestmark = pytest.mark.slow
@@ -138,7 +138,7 @@ def test_process_count_must_divide_the_global_batch():
     config = config_lib.load_config(CONFIG)
     config.data.global_batch_size = 8
     with pytest.raises(KilnError, match="not divisible by the 3 processes"):
-        config_lib.validate(config, 6, process_count=3)
+        validation.validate(config, 6, process_count=3)
 
 
 def test_unreachable_coordinator_fails_clearly(tmp_path):

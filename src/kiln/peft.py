@@ -70,7 +70,7 @@ def spec(config: Any) -> Spec:
 
 
 def check(config: Any) -> Spec:
-    """The `finetune` section's rules (run by `config_lib.validate`); returns its `Spec`."""
+    """The `finetune` section's rules (run by `validation.validate`); returns its `Spec`."""
     s = spec(config)
     for key, value in (("lora.rank", s.lora_rank), ("prompt_tuning.length", s.prompt_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

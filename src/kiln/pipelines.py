@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from kiln import metrics, seeds
+from kiln import metrics, seeds, validation
 from kiln import workdir as workdir_lib
 from kiln.errors import KilnError
 
@@ -68,7 +68,6 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     import jax
 
     from kiln import (
-        config_lib,
         run,  # Imports jax: keep config-only users of this module light.
     )
 
@@ -80,7 +79,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             if is_prompting(config[name]):
                 _check_prompting(config[name])
             else:
-                config_lib.validate(config[name], jax.device_count(), jax.process_count())
+                validation.validate(config[name], jax.device_count(), jax.process_count())
         except KilnError as e:
             raise KilnError(f"pipeline stage {name!r}: {e}") from e
     done: list[str] = []

@@ -27,6 +27,7 @@ from kiln import (
     selection,
     sharding,
     train,
+    validation,
 )
 from kiln import workdir as workdir_lib
 from kiln.data import objectives
@@ -197,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     prompting (`kiln.evaluation.run_stage`); `train.steps=0` scores the restored model."""
     if "prompting" in config:
         return evaluation.run_stage(config, workdir)
-    mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
+    mesh_shape = validation.validate(config, jax.device_count(), jax.process_count())
     divergence.Guard.from_config(config.train)  # Its fields checked before any work.
     workdir_lib.prepare(config, workdir)
     ckpt = checkpoint.Checkpointer(

@@ -169,7 +169,7 @@ def test_make_objective_invalid_pairs(layout, name):
 
 
 def test_check_options_needs_no_tokenizer():
-    """`config_lib.validate` runs the tokenizer-free rules of `make_objective` on its own."""
+    """`validation.validate` runs the tokenizer-free rules of `make_objective` on its own."""
     assert check_options("mlm", "encoder", 64) == Layout.ENCODER
     with pytest.raises(KilnError, match=r"objective\.name='mlm'"):
         check_options("mlm", "decoder", 64)

@@ -438,7 +438,7 @@ def unpadded(tok, task, example, seq_len, target_len) -> tuple:
 
 
 def test_check_task_before_the_kind_is_known():
-    """`config_lib.validate` checks a task whose kind is not known yet (kind "")."""
+    """`validation.validate` checks a task whose kind is not known yet (kind "")."""
     finetune.check_task("wn_lexname", "", "encoder")
     finetune.check_task("kjv2web", "", "decoder", pack=True)
     finetune.check_task("kjv2web", "generation", "decoder", pack=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_pipeline import make_documents
 
-from kiln import inputs
+from kiln import inputs, validation
 from kiln.data import corpus, mixture, pipeline, sources, token_cache
 from kiln.data.tokenizer import train_tokenizer
 from kiln.errors import KilnError
@@ -340,12 +340,12 @@ def test_mixture_config_checks():
     assert config.data.sources == defaults.SHIPPED_MIXTURE and not config.data.corpus
     config.data.prepare_workers = 0
     with pytest.raises(KilnError, match="data.prepare_workers=0"):
-        config_lib.validate(config, 1)
+        validation.validate(config, 1)
     config.data.prepare_workers, config.data.sources = 2, "web"
     with pytest.raises(KilnError, match="name=path"):
-        config_lib.validate(config, 1)
+        validation.validate(config, 1)
     config.data.corpus = "bible"  # data.corpus replaces the mixture: its spec is not read
-    config_lib.validate(config, 1)
+    validation.validate(config, 1)
 
 
 def test_evaluation_reports_each_source(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from kiln import config_lib, defaults, models, restore, run
+from kiln import config_lib, defaults, models, restore, run, validation
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
 from kiln.hf import checkpoints, files
@@ -262,8 +262,8 @@ def test_config_rules_of_init_from_hf():
     config.init_from.hf = "some/dir"
     config.init_from.workdir = "runs/x"
     with pytest.raises(KilnError, match="init_from.hf='some/dir' is set together"):
-        config_lib.validate(config, 1)
+        validation.validate(config, 1)
     config.init_from.workdir = ""
     config.init_from.load = "state"
     with pytest.raises(KilnError, match="init_from.hf=.*no optimizer state"):
-        config_lib.validate(config, 1)
+        validation.validate(config, 1)

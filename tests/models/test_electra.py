@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kiln import config_lib, losses, models
+from kiln import config_lib, losses, models, validation
 from kiln.errors import KilnError
 from kiln.models import bert, electra
 from kiln.models.layers import TransformerConfig
@@ -221,13 +221,13 @@ def _config(family: str, **objective):
 
 
 def test_config_rules_name_the_key():
-    config_lib.validate(_config("bert"), 1, 1)
+    validation.validate(_config("bert"), 1, 1)
     with pytest.raises(KilnError, match="objective.name"):
-        config_lib.validate(_config("gpt", name="electra"), 1, 1)
+        validation.validate(_config("gpt", name="electra"), 1, 1)
     with pytest.raises(KilnError, match="objective.generator_fraction"):
-        config_lib.validate(_config("bert", generator_fraction=0.0), 1, 1)
+        validation.validate(_config("bert", generator_fraction=0.0), 1, 1)
     with pytest.raises(KilnError, match="objective.rtd_weight"):
-        config_lib.validate(_config("bert", rtd_weight=-1.0), 1, 1)
+        validation.validate(_config("bert", rtd_weight=-1.0), 1, 1)
     # Other objectives' configs carry no ELECTRA field (their identity is unchanged).
     mlm = config_lib.load_config("experiments/bert/pretrain.py:size=micro")
     assert "generator_fraction" not in mlm.objective

@@ -191,7 +191,7 @@ def make_eval_batches(
 
 def check_task(name: str, kind: str, layout: Layout, pack: bool = False) -> None:
     """Raises unless a ``layout`` model can fine-tune on task ``name`` of ``kind`` ("" = not
-    known yet), packed if ``pack``; ``config_lib.validate`` runs it before the task is read."""
+    known yet), packed if ``pack``; ``validation.validate`` runs it before the task is read."""
     layout = as_layout(layout)
     if layout == ENC_DEC and kind == "regression":
         raise KilnError(

@@ -69,7 +69,7 @@ def parse(spec: str) -> list[Source]:
 
 
 def check_config(data) -> None:
-    """The `data` section's mixture keys (for `config_lib.validate`): `data.sources` parses
+    """The `data` section's mixture keys (for `validation.validate`): `data.sources` parses
     (when `data.corpus` does not replace it) and `data.prepare_workers` is at least 1."""
     if data.get("sources") and not data.get("corpus"):
         parse(data.sources)

@@ -148,7 +148,7 @@ def check_options(
     generator_fraction: float = 0.5,
     rtd_weight: float = 50.0,
 ) -> Layout:
-    """The rules of `make_objective`'s arguments that need no tokenizer (`config_lib.validate`
+    """The rules of `make_objective`'s arguments that need no tokenizer (`validation.validate`
     runs them before any data is read); returns the layout as a :class:`Layout`."""
     layout = as_layout(layout)
     if name not in OBJECTIVES[layout]:

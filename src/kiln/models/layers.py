@@ -114,7 +114,7 @@ class TransformerConfig:
     prompt_length: int = 0
 
     def __post_init__(self):
-        # The model section's rules live here only: `config_lib.validate` builds this config.
+        # The model section's rules live here only: `validation.validate` builds this config.
         _check_sizes(self)
         _check_values(self)
         if not self.head_dim_given:
@@ -192,7 +192,7 @@ def check_fixed_fields(
     cfg: TransformerConfig, family: str, fixed: tuple[tuple[str, object], ...]
 ) -> None:
     """Raises unless `cfg` has each (field, value) of `fixed`, the values `family` is built for
-    (e.g. T5 has no absolute positions); its model's `setup` and `config_lib.validate` call it."""
+    (e.g. T5 has no absolute positions); its model's `setup` and `validation.validate` call it."""
     for key, want in fixed:
         if getattr(cfg, key) != want:
             why = f"is not supported by model.family={family!r}"

@@ -28,11 +28,11 @@ import numpy as np
 from kiln import (
     build,
     checkpoint,
-    config_lib,
     finetuning,
     inputs,
     pipelines,
     sharding,
+    validation,
 )
 from kiln.data import tokenizer as tokenizer_lib
 from kiln.errors import KilnError
@@ -96,7 +96,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, rows: int, seed: int) -> 
 def memory_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Bytes per device of the compiled train step (see the module docstring) and the device's
     memory (0 where it does not say)."""
-    mesh_shape = config_lib.validate(config, jax.device_count(), jax.process_count())
+    mesh_shape = validation.validate(config, jax.device_count(), jax.process_count())
     classes = 0
     if config.task.name:
         task = finetuning.load(config.task, config.data.data_dir)
