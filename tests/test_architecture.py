@@ -101,3 +101,38 @@ def test_the_family_check_sees_a_comparison():
     source = 'def f(c):\n    if c.kind in ("a", "t5"):\n        return c.family == "bert"\n'
     assert _family_name_tests(source, "f.py", {"bert", "t5"}) == ["f.py:2", "f.py:3"]
     assert _family_name_tests('x = "bert"\n', "g.py", {"bert"}) == []
+
+
+# The house's size rules (docs/architecture.md): a module over ~400 lines or a function over
+# 80 is a sign to split.
+MAX_FILE_LINES = 420
+MAX_FUNCTION_LINES = 80
+
+
+def _oversized(path: pathlib.Path, where: str) -> list[str]:
+    """`where` if the file is over MAX_FILE_LINES; `where:name` for each longer function."""
+    source = path.read_text()
+    found = [where] if source.count("\n") > MAX_FILE_LINES else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                found.append(f"{where}:{node.name}")
+    return found
+
+
+def test_no_module_or_function_is_oversized():
+    found = [
+        hit
+        for path in sorted((SRC / "kiln").rglob("*.py"))
+        for hit in _oversized(path, str(path.relative_to(SRC)))
+    ]
+    assert found == []
+
+
+def test_the_size_check_sees_a_long_function(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    path = tmp_path / "long.py"
+    path.write_text(f"def short():\n    return 1\n\n\ndef long():\n{body}")
+    assert _oversized(path, "long.py") == ["long.py:long"]
+    path.write_text("x = 1\n" * (MAX_FILE_LINES + 1))
+    assert _oversized(path, "big.py") == ["big.py"]
