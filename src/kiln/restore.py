@@ -328,8 +328,6 @@ def initial_state(
             " optimizer moments); step and schedule restart at 0"
         )
         return state.replace(step=fresh.step, rng=fresh.rng)
-    if init_cfg.load != "params":
-        raise KilnError(f"init_from.load={init_cfg.load!r} is unknown; use 'params' or 'state'.")
     fresh = on_disk_state(built, fresh)  # init_from works on per-layer parameter paths.
     loaded, fresh_paths, unused = plan(source, fresh.params, init_cfg.skip)
     if not loaded:
