@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from kiln.tools import reproduce, reproduction_doc
+from kiln.tools import reproduce, reproduction_doc, study
 
 ROOT = pathlib.Path(__file__).parents[2]
 
@@ -92,3 +92,15 @@ def test_labels_all_is_the_shipped_train_split():
 
     for name, size in tasks.TRAIN_SIZES.items():
         assert len(tasks.load_task(name).splits["train"]) == size, name
+
+
+def test_pretrain_curve_of_a_resumed_run_keeps_each_steps_last_value(tmp_path):
+    # A run killed at step 30 and resumed from its step-20 checkpoint logs steps 30 and 40 again.
+    logged = [(10, 5.0), (20, 4.0), (30, 3.9), (40, 3.8), (30, 3.5), (40, 3.4), (50, 3.3)]
+    lines = [{"step": s, "train/loss": v} for s, v in logged]
+    lines.insert(2, {"step": 20, "validation/loss": 4.2})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    curve = study.pretrain_curve(str(tmp_path))
+    assert curve["steps"] == [10, 20, 30, 40, 50]
+    assert curve["loss"] == [5.0, 4.0, 3.5, 3.4, 3.3]
+    assert (curve["validation_steps"], curve["validation_loss"]) == ([20], [4.2])

@@ -11,6 +11,7 @@ import platform
 from typing import Any
 
 from kiln.errors import KilnError
+from kiln.tools import report_runs
 
 CURVE_POINTS = 100  # pre-training loss points kept per seed in the JSON
 
@@ -72,16 +73,14 @@ def machine() -> str:
 
 
 def pretrain_curve(workdir: str) -> dict[str, list[float]]:
-    """Training and validation loss against step from a run's metrics.jsonl, thinned to at most
-    CURVE_POINTS points each."""
-    train, valid = [], []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "train/loss" in row:
-                train.append((row["step"], row["train/loss"]))
-            if "validation/loss" in row:
-                valid.append((row["step"], row["validation/loss"]))
+    """Training and validation loss against step from a run's metrics.jsonl (a step that a
+    resumed run logged again keeps its last value), thinned to at most CURVE_POINTS points
+    each."""
+    run = report_runs.Run(name="pretrain", path=workdir, overrides={}, summary=None)
+    train, valid = (
+        list(zip(*report_runs.curve(run, key), strict=True))
+        for key in ("train/loss", "validation/loss")
+    )
 
     def thin(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
         every = max(1, -(-len(points) // CURVE_POINTS))
