@@ -9,8 +9,8 @@ completion only; from `pretrain`'s checkpoint) and `scratch` (the same from rand
 initialisation). Scored by greedy decoding with the KV cache: ROUGE-L and BLEU.
 
 Arguments: `size` = tiny (about 25 CPU-minutes, 44 minutes of wall time measured on a shared
-2-core CPU; scores 300 test functions; ROUGE-L 13.0 fine-tuned vs 10.7 from scratch) | cpu | gpu
-(cpu and gpu not measured yet); `seed`; `seeds` (fine-tuning seeds separated by `/`, e.g.
+2-core CPU; scores 300 test functions; ROUGE-L 13.0 fine-tuned vs 10.7 from scratch) | cpu
+(measured by `make reproduce`: docs/reproduction.md) | gpu (not measured yet); `seed`; `seeds` (fine-tuning seeds separated by `/`, e.g.
 `seeds=0/1/2`: stages `finetune_seed0`, ...; the comparison reports mean +- std); `labels`
 (functions fine-tuned on, or `all`: 6,009, the default); `fewshot=K` (adds a `fewshot` arm:
 `pretrain` prompted with K demonstrations, no training); `scored`
