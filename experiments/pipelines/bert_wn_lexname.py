@@ -21,7 +21,8 @@ rates per arm, about an hour on a 2-core CPU) | gpu (a 4-layer d512 BERT, 30k st
 (labeled examples, or `all`: 94,045; default the size's; `make reproduce` sweeps it);
 `objective` = mlm (the default) | electra (ELECTRA's replaced-token detection, Clark et al.
 2020: a generator of half the width fills the masked tokens and the body learns from every
-token which were replaced; fine-tuning starts from the body alike). `fewshot` is
+token which were replaced; fine-tuning starts from the body alike); `steps` (pre-training
+steps) and `epochs` (fine-tuning epochs) override the size's. `fewshot` is
 refused: a BERT does not generate, so it cannot be prompted. See the README for the measured
 tables.
 """
@@ -47,13 +48,24 @@ FINETUNE_SEQ_LEN = 48  # definitions: median 18 tokens, 4% longer than 48 (trunc
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(
-        arg, size="tiny", seed="0", lrs="", seeds="", fewshot="", labels="", objective="mlm"
+        arg,
+        size="tiny",
+        seed="0",
+        lrs="",
+        seeds="",
+        fewshot="",
+        labels="",
+        objective="mlm",
+        steps="",
+        epochs="",
     )
     d_model, layers, heads, d_ff, vocab, steps, lr, mask_rate, batch, epochs, lrs = config_lib.pick(
         "size", args["size"], SIZES
     )
     if args["lrs"]:
         lrs = tuple(float(x) for x in args["lrs"].split("/"))
+    steps = int(args["steps"] or steps)
+    epochs = int(args["epochs"] or epochs)
     seed = int(args["seed"])
     run_seeds = arms.parse_seeds(args["seeds"], seed)
     pretrain = defaults.run_sections(
